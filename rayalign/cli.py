@@ -1,0 +1,101 @@
+"""The `rayalign` command line: one entry point with subcommands.
+
+    rayalign show CONFIG [key=value ...]       print the fully resolved config as YAML
+    rayalign run CONFIG [key=value ...]        the main job (see `rayalign.quickstart`)
+    rayalign data check FILE [--tokenizer P]   detect, validate and describe a data file
+    rayalign make-tiny-model OUT_DIR [...]     build a tiny local Llama + BPE tokenizer
+
+Each handler imports its stage lazily, so `rayalign show` never pays for torch or Ray. Configuration
+errors and data errors are printed as one clear message (no traceback) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rayalign.config import ConfigError
+
+EXIT_USAGE = 2
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None, help="YAML file of overrides (optional)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides parsed by the field's type, e.g. loss.beta=0.05 run.dir=runs/x")
+
+
+def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    # `rayalign show loss.beta=0.1` has no CONFIG: argparse puts the first override in `config`.
+    if args.config is not None and "=" in args.config:
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from rayalign.config_loader import dump_config, load_config
+
+    path, overrides = _split_config_and_overrides(args)
+    sys.stdout.write(dump_config(load_config(path, overrides)))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rayalign.config_loader import load_config, prepare_run_dir
+    from rayalign.quickstart import run_quickstart
+
+    path, overrides = _split_config_and_overrides(args)
+    config = prepare_run_dir(load_config(path, overrides))
+    return run_quickstart(config)
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from rayalign.data.check import run_data_check
+
+    return run_data_check(args.file, tokenizer=args.tokenizer, fmt=args.format)
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from rayalign.tiny import run_make_tiny_model
+
+    return run_make_tiny_model(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayalign", description="Iterative LLM preference alignment on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    show = commands.add_parser("show", help="print the fully resolved config as YAML")
+    _add_config_arguments(show)
+    show.set_defaults(handler=_cmd_show)
+
+    run = commands.add_parser("run", help="run the main job on a config")
+    _add_config_arguments(run)
+    run.set_defaults(handler=_cmd_run)
+
+    data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser("check", help="detect, validate and describe a preference or prompt file")
+    from rayalign.data.check import add_data_check_arguments
+
+    add_data_check_arguments(check)
+    check.set_defaults(handler=_cmd_data_check)
+
+    tiny = commands.add_parser("make-tiny-model", help="build a tiny local Llama model and BPE tokenizer")
+    from rayalign.tiny import add_make_tiny_model_arguments
+
+    add_make_tiny_model_arguments(tiny)
+    tiny.set_defaults(handler=_cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"rayalign: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

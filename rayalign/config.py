@@ -1,0 +1,350 @@
+"""Typed configuration: frozen dataclasses are the single source of defaults.
+
+A YAML file and `key=value` overrides only *override* fields of these dataclasses; they never
+introduce keys. Values are parsed by the field's annotated type, unknown keys fail with the closest
+valid key suggested, and every invalid value fails naming its dotted key.
+
+This module holds the schema and its validation only; reading YAML, parsing `key=value` overrides and
+writing the resolved `config.yaml` live in `rayalign.config_loader`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSS_TYPES = (
+    "dpo", "ipo", "hinge", "exo_pref", "exo_rw", "dpo_rw", "mallows_theta", "mallows_phi", "gdpo",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: Any, key: str, choices: tuple) -> None:
+    if value in choices:
+        return
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}; got {value!r}{hint}")
+
+
+def _positive(value: float, key: str) -> None:
+    _require(value > 0, key, f"must be > 0; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Policy, reference and tokenizer: HF hub ids or local paths."""
+
+    policy: str = ""  # "": build the tiny local model into RUN_DIR/tiny-model (quickstart, tests)
+    reference: str | None = None  # None: the initial policy is the reference
+    tokenizer: str | None = None  # None: the policy's tokenizer
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _one_of(self.dtype, "model.dtype", ("float32", "bfloat16"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preference / prompt data and tokenization limits."""
+
+    train_file: str = ""
+    eval_file: str | None = None
+    eval_fraction: float = 0.0
+    prompts_file: str | None = None  # prompt-only rows for on-policy generation
+    format: str | None = None  # None: detect per file
+    max_prompt_length: int = 256  # tokens; the *end* of a long prompt is kept, as TRL does
+    max_completion_length: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1); got {self.eval_fraction}")
+        _require(self.eval_file is None or self.eval_fraction == 0.0, "data.eval_fraction",
+                 "set either data.eval_file or data.eval_fraction, not both")
+        _positive(self.max_prompt_length, "data.max_prompt_length")
+        _positive(self.max_completion_length, "data.max_completion_length")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """On-policy sampling (SPA paper defaults: K=2 samples, temperature 0.7, top_p 1.0, 300 tokens)."""
+
+    backend: str = "hf"
+    num_samples: int = 2
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 300
+    seed: int = 0
+    batch_size: int = 16  # prompts per actor call
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+    def __post_init__(self):
+        _one_of(self.backend, "generate.backend", ("hf", "vllm"))
+        _require(self.num_samples >= 2, "generate.num_samples", "must be >= 2 to form pairs")
+        _positive(self.temperature, "generate.temperature")
+        _require(0.0 < self.top_p <= 1.0, "generate.top_p", f"must be in (0, 1]; got {self.top_p}")
+        for key in ("max_new_tokens", "batch_size", "num_actors"):
+            _positive(getattr(self, key), f"generate.{key}")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """SPA direct preference judgment with the implicit reward beta * log(pi / pi_sft)."""
+
+    beta: float = 0.1
+    batch_size: int = 16
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+    def __post_init__(self):
+        _positive(self.beta, "judge.beta")
+        _positive(self.batch_size, "judge.batch_size")
+        _positive(self.num_actors, "judge.num_actors")
+
+
+@dataclass(frozen=True)
+class RefConfig:
+    """Reference log-prob cache (computed once per reference model, data and tokenization)."""
+
+    cache: bool = True
+    batch_size: int = 16
+    num_actors: int = 1
+
+    def __post_init__(self):
+        _positive(self.batch_size, "ref.batch_size")
+        _positive(self.num_actors, "ref.num_actors")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which loss from `rayalign.core.losses` and its hyper-parameters (ALGORITHMS.md §1-4)."""
+
+    type: str = "dpo"
+    beta: float = 0.1  # beta_pi for EXO
+    label_smoothing: float | None = None  # None: the loss's own default (0 for dpo, 1e-3 for exo_pref)
+    beta_r: float = 0.1  # EXO-rw / DPO-rw reward temperature
+    logit_temperature: float = 1.0  # EXO's authors use 0.8
+    mallows_scale: float | str = 0.29  # c, or "auto": c = 1 / mean(-ln H) over the training set
+    mallows_phi: float | str = "entropy"  # phi in (0, 1), or "entropy": phi(x) = exp(-k(x))
+    gdpo_calibration_weight: float = 1.0
+    gdpo_belief_nll_weight: float = 1.0
+
+    def __post_init__(self):
+        _one_of(self.type, "loss.type", LOSS_TYPES)
+        _positive(self.beta, "loss.beta")
+        _positive(self.beta_r, "loss.beta_r")
+        _positive(self.logit_temperature, "loss.logit_temperature")
+        if self.label_smoothing is not None:
+            low_ok = self.label_smoothing > 0 if self.type == "exo_pref" else self.label_smoothing >= 0
+            _require(low_ok and self.label_smoothing < 0.5, "loss.label_smoothing",
+                     f"must be in {'(0' if self.type == 'exo_pref' else '[0'}, 0.5); got {self.label_smoothing}")
+        if isinstance(self.mallows_scale, str):
+            _require(self.mallows_scale == "auto", "loss.mallows_scale",
+                     f"must be a number > 0 or 'auto'; got {self.mallows_scale!r}")
+        else:
+            _positive(self.mallows_scale, "loss.mallows_scale")
+        if isinstance(self.mallows_phi, str):
+            _require(self.mallows_phi == "entropy", "loss.mallows_phi",
+                     f"must be a number in (0, 1) or 'entropy'; got {self.mallows_phi!r}")
+        else:
+            _require(0.0 < self.mallows_phi < 1.0, "loss.mallows_phi", f"must be in (0, 1); got {self.mallows_phi}")
+        _require(self.gdpo_calibration_weight >= 0, "loss.gdpo_calibration_weight", "must be >= 0")
+        _require(self.gdpo_belief_nll_weight >= 0, "loss.gdpo_belief_nll_weight", "must be >= 0")
+
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (warm-up as a ratio *or* in steps, not both)."""
+
+    name: str = "adamw"
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        _one_of(self.name, "optim.name", ("adamw", "rmsprop"))
+        _one_of(self.scheduler, "optim.scheduler", ("cosine", "linear", "constant"))
+        _positive(self.lr, "optim.lr")
+        _require(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _require(0.0 <= self.warmup_ratio < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(not (self.warmup_steps and self.warmup_ratio), "optim.warmup_steps",
+                 "set either optim.warmup_steps or optim.warmup_ratio, not both (set the other to 0)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Ray Train policy update. Batch sizes count pairs: global = micro x workers x accumulation."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    engine: str = "ddp"
+    zero_stage: int = 2
+    precision: str = "fp32"
+    global_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    seed: int = 42
+    padding_free: bool = False
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # optimizer steps; 0: only at the end
+    save_every: int = 0  # optimizer steps; 0: only at the end
+    max_failures: int = 0
+
+    def __post_init__(self):
+        _positive(self.num_workers, "train.num_workers")
+        _one_of(self.engine, "train.engine", ("ddp", "deepspeed"))
+        _one_of(self.zero_stage, "train.zero_stage", (1, 2, 3))
+        _one_of(self.precision, "train.precision", ("fp32", "bf16"))
+        _positive(self.global_batch_size, "train.global_batch_size")
+        _positive(self.gradient_accumulation_steps, "train.gradient_accumulation_steps")
+        _positive(self.epochs, "train.epochs")
+        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", "must be > 0 or null")
+        per_step = self.num_workers * self.gradient_accumulation_steps
+        _require(self.global_batch_size % per_step == 0, "train.global_batch_size",
+                 f"{self.global_batch_size} pairs is not divisible by train.num_workers x "
+                 f"train.gradient_accumulation_steps = {self.num_workers} x "
+                 f"{self.gradient_accumulation_steps} = {per_step}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Pairs per worker per forward/backward."""
+        return self.global_batch_size // (self.num_workers * self.gradient_accumulation_steps)
+
+
+@dataclass(frozen=True)
+class SpaConfig:
+    """SPA self-refinement (ALGORITHMS.md §5); mix = 1 + lambda extrapolates away from the reference."""
+
+    refine: bool = False
+    alpha: float = 0.1
+    k_fraction: float = 0.1
+    window: int = 50
+    warm_start: float = 0.2
+    mix_schedule: tuple[float, ...] = (1.5, 1.25, 1.125)
+
+    def __post_init__(self):
+        _require(0.0 <= self.alpha < 0.5, "spa.alpha", f"must be in [0, 0.5); got {self.alpha}")
+        _require(0.0 < self.k_fraction < 1.0, "spa.k_fraction", "must be in (0, 1)")
+        j = int(self.window * self.k_fraction + 1e-9)
+        _require(j + 1 < self.window, "spa.window", f"too small for spa.k_fraction={self.k_fraction}")
+        _require(0.0 <= self.warm_start < 1.0, "spa.warm_start", "must be in [0, 1)")
+        _require(all(m >= 1.0 for m in self.mix_schedule), "spa.mix_schedule",
+                 "entries are mix = 1 + lambda >= 1 (extrapolation, not interpolation towards the reference)")
+
+
+@dataclass(frozen=True)
+class SamsConfig:
+    """SamS batch-wise sample scheduling (ALGORITHMS.md §6); sizes suit tiny models."""
+
+    enabled: bool = False
+    ratio: float = 0.5
+    explore_weight: float = 0.1
+    batch_reward_weight: float = 0.5  # gamma
+    margin_weight: float = 0.5  # delta
+    pool_size: int = 500
+    pool_batches: int = 8
+    warmup_fraction: float = 0.05
+    encoder_dim: int = 64
+    width: int = 256
+    depth: int = 4
+    dropout: float = 0.1
+    lr: float = 1e-3
+    updates_per_round: int = 2
+    regrad: bool = False
+
+    def __post_init__(self):
+        _require(0.0 < self.ratio <= 1.0, "sams.ratio", f"must be in (0, 1]; got {self.ratio}")
+        for key in ("batch_reward_weight", "margin_weight", "warmup_fraction"):
+            _require(0.0 <= getattr(self, key) <= 1.0, f"sams.{key}", "must be in [0, 1]")
+        for key in ("pool_size", "encoder_dim", "width", "depth", "lr", "updates_per_round"):
+            _positive(getattr(self, key), f"sams.{key}")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune sweep: `space` maps dotted config keys to {grid|choice|uniform|loguniform: ...}."""
+
+    space: dict[str, Any] = field(default_factory=dict)
+    metric: str = "eval/rewards/accuracies"
+    mode: str = "max"
+    num_samples: int = 1
+    scheduler: str = "none"
+    grace_period: int = 1
+    max_concurrent_trials: int = 0  # 0: as many as resources allow
+
+    def __post_init__(self):
+        _one_of(self.mode, "tune.mode", ("max", "min"))
+        _one_of(self.scheduler, "tune.scheduler", ("none", "asha"))
+        _positive(self.num_samples, "tune.num_samples")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The iterative SPA loop: iteration 0 is DPO on gold seed pairs, then self-judged iterations."""
+
+    iterations: int = 3
+    seed_epochs: int = 3
+    iteration_epochs: int = 1
+    prompts_per_iteration: int = 0  # 0: split the prompt file evenly across iterations
+
+    def __post_init__(self):
+        _require(self.iterations >= 0, "loop.iterations", "must be >= 0")
+        _positive(self.seed_epochs, "loop.seed_epochs")
+        _positive(self.iteration_epochs, "loop.iteration_epochs")
+
+
+@dataclass(frozen=True)
+class RunDirConfig:
+    """Where a command writes: `run.dir` (a fresh `runs/<timestamp>` when unset)."""
+
+    dir: str | None = None
+    storage: str | None = None  # a pyarrow-filesystem URI for multi-node runs
+    name: str = "rayalign"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of one command."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    spa: SpaConfig = field(default_factory=SpaConfig)
+    sams: SamsConfig = field(default_factory=SamsConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    run: RunDirConfig = field(default_factory=RunDirConfig)
+
+    def __post_init__(self):
+        if self.spa.refine:
+            _require(self.loss.type == "dpo", "spa.refine", f"applies on top of loss.type=dpo; got {self.loss.type}")
+        if self.sams.enabled:
+            _require(self.loss.type not in ("exo_rw", "dpo_rw"), "sams.enabled",
+                     f"needs a pairwise loss; loss.type={self.loss.type} trains on K-sample groups")

@@ -1,0 +1,206 @@
+"""Resolve a `Config` from defaults, an optional YAML file and `key=value` overrides.
+
+Precedence: dataclass defaults < YAML < command-line overrides. Every value goes through one
+type-directed parser (`coerce`), so `train.num_workers=2` on the command line and `num_workers: 2` in
+YAML become the same int. Unknown keys fail with the closest valid key suggested.
+
+It does not run anything and does not create directories except in `prepare_run_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayalign.config import Config, ConfigError
+from rayalign.io import atomic_write_text, new_run_dir
+
+
+def section_types() -> dict[str, type]:
+    """Section name -> its dataclass (`{"loss": LossConfig, ...}`)."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a YAML file or an override may set."""
+    return [f"{s}.{name}" for s, cls in section_types().items() for name in _field_types(cls)]
+
+
+def _unknown_key(key: str) -> ConfigError:
+    match = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {match[0]}?" if match else ""
+    return ConfigError(f"{key}: unknown config key{hint}")
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+_NONE = {"null", "none", "~", ""}
+
+
+def _coerce_scalar(value: Any, tp: type, key: str) -> Any:
+    wrong = ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise wrong
+    if isinstance(value, bool):  # bool is an int subclass: never accept it as a number
+        raise wrong
+    if tp is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if tp is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-6" as a string; parse it here
+                return float(value.strip())
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise wrong
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _parse_list_text(text: str) -> list:
+    text = text.strip()
+    if text.startswith("["):
+        parsed = yaml.safe_load(text)
+        return list(parsed or [])
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value or a command-line string to the field type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError:
+                continue
+        names = " or ".join("null" if a is type(None) else a.__name__ for a in args)
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(tp)
+        items = _parse_list_text(value) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(items))
+    if origin is dict:
+        parsed = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return parsed
+    return _coerce_scalar(value, tp, key)
+
+
+def _set_override(tree: dict, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    sections = section_types()
+    if section not in sections or name not in _field_types(sections[section]):
+        raise _unknown_key(key)
+    tree.setdefault(section, {})[name] = value
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split `section.key=value`; the value stays text until `coerce` sees the field type."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{text}: overrides are written key=value, e.g. loss.beta=0.05")
+    return key.strip(), value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a config YAML (safe_load) as a {section: {key: value}} tree of overrides."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of sections, got {type(tree).__name__}")
+    flat: dict = {}
+    for section, body in tree.items():
+        if not isinstance(body, dict):
+            raise (_unknown_key(str(section)) if section not in section_types()
+                   else ConfigError(f"{section}: expected a mapping of keys, got {body!r}"))
+        for name, value in body.items():
+            _set_override(flat, f"{section}.{name}", value)
+    return flat
+
+
+def build_config(tree: dict) -> Config:
+    """Instantiate the dataclasses from a {section: {key: raw value}} tree."""
+    sections = {}
+    for section, cls in section_types().items():
+        types_ = _field_types(cls)
+        values = {name: coerce(raw, types_[name], f"{section}.{name}") for name, raw in tree.get(section, {}).items()}
+        sections[section] = cls(**values)
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML at `path` (if any), then `key=value` overrides."""
+    tree = read_yaml(path) if path else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_override(tree, key, value)
+    return build_config(tree)
+
+
+def config_to_dict(config: Config) -> dict:
+    """A plain nested dict (tuples as lists) that `load_config` reads back to an equal Config."""
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return {section: {k: plain(v) for k, v in dataclasses.asdict(getattr(config, section)).items()}
+            for section in section_types()}
+
+
+def dump_config(config: Config) -> str:
+    """The fully resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
+
+
+def prepare_run_dir(config: Config, root: str | Path = "runs") -> Config:
+    """Create `run.dir` (a fresh timestamped one under `root` when unset) and write `config.yaml` there.
+
+    Returns the config with `run.dir` filled in, so what is written is exactly what the command runs.
+    """
+    run_dir = Path(config.run.dir) if config.run.dir else new_run_dir(root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
+    atomic_write_text(run_dir / "config.yaml", dump_config(config))
+    return config

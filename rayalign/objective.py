@@ -1,0 +1,106 @@
+"""From a `LossConfig` and a batch's log-probs to the per-example loss and TRL-named metrics.
+
+The training stages call `pair_loss` with whatever they computed; the math itself lives in
+`rayalign.core.losses`. This is the one place that maps config names to loss keyword arguments, so
+every trainer (the in-process oracle, Ray Train) applies the same defaults. It does no forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rayalign.config import ConfigError, LossConfig
+from rayalign.core import losses as L
+from rayalign.core.metrics import reward_accuracy
+
+EXO_DEFAULT_SMOOTHING = 1e-3  # the EXO paper and TRL (ALGORITHMS.md §4)
+IN_PROCESS_LOSSES = ("dpo", "ipo", "hinge", "exo_pref", "mallows_theta", "mallows_phi")
+
+
+def uses_mean_logps(loss_type: str) -> bool:
+    """IPO is defined on per-token mean log-probs (as in TRL); every other loss on sums."""
+    return loss_type == "ipo"
+
+
+def needs_dispersion(config: LossConfig) -> bool:
+    """Whether the loss needs MallowsPO's neg-log dispersion from the reference entropies."""
+    return config.type == "mallows_theta" or (config.type == "mallows_phi" and config.mallows_phi == "entropy")
+
+
+def mallows_scale(config: LossConfig, unit_neg_log_dispersion: torch.Tensor) -> float:
+    """c in k = -c ln H: the configured number, or with `auto` 1 / mean(-ln H) over the training set."""
+    if config.mallows_scale == "auto":
+        return 1.0 / float(unit_neg_log_dispersion.mean())
+    return float(config.mallows_scale)
+
+
+def pair_loss(
+    config: LossConfig,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    neg_log_dispersion: torch.Tensor | None = None,
+    label_smoothing: torch.Tensor | None = None,
+) -> L.LossOutput:
+    """Per-example loss (B,) of the configured pairwise loss.
+
+    `label_smoothing` (B,) replaces the config's epsilon for DPO (SPA's soft labels);
+    `neg_log_dispersion` (B,) is k = -c ln H for the MallowsPO losses.
+    """
+    args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    beta, kind = config.beta, config.type
+    if kind == "dpo":
+        eps = label_smoothing if label_smoothing is not None else (config.label_smoothing or 0.0)
+        return L.dpo_loss(*args, beta=beta, label_smoothing=eps)
+    if label_smoothing is not None:
+        raise ConfigError(f"loss.type: per-example label smoothing needs loss.type=dpo, got {kind}")
+    if kind == "ipo":
+        return L.ipo_loss(*args, beta=beta)
+    if kind == "hinge":
+        return L.hinge_loss(*args, beta=beta)
+    if kind == "exo_pref":
+        eps = config.label_smoothing if config.label_smoothing is not None else EXO_DEFAULT_SMOOTHING
+        return L.exo_pref_loss(*args, beta=beta, label_smoothing=eps)
+    if kind in ("mallows_theta", "mallows_phi") and needs_dispersion(config) and neg_log_dispersion is None:
+        raise ValueError(f"loss.type={kind} needs neg_log_dispersion from the reference entropies")
+    if kind == "mallows_theta":
+        eps = config.label_smoothing or 0.0
+        return L.mallows_theta_loss(*args, beta=beta, neg_log_dispersion=neg_log_dispersion, label_smoothing=eps)
+    if kind == "mallows_phi":
+        phi = torch.exp(-neg_log_dispersion) if config.mallows_phi == "entropy" else float(config.mallows_phi)
+        return L.mallows_phi_loss(*args, beta=beta, phi=phi)
+    raise ConfigError(f"loss.type: {kind} is not a pairwise loss on (chosen, rejected) log-probs; "
+                      f"the pairwise losses are {', '.join(IN_PROCESS_LOSSES)}")
+
+
+def pair_metrics(
+    losses: torch.Tensor,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+) -> dict[str, float]:
+    """TRL's metric names, with rewards from summed log-ratios for every loss (as TRL logs them)."""
+    with torch.no_grad():
+        chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+        rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+        values = {
+            "loss": losses.mean(),
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/accuracies": reward_accuracy(chosen, rejected).mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "logps/chosen": policy_chosen_logps.mean(),
+            "logps/rejected": policy_rejected_logps.mean(),
+        }
+    metrics = {name: float(value) for name, value in values.items()}
+    if not all(math.isfinite(v) for v in metrics.values()):
+        bad = [name for name, v in metrics.items() if not math.isfinite(v)]
+        raise FloatingPointError(f"non-finite training metrics: {', '.join(bad)}")
+    return metrics

@@ -1,0 +1,1 @@
+"""Embedded tasks with programmatic gold rewards (no downloads): text in, scores out."""
