@@ -67,7 +67,8 @@ def reference_values(reference, encoded: list[dict], *, pad_token_id: int, confi
         means = sequence_logps(result.logits, result.labels, result.mask, average=True)
         entropies = sequence_mean_entropy(result.logits, result.mask)
         for name, values in (("", sums), ("_mean", means), ("_entropy", entropies)):
-            chosen, rejected = values.float().chunk(2)
+            # at least float32 (bf16 models), float64 kept (exactness tests)
+            chosen, rejected = values.to(torch.promote_types(values.dtype, torch.float32)).chunk(2)
             out[f"chosen{name}"].append(chosen)
             out[f"rejected{name}"].append(rejected)
     values = {k: torch.cat(v) for k, v in out.items()}

@@ -1,0 +1,161 @@
+"""Load the policy, the reference model and the tokenizer from a Hugging Face id or a local directory.
+
+- `load_tokenizer` gives every tokenizer a pad token: eos when there is one (safe, because padding is
+  always masked by the attention mask and the loss masks, never by comparing ids to pad), otherwise a new
+  "<|pad|>" token, which grows the vocabulary; `load_model(..., tokenizer=tok)` then resizes the model's
+  embeddings to match (see `resize_for_tokenizer`). Right padding is for training, left for generation.
+- `load_model` returns an eval-mode `AutoModelForCausalLM`; the training stage switches the policy to
+  train mode itself.
+- `load_policy_and_reference` loads both (the reference defaults to the policy's weights) and freezes the
+  reference.
+- A name that looks like a local path but does not exist fails with a ValueError naming it, instead of a
+  confusing hub lookup. `trust_remote_code` is off unless asked for.
+
+The tiny offline test model lives in `rayalign.tiny` and is re-exported here. This module does not
+download on its own (set HF_HUB_OFFLINE=1 to forbid it), train, or import ray/vllm/deepspeed;
+transformers and torch are imported inside the functions so `import rayalign.models` stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from rayalign.tiny import (  # noqa: F401  (re-exported: the CLI and tests import them from here)
+    add_make_tiny_model_arguments,
+    build_tiny_model,
+    count_parameters,
+    make_tiny_model,
+    run_make_tiny_model,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PAD_TOKEN_IF_NO_EOS = "<|pad|>"
+DTYPES = ("float32", "bfloat16")
+PADDING_SIDES = ("left", "right")
+
+
+class PolicyAndReference(NamedTuple):
+    """What `load_policy_and_reference` returns; unpacks as `policy, reference, tokenizer = ...`."""
+
+    policy: PreTrainedModel
+    reference: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def looks_local(name_or_path: str | os.PathLike) -> bool:
+    """True when `name_or_path` can only mean a local path, never a hub id.
+
+    Hub ids are "name" or "org/name" (at most one "/", never a backslash or a leading "." or "~"), so a
+    single "/" is not evidence of a path; a leading ".", "/" or "~", a second "/", a backslash, or a
+    Path object is.
+    """
+    s = os.fspath(name_or_path)
+    return (isinstance(name_or_path, Path) or s.startswith((".", "/", "~", os.sep)) or "\\" in s
+            or s.count("/") > 1)
+
+
+def resolve_name_or_path(name_or_path: str | os.PathLike) -> str:
+    """Return an existing local directory as a string, or a hub id unchanged.
+
+    Raises ValueError naming the path when it looks local (see `looks_local`) and does not exist.
+    """
+    expanded = Path(os.fspath(name_or_path)).expanduser()
+    if expanded.exists():
+        return str(expanded)
+    if looks_local(name_or_path):
+        raise ValueError(f"model path {os.fspath(name_or_path)!r} does not exist (resolved to "
+                         f"{str(expanded)!r}); give an existing local directory or a Hugging Face hub id")
+    return os.fspath(name_or_path)
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, padding_side: str = "right"
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer, guarantee a pad token, and set the padding side ("right": train, "left": generate).
+
+    If the tokenizer has no pad token, eos becomes pad; if it has no eos either, "<|pad|>" is added and
+    len(tokenizer) grows by one, so pass the tokenizer to `load_model` to resize the embeddings.
+    """
+    from transformers import AutoTokenizer
+
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+    path = resolve_name_or_path(name_or_path)
+    # padding_side as a from_pretrained kwarg, so it is also what save_pretrained writes back.
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                              padding_side=padding_side)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN_IF_NO_EOS})
+    return tokenizer
+
+
+def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Grow the model's embeddings to len(tokenizer) if the tokenizer gained tokens; set pad_token_id.
+
+    New rows (input embeddings and lm_head) are set to the mean of the existing rows, deterministically:
+    Hugging Face's default samples them randomly, which would make a policy and a reference loaded from the
+    same weights disagree on every token's log-prob (the lm_head row enters the softmax normaliser). Never
+    shrinks: many checkpoints pad their vocab beyond len(tokenizer) on purpose.
+    """
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    new = len(tokenizer)
+    if new > old:
+        model.resize_token_embeddings(new, mean_resizing=False)
+        with torch.no_grad():
+            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if emb is not None and emb.weight.shape[0] == new:
+                    emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_model(
+    name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, dtype: str = "float32",
+    device: str | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PreTrainedModel:
+    """Load an `AutoModelForCausalLM` in eval mode with dtype "float32" or "bfloat16".
+
+    device: None leaves the model on the CPU. tokenizer: when given, the embeddings are resized to it and
+    its pad id is written into the config (see `resize_for_tokenizer`).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    path = resolve_name_or_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                 dtype=getattr(torch, dtype))
+    if tokenizer is not None:
+        resize_for_tokenizer(model, tokenizer)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_policy_and_reference(
+    policy: str | os.PathLike, reference: str | os.PathLike | None = None, *,
+    trust_remote_code: bool = False, dtype: str = "float32", device: str | None = None,
+    padding_side: str = "right",
+) -> PolicyAndReference:
+    """Load the policy, a frozen reference (default: the policy's weights) and the policy's tokenizer.
+
+    Both models come back in eval mode; the reference has requires_grad False on every parameter.
+    """
+    tokenizer = load_tokenizer(policy, trust_remote_code=trust_remote_code, padding_side=padding_side)
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, device=device, tokenizer=tokenizer)
+    policy_model = load_model(policy, **kwargs)
+    reference_model = load_model(policy if reference is None else reference, **kwargs)
+    reference_model.requires_grad_(False)
+    return PolicyAndReference(policy_model, reference_model, tokenizer)
