@@ -20,17 +20,15 @@ import torch
 
 from rayalign.batching import collate_pairs, encode_pair
 from rayalign.config import Config, ConfigError
-from rayalign.core.logprobs import concatenated_forward, sequence_logps, sequence_mean_entropy
 from rayalign.core.losses import mallows_neg_log_dispersion
 from rayalign.objective import (
     IN_PROCESS_LOSSES,
     mallows_scale,
     needs_dispersion,
-    pair_loss,
     pair_metrics,
-    uses_mean_logps,
 )
 from rayalign.optim import build_optimizer, build_scheduler
+from rayalign.step import REF_KEYS, micro_batch_loss, reference_scores
 
 
 @dataclass
@@ -49,56 +47,32 @@ def encode_pairs(rows: list[dict], tokenizer, config: Config) -> EncodedPairs:
     return EncodedPairs(items, sum(e["prompt_truncated"] for e in items), sum(e["completion_truncated"] for e in items))
 
 
-def _forward(model, batch: dict, *, want_logits: bool, temperature: float):
-    keys = [f"{s}_{k}" for s in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "completion_mask")]
-    return concatenated_forward(model, *(batch[k] for k in keys), logit_temperature=temperature,
-                                return_logits=want_logits)
-
-
 @torch.no_grad()
-def reference_values(reference, encoded: list[dict], *, pad_token_id: int, config: Config, batch_size: int = 16):
-    """Per pair: summed and mean reference log-probs and mean entropies (nats/token) of chosen and rejected."""
-    out = {k: [] for k in ("chosen", "rejected", "chosen_mean", "rejected_mean", "chosen_entropy",
-                           "rejected_entropy")}
+def reference_columns(reference, encoded: list[dict], *, pad_token_id: int, config: Config,
+                      batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Per-pair reference columns (`REF_KEYS`, plus `ENTROPY_KEYS` when the loss needs them), each (N,)."""
+    want_entropy = needs_dispersion(config.loss)
+    parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(encoded), batch_size):
         batch = collate_pairs(encoded[start:start + batch_size], pad_token_id=pad_token_id)
-        result = _forward(reference, batch, want_logits=True, temperature=config.loss.logit_temperature)
-        sums = sequence_logps(result.logits, result.labels, result.mask)
-        means = sequence_logps(result.logits, result.labels, result.mask, average=True)
-        entropies = sequence_mean_entropy(result.logits, result.mask)
-        for name, values in (("", sums), ("_mean", means), ("_entropy", entropies)):
-            # at least float32 (bf16 models), float64 kept (exactness tests)
-            chosen, rejected = values.to(torch.promote_types(values.dtype, torch.float32)).chunk(2)
-            out[f"chosen{name}"].append(chosen)
-            out[f"rejected{name}"].append(rejected)
-    values = {k: torch.cat(v) for k, v in out.items()}
-    values["vocab_size"] = int(result.logits.shape[-1])
-    return values
+        for key, value in reference_scores(reference, batch, config, want_entropy=want_entropy).items():
+            parts.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in parts.items()}
 
 
-def _dispersion(config: Config, ref: dict) -> torch.Tensor | None:
+def dispersion(config: Config, columns: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """MallowsPO's k = -c ln H per pair from the cached reference entropies, or None if unused."""
     if not needs_dispersion(config.loss):
         return None
-    unit = mallows_neg_log_dispersion(ref["chosen_entropy"], ref["rejected_entropy"],
-                                      vocab_size=ref["vocab_size"], scale=1.0)
+    unit = mallows_neg_log_dispersion(columns["ref_chosen_entropy"], columns["ref_rejected_entropy"],
+                                      vocab_size=int(columns["ref_vocab_size"][0]), scale=1.0)
     return unit * mallows_scale(config.loss, unit)
 
 
-def _micro_step(policy, batch, index, ref, dispersion, config: Config, denominator: int):
-    result = _forward(policy, batch, want_logits=uses_mean_logps(config.loss.type),
-                      temperature=config.loss.logit_temperature)
-    chosen, rejected = result.chosen_logps, result.rejected_logps
-    ref_chosen, ref_rejected = ref["chosen"][index], ref["rejected"][index]
-    if uses_mean_logps(config.loss.type):
-        mean_chosen, mean_rejected = sequence_logps(result.logits, result.labels, result.mask, average=True).chunk(2)
-        loss_args = (mean_chosen, mean_rejected, ref["chosen_mean"][index], ref["rejected_mean"][index])
-    else:
-        loss_args = (chosen, rejected, ref_chosen, ref_rejected)
-    k = dispersion[index] if dispersion is not None else None
-    output = pair_loss(config.loss, *loss_args, neg_log_dispersion=k)
-    (output.losses.sum() / denominator).backward()
-    tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-    return output.losses.detach(), chosen.detach(), rejected.detach(), ref_chosen, ref_rejected, tokens
+def collate_with_reference(encoded: list[dict], columns: dict, index: torch.Tensor, *, pad_token_id: int) -> dict:
+    batch = collate_pairs([encoded[i] for i in index.tolist()], pad_token_id=pad_token_id)
+    batch.update({key: columns[key][index] for key in REF_KEYS})
+    return batch
 
 
 def total_steps(num_pairs: int, config: Config) -> int:
@@ -125,8 +99,9 @@ def train_pairs(
         raise ConfigError(f"loss.type: the in-process trainer runs {', '.join(IN_PROCESS_LOSSES)}; "
                           f"{config.loss.type} needs the Ray Train stage")
     encoded = encode_pairs(rows, tokenizer, config).items
-    ref = reference_values(reference, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
-    dispersion = _dispersion(config, ref)
+    pad = tokenizer.pad_token_id
+    columns = reference_columns(reference, encoded, pad_token_id=pad, config=config)
+    k = dispersion(config, columns)
     steps = total_steps(len(encoded), config)
     optimizer = build_optimizer(policy.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, steps)
@@ -141,18 +116,21 @@ def train_pairs(
         micro = math.ceil(len(indices) / micro_splits)
         for start in range(0, len(indices), micro):
             index = torch.tensor(indices[start:start + micro])
-            batch = collate_pairs([encoded[i] for i in index.tolist()], pad_token_id=tokenizer.pad_token_id)
-            parts.append(_micro_step(policy, batch, index, ref, dispersion, config, len(indices)))
+            batch = collate_with_reference(encoded, columns, index, pad_token_id=pad)
+            out = micro_batch_loss(policy, batch, config, neg_log_dispersion=None if k is None else k[index])
+            (out.losses.sum() / len(indices)).backward()
+            parts.append((out.losses.detach(), out.policy_chosen_logps, out.policy_rejected_logps,
+                          out.ref_chosen_logps, out.ref_rejected_logps, out.tokens))
         clip = config.optim.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        columns = [torch.cat(c) if isinstance(c[0], torch.Tensor) else sum(c) for c in zip(*parts)]
-        metrics = pair_metrics(*columns[:5], beta=config.loss.beta)
+        stacked = [torch.cat(c) if isinstance(c[0], torch.Tensor) else sum(c) for c in zip(*parts)]
+        metrics = pair_metrics(*stacked[:5], beta=config.loss.beta)
         seconds = time.perf_counter() - started
-        metrics.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm, tokens_per_s=columns[5] / seconds)
+        metrics.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm, tokens_per_s=stacked[5] / seconds)
         history.append(metrics)
         if on_step:
             on_step(metrics)

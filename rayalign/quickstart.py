@@ -70,12 +70,13 @@ def held_out_accuracy(policy, reference, tokenizer, rows: list[dict], config: Co
     """Fraction of pairs whose implicit reward beta * log(pi / pi_ref) ranks chosen above rejected."""
     if not rows:
         return None
-    from rayalign.oracle import encode_pairs, reference_values
+    from rayalign.oracle import encode_pairs, reference_columns
 
     encoded = encode_pairs(rows, tokenizer, config).items
-    pol = reference_values(policy, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
-    ref = reference_values(reference, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
-    margin = (pol["chosen"] - ref["chosen"]) - (pol["rejected"] - ref["rejected"])
+    pol = reference_columns(policy, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
+    ref = reference_columns(reference, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
+    margin = ((pol["ref_chosen_logps"] - ref["ref_chosen_logps"])
+              - (pol["ref_rejected_logps"] - ref["ref_rejected_logps"]))
     return float((margin > 0).float().mean())
 
 

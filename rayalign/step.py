@@ -1,0 +1,145 @@
+"""One micro-batch of a preference update: forward, per-example loss, the numbers to log.
+
+Shared by the in-process oracle and the Ray Train workers, so both compute the exact same thing.
+Chosen and rejected go through the model in one forward: either right-padded and concatenated along the
+batch, or (`padding_free=True`) packed into a single row with position ids restarting per sequence, so no
+FLOPs go to padding (the model's attention builds the block-diagonal mask from the position ids).
+
+Reference values come from the batch (the cache) or, when the batch has none, from a reference forward
+run here without gradient. No optimizer, no distributed code, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rayalign.config import Config
+from rayalign.core.logprobs import concatenated_forward, sequence_logps, sequence_mean_entropy, token_logps
+from rayalign.objective import pair_loss, uses_mean_logps
+
+PAIR_KEYS = tuple(f"{side}_{kind}" for side in ("chosen", "rejected")
+                  for kind in ("input_ids", "attention_mask", "completion_mask"))
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_mean_logps", "ref_rejected_mean_logps")
+ENTROPY_KEYS = ("ref_chosen_entropy", "ref_rejected_entropy", "ref_vocab_size")
+
+
+@dataclass
+class SequenceScores:
+    """Per-sequence values of one forward over B pairs: (B,) each; entropies only when asked."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_mean: torch.Tensor
+    rejected_mean: torch.Tensor
+    chosen_entropy: torch.Tensor | None = None
+    rejected_entropy: torch.Tensor | None = None
+    vocab_size: int = 0
+
+
+def pack_pairs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pack the real tokens of [chosen; rejected] into one row: (1, N) ids, positions, completion mask.
+
+    `segment` (N,) says which of the 2B sequences each token belongs to.
+    """
+    ids, positions, completion, segment = [], [], [], []
+    for i, side in enumerate(("chosen", "rejected")):
+        lengths = batch[f"{side}_attention_mask"].sum(dim=1).tolist()
+        for row, length in enumerate(lengths):
+            ids.append(batch[f"{side}_input_ids"][row, :length])
+            completion.append(batch[f"{side}_completion_mask"][row, :length])
+            positions.append(torch.arange(length))
+            segment.append(torch.full((length,), i * len(lengths) + row))
+    return {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(positions)[None],
+            "completion_mask": torch.cat(completion)[None], "segment": torch.cat(segment)}
+
+
+def _packed_scores(model, batch, *, temperature: float, want_entropy: bool) -> SequenceScores:
+    packed = pack_pairs(batch)
+    logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    logits = logits[0, :-1] / temperature if temperature != 1.0 else logits[0, :-1]
+    labels, segment = packed["input_ids"][0, 1:], packed["segment"]
+    # A label belongs to the same sequence as its logit, or it is the next sequence's first token: mask it.
+    mask = packed["completion_mask"][0, 1:] * (segment[1:] == segment[:-1])
+    per_token = token_logps(logits[None], labels[None], mask[None])[0]
+    count = 2 * batch["chosen_input_ids"].shape[0]
+    sums = torch.zeros(count, dtype=per_token.dtype).index_add(0, segment[:-1], per_token)
+    lengths = torch.zeros(count, dtype=per_token.dtype).index_add(0, segment[:-1], mask.to(per_token.dtype))
+    means = sums / lengths.clamp(min=1)
+    scores = SequenceScores(*sums.chunk(2), *means.chunk(2), vocab_size=int(logits.shape[-1]))
+    if want_entropy:
+        with torch.no_grad():
+            logp = torch.log_softmax(logits.to(per_token.dtype), dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1) * mask
+        mean_entropy = torch.zeros(count, dtype=entropy.dtype).index_add(0, segment[:-1], entropy)
+        scores.chosen_entropy, scores.rejected_entropy = (mean_entropy / lengths.clamp(min=1)).chunk(2)
+    return scores
+
+
+def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperature: float = 1.0,
+                    want_entropy: bool = False) -> SequenceScores:
+    """Summed and per-token-mean completion log-probs (and mean entropies) of chosen and rejected."""
+    if padding_free:
+        return _packed_scores(model, batch, temperature=temperature, want_entropy=want_entropy)
+    result = concatenated_forward(model, *(batch[k] for k in PAIR_KEYS), logit_temperature=temperature,
+                                  return_logits=True)
+    means = sequence_logps(result.logits, result.labels, result.mask, average=True)
+    scores = SequenceScores(result.chosen_logps, result.rejected_logps, *means.chunk(2),
+                            vocab_size=int(result.logits.shape[-1]))
+    if want_entropy:
+        scores.chosen_entropy, scores.rejected_entropy = sequence_mean_entropy(result.logits, result.mask).chunk(2)
+    return scores
+
+
+@torch.no_grad()
+def reference_scores(reference, batch: dict, config: Config, *, want_entropy: bool) -> dict[str, torch.Tensor]:
+    """The reference columns of `REF_KEYS` (+ `ENTROPY_KEYS`) for a collated batch, without gradient."""
+    scores = sequence_scores(reference, batch, padding_free=config.train.padding_free,
+                             temperature=config.loss.logit_temperature, want_entropy=want_entropy)
+    out = {"ref_chosen_logps": scores.chosen, "ref_rejected_logps": scores.rejected,
+           "ref_chosen_mean_logps": scores.chosen_mean, "ref_rejected_mean_logps": scores.rejected_mean}
+    if want_entropy:
+        # V of MallowsPO's normaliser is the logits' width (ALGORITHMS.md §2), kept per row for the cache.
+        out.update(ref_chosen_entropy=scores.chosen_entropy, ref_rejected_entropy=scores.rejected_entropy,
+                   ref_vocab_size=torch.full_like(scores.chosen, float(scores.vocab_size)))
+    return {k: v.detach() for k, v in out.items()}
+
+
+@dataclass
+class MicroBatchOutput:
+    """Per-example losses (B,) with gradient, and the detached values the metrics need."""
+
+    losses: torch.Tensor
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    tokens: int
+
+
+def micro_batch_loss(
+    policy, batch: dict, config: Config, *, reference=None, neg_log_dispersion: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None, label_smoothing: torch.Tensor | None = None,
+) -> MicroBatchOutput:
+    """Forward the policy on one micro-batch and return its per-example losses (B,), weighted if asked.
+
+    Reference log-probs are read from the batch (`REF_KEYS`, the cache) or computed with `reference`.
+    `weights` (B,) multiplies each pair's loss (schedulers); `label_smoothing` (B,) gives DPO soft labels.
+    """
+    ref = {k: batch[k] for k in REF_KEYS} if REF_KEYS[0] in batch else None
+    if ref is None:
+        if reference is None:
+            raise ValueError("the batch has no cached reference log-probs and no reference model was given")
+        ref = reference_scores(reference, batch, config, want_entropy=False)
+    scores = sequence_scores(policy, batch, padding_free=config.train.padding_free,
+                             temperature=config.loss.logit_temperature)
+    if uses_mean_logps(config.loss.type):
+        args = (scores.chosen_mean, scores.rejected_mean, ref["ref_chosen_mean_logps"], ref["ref_rejected_mean_logps"])
+    else:
+        args = (scores.chosen, scores.rejected, ref["ref_chosen_logps"], ref["ref_rejected_logps"])
+    output = pair_loss(config.loss, *args, neg_log_dispersion=neg_log_dispersion, label_smoothing=label_smoothing)
+    losses = output.losses if weights is None else output.losses * weights
+    tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+    return MicroBatchOutput(losses, scores.chosen.detach(), scores.rejected.detach(),
+                            ref["ref_chosen_logps"], ref["ref_rejected_logps"], tokens)
