@@ -2,6 +2,7 @@
 
     rayalign show CONFIG [key=value ...]       print the fully resolved config as YAML
     rayalign run CONFIG [key=value ...]        the main job (see `rayalign.quickstart`)
+    rayalign train CONFIG [key=value ...]      Ray Train update on preference pairs [--resume]
     rayalign data check FILE [--tokenizer P]   detect, validate and describe a data file
     rayalign make-tiny-model OUT_DIR [...]     build a tiny local Llama + BPE tokenizer
 
@@ -15,6 +16,7 @@ import argparse
 import sys
 
 from rayalign.config import ConfigError
+from rayalign.data.errors import DataValidationError
 
 EXIT_USAGE = 2
 
@@ -49,6 +51,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_quickstart(config)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rayalign.config_loader import load_config, prepare_run_dir
+    from rayalign.train import run_train
+
+    path, overrides = _split_config_and_overrides(args)
+    return run_train(prepare_run_dir(load_config(path, overrides)), resume=args.resume)
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from rayalign.data.check import run_data_check
 
@@ -73,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(run)
     run.set_defaults(handler=_cmd_run)
 
+    train = commands.add_parser("train", help="train on preference pairs with Ray Train (DDP or DeepSpeed)")
+    _add_config_arguments(train)
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.set_defaults(handler=_cmd_train)
+
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="detect, validate and describe a preference or prompt file")
     from rayalign.data.check import add_data_check_arguments
@@ -94,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ConfigError as exc:
         print(f"rayalign: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DataValidationError as exc:
+        print(str(exc), file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -120,6 +120,7 @@ class RefConfig:
     """Reference log-prob cache (computed once per reference model, data and tokenization)."""
 
     cache: bool = True
+    cache_dir: str | None = None  # None: RUN_DIR/ref_cache; share one across runs (sweeps) to reuse it
     batch_size: int = 16
     num_actors: int = 1
 
@@ -197,6 +198,7 @@ class TrainConfig:
     """Ray Train policy update. Batch sizes count pairs: global = micro x workers x accumulation."""
 
     num_workers: int = 1
+    cpus_per_worker: float = 1.0
     use_gpu: bool = False
     engine: str = "ddp"
     zero_stage: int = 2
@@ -210,10 +212,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_every: int = 0  # optimizer steps; 0: only at the end
     save_every: int = 0  # optimizer steps; 0: only at the end
-    max_failures: int = 0
+    keep_checkpoints: int = 2  # newest complete step-N directories kept; 0 keeps all
+    max_failures: int = 0  # Ray Train restarts of the worker group after a worker dies
 
     def __post_init__(self):
         _positive(self.num_workers, "train.num_workers")
+        _positive(self.cpus_per_worker, "train.cpus_per_worker")
+        for key in ("eval_every", "save_every", "keep_checkpoints", "max_failures"):
+            _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
         _one_of(self.engine, "train.engine", ("ddp", "deepspeed"))
         _one_of(self.zero_stage, "train.zero_stage", (1, 2, 3))
         _one_of(self.precision, "train.precision", ("fp32", "bf16"))
@@ -345,6 +351,10 @@ class Config:
     def __post_init__(self):
         if self.spa.refine:
             _require(self.loss.type == "dpo", "spa.refine", f"applies on top of loss.type=dpo; got {self.loss.type}")
+        if self.loss.type in ("mallows_theta", "mallows_phi") and not self.ref.cache:
+            needs = self.loss.type == "mallows_theta" or self.loss.mallows_phi == "entropy"
+            _require(not needs, "ref.cache", "MallowsPO's dispersion comes from the cached reference entropies; "
+                     "keep ref.cache=true (or set a numeric loss.mallows_phi)")
         if self.sams.enabled:
             _require(self.loss.type not in ("exo_rw", "dpo_rw"), "sams.enabled",
                      f"needs a pairwise loss; loss.type={self.loss.type} trains on K-sample groups")

@@ -77,7 +77,11 @@ def pair_loss(
                       f"the pairwise losses are {', '.join(IN_PROCESS_LOSSES)}")
 
 
-def pair_metrics(
+METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+
+
+def pair_metric_sums(
     losses: torch.Tensor,
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -85,22 +89,29 @@ def pair_metrics(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float,
-) -> dict[str, float]:
-    """TRL's metric names, with rewards from summed log-ratios for every loss (as TRL logs them)."""
+) -> torch.Tensor:
+    """(count, then one sum per `METRIC_NAMES`) in float64: sums add up across micro-batches and workers.
+
+    Rewards come from summed log-ratios for every loss, as TRL logs them.
+    """
     with torch.no_grad():
-        chosen = beta * (policy_chosen_logps - ref_chosen_logps)
-        rejected = beta * (policy_rejected_logps - ref_rejected_logps)
-        values = {
-            "loss": losses.mean(),
-            "rewards/chosen": chosen.mean(),
-            "rewards/rejected": rejected.mean(),
-            "rewards/accuracies": reward_accuracy(chosen, rejected).mean(),
-            "rewards/margins": (chosen - rejected).mean(),
-            "logps/chosen": policy_chosen_logps.mean(),
-            "logps/rejected": policy_rejected_logps.mean(),
-        }
-    metrics = {name: float(value) for name, value in values.items()}
-    if not all(math.isfinite(v) for v in metrics.values()):
-        bad = [name for name, v in metrics.items() if not math.isfinite(v)]
+        chosen = beta * (policy_chosen_logps - ref_chosen_logps).double()
+        rejected = beta * (policy_rejected_logps - ref_rejected_logps).double()
+        columns = (losses.double(), chosen, rejected, reward_accuracy(chosen, rejected), chosen - rejected,
+                   policy_chosen_logps.double(), policy_rejected_logps.double())
+        return torch.stack([torch.tensor(float(losses.numel()), dtype=torch.float64)] + [c.sum() for c in columns])
+
+
+def metrics_from_sums(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """Means from `pair_metric_sums` (possibly summed over workers); raises on a non-finite value."""
+    count = float(sums[0])
+    metrics = {prefix + name: float(value) / max(count, 1.0) for name, value in zip(METRIC_NAMES, sums[1:])}
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
         raise FloatingPointError(f"non-finite training metrics: {', '.join(bad)}")
     return metrics
+
+
+def pair_metrics(*tensors: torch.Tensor, beta: float) -> dict[str, float]:
+    """TRL-named means of one batch: `metrics_from_sums(pair_metric_sums(...))`."""
+    return metrics_from_sums(pair_metric_sums(*tensors, beta=beta))

@@ -60,12 +60,17 @@ def reference_columns(reference, encoded: list[dict], *, pad_token_id: int, conf
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
+def unit_dispersion(columns: dict[str, torch.Tensor]) -> torch.Tensor:
+    """-ln H per pair (MallowsPO's k with c = 1) from the cached reference entropies."""
+    return mallows_neg_log_dispersion(columns["ref_chosen_entropy"], columns["ref_rejected_entropy"],
+                                      vocab_size=int(columns["ref_vocab_size"][0]), scale=1.0)
+
+
 def dispersion(config: Config, columns: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """MallowsPO's k = -c ln H per pair from the cached reference entropies, or None if unused."""
+    """MallowsPO's k = -c ln H per pair (c fixed, or `auto` from these pairs), or None if unused."""
     if not needs_dispersion(config.loss):
         return None
-    unit = mallows_neg_log_dispersion(columns["ref_chosen_entropy"], columns["ref_rejected_entropy"],
-                                      vocab_size=int(columns["ref_vocab_size"][0]), scale=1.0)
+    unit = unit_dispersion(columns)
     return unit * mallows_scale(config.loss, unit)
 
 
@@ -80,7 +85,7 @@ def total_steps(num_pairs: int, config: Config) -> int:
     return min(per_epoch * config.train.epochs, config.train.max_steps or per_epoch * config.train.epochs)
 
 
-def _step_batches(num_pairs: int, config: Config):
+def step_batches(num_pairs: int, config: Config):
     """Global batches of pair indices: a seeded shuffle per epoch, the last partial batch kept."""
     size = config.train.global_batch_size
     for epoch in range(config.train.epochs):
@@ -108,7 +113,7 @@ def train_pairs(
     micro_splits = config.train.num_workers * config.train.gradient_accumulation_steps
     policy.train()
     history = []
-    for step, (epoch, indices) in enumerate(_step_batches(len(encoded), config)):
+    for step, (epoch, indices) in enumerate(step_batches(len(encoded), config)):
         if step >= steps:
             break
         started = time.perf_counter()

@@ -1,0 +1,74 @@
+"""Training checkpoints: `RUN_DIR/checkpoints/step-N/`, written atomically by a group of workers.
+
+A checkpoint is a normal HF directory (model + tokenizer, loadable with `from_pretrained`) plus what a
+resume needs: `trainer_state.json` (step, epoch, data position, metrics) and the engine's optimizer and
+schedule state. All ranks write into one temporary directory; after a barrier rank 0 renames it to its
+final name, so a directory named `step-N` is always complete and a kill never leaves half of one.
+
+It does not decide *when* to checkpoint (the trainer does) and knows nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+from rayalign.io import atomic_write_text
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step}"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are never listed)."""
+    root = Path(run_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def begin(run_dir: str | Path, step: int, *, rank: int) -> Path:
+    """Rank 0 clears a stale temporary directory for `step`; every rank gets its path after a barrier."""
+    tmp = Path(run_dir) / "checkpoints" / f".tmp-step-{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def commit(tmp: Path, state: dict, *, rank: int, keep: int = 0) -> Path:
+    """After every rank wrote into `tmp`: rank 0 writes the state file last and renames into place."""
+    _barrier()
+    final = tmp.parent / f"step-{state['step']}"
+    if rank == 0:
+        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep > 0:
+            for old in complete_checkpoints(tmp.parent.parent)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final

@@ -1,0 +1,141 @@
+"""One training-engine interface over DDP and DeepSpeed: forward module, backward, step, save, load.
+
+This is the only module that imports DeepSpeed (lazily, inside `DeepSpeedEngine`). The trainer calls
+`backward(loss)` once per micro-batch with a loss already scaled so that the gradients averaged over
+workers are the gradient of the global-batch mean, then `step()` once per optimizer step.
+
+Both engines own the optimizer and the schedule built by `rayalign.optim`. They do not know about
+data, losses or checkpoint layout (see `rayalign.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rayalign.config import Config
+from rayalign.optim import build_optimizer, build_scheduler
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class DDPEngine:
+    """Plain PyTorch: DistributedDataParallel when there is more than one worker, no wrapper otherwise."""
+
+    def __init__(self, model: torch.nn.Module, config: Config, total_steps: int):
+        self.model = model
+        self.module = torch.nn.parallel.DistributedDataParallel(model) if world_size() > 1 else model
+        self.optimizer = build_optimizer(model.parameters(), config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, total_steps)
+        self.max_grad_norm = config.optim.max_grad_norm or math.inf
+        self._pending = 0
+        self.accumulation = config.train.gradient_accumulation_steps
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._pending += 1
+        # All-reduce only on the last micro-batch of the step; earlier ones accumulate locally.
+        last = self._pending == self.accumulation
+        sync = contextlib.nullcontext() if last or self.module is self.model else self.module.no_sync()
+        with sync:
+            loss.backward()
+
+    def step(self) -> float:
+        self._pending = 0
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def full_state_dict(self, scratch: Path) -> dict[str, torch.Tensor] | None:
+        """The full model weights (on every rank; the caller writes them from rank 0)."""
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def save(self, directory: Path, *, rank: int) -> None:
+        if rank == 0:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        """Restore optimizer and schedule; the weights were loaded into the model before it was built."""
+        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def deepspeed_config(config: Config) -> dict:
+    """DeepSpeed's JSON config for our settings (the optimizer and schedule are passed as objects)."""
+    train = config.train
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "gradient_clipping": config.optim.max_grad_norm,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # a torch optimizer on CPU: DeepSpeed's fused ones need a JIT build
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 1/2/3 with a torch optimizer (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, model: torch.nn.Module, config: Config, total_steps: int):
+        import deepspeed
+
+        if not (dist.is_available() and dist.is_initialized()):
+            deepspeed.init_distributed(dist_backend="gloo")
+        optimizer = build_optimizer(model.parameters(), config.optim)
+        scheduler = build_scheduler(optimizer, config.optim, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config))
+        self.model, self.module = model, self.engine
+        self.zero_stage = config.train.zero_stage
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The trainer already divided by the global batch: do not let DeepSpeed divide by accumulation again.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # a no-op except on the accumulation boundary, where it clips, steps and schedules
+
+    def step(self) -> float:
+        grad_norm = self.engine.get_global_grad_norm()
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: Path, *, rank: int) -> None:
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")  # collective
+
+    def load(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+
+    def full_state_dict(self, scratch: Path) -> dict[str, torch.Tensor] | None:
+        """Full fp32 weights: gathered from the ZeRO-3 shards on disk, or the replicated module otherwise."""
+        if self.zero_stage < 3:
+            return {k: v.detach() for k, v in self.model.state_dict().items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        self.engine.save_checkpoint(str(scratch), tag="export")
+        dist.barrier()
+        if dist.get_rank() != 0:
+            return None
+        return get_fp32_state_dict_from_zero_checkpoint(str(scratch), tag="export")
+
+
+def build_engine(model: torch.nn.Module, config: Config, total_steps: int) -> DDPEngine | DeepSpeedEngine:
+    if config.train.engine == "deepspeed":
+        return DeepSpeedEngine(model, config, total_steps)
+    return DDPEngine(model, config, total_steps)

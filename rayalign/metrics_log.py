@@ -1,0 +1,60 @@
+"""Per-step training metrics: `RUN_DIR/metrics.jsonl`, TensorBoard under `RUN_DIR/tb/`, a progress bar.
+
+Only one process (training rank 0) writes; the others hold a disabled log. On resume the lines after the
+checkpoint's step are dropped from `metrics.jsonl` (they describe work that is being redone), so the file
+always reads as one uninterrupted run. It computes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rayalign.io import atomic_write_text
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = self.bar = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        # purge_step drops TensorBoard events from the redone steps, like the JSONL truncation above.
+        self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.bar = tqdm(total=total_steps, initial=resume_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        for name, value in metrics.items():
+            if name not in ("step", "epoch"):
+                self.writer.add_scalar(name, value, metrics["step"])
+        self.bar.update(1)
+        shown = {"loss": f"{metrics['loss']:.4f}", "acc": f"{metrics['rewards/accuracies']:.2f}"}
+        if "eval/rewards/accuracies" in metrics:
+            shown["eval_acc"] = f"{metrics['eval/rewards/accuracies']:.2f}"
+        self.bar.set_postfix(shown)
+
+    def close(self, final_metrics: dict) -> None:
+        if not self.enabled:
+            return
+        for name, value in final_metrics.items():
+            if name != "step":
+                self.writer.add_scalar(name, value, final_metrics["step"])
+        if len(final_metrics) > 1:
+            atomic_write_text(self.path.with_name("final_metrics.json"), json.dumps(final_metrics, indent=2) + "\n")
+        self.writer.close()
+        self.bar.close()

@@ -1,0 +1,146 @@
+"""`rayalign train`: preference pairs in, an aligned HF checkpoint out, on Ray Train workers.
+
+The driver validates the data (the same checks and messages as `rayalign data check`), splits off the
+evaluation pairs, tokenizes and scores the reference with Ray Data (`rayalign.prepare`, cached), writes
+the prepared Parquet into the run directory and runs `train_fn_per_worker` under a `TorchTrainer`.
+Outputs: `metrics.jsonl`, `tb/`, `checkpoints/step-N/`, `final/` (see `rayalign.train_loop`).
+
+It does not generate or judge samples; the iterative loop calls it once per iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from rayalign.config import Config, ConfigError
+from rayalign.config_loader import config_to_dict
+from rayalign.io import atomic_write_text
+
+
+def _log(message: str) -> None:
+    print(f"rayalign train: {message}", flush=True)
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def build_policy_if_needed(config: Config, run_dir: Path, texts: list[str]) -> str:
+    """`model.policy` or, when empty, a tiny Llama whose tokenizer is trained on the data's own texts."""
+    if config.model.policy:
+        return config.model.policy
+    from rayalign.io import atomic_directory
+    from rayalign.tiny import make_tiny_model
+
+    out = run_dir / "tiny-model"
+    if not (out / "config.json").exists():
+        corpus = atomic_write_text(run_dir / "data" / "corpus.jsonl",
+                                   "".join(json.dumps({"text": t}) + "\n" for t in texts))
+        with atomic_directory(out) as tmp:
+            make_tiny_model(tmp, corpus=corpus, seed=config.train.seed)
+        _log(f"built the tiny local model {out} (model.policy is empty)")
+    return str(out)
+
+
+def split_eval(rows: list[dict], config: Config, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Held-out pairs: `data.eval_file`, or a seeded `data.eval_fraction` of the training file."""
+    from rayalign.data import load_rows
+
+    if config.data.eval_file:
+        return rows, load_rows(config.data.eval_file, fmt=config.data.format, tokenizer=tokenizer).rows
+    if config.data.eval_fraction == 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(config.data.seed).shuffle(order)
+    held = max(1, int(len(rows) * config.data.eval_fraction))
+    return [rows[i] for i in sorted(order[held:])], [rows[i] for i in sorted(order[:held])]
+
+
+def _prepare(rows, config, paths, tokenizer, run_dir: Path, name: str) -> Path:
+    from rayalign.data import write_rows_parquet
+    from rayalign.prepare import prepare_pairs
+
+    cache_dir = Path(config.ref.cache_dir) if config.ref.cache_dir else run_dir / "ref_cache"
+    prepared = prepare_pairs(rows, config, tokenizer_path=paths["tokenizer_path"],
+                             reference_path=paths["reference_path"], pad_token_id=tokenizer.pad_token_id,
+                             cache_dir=cache_dir, log=_log)
+    _log(f"{name}: {len(rows)} pairs, 0 dropped; {prepared.prompts_truncated} prompts truncated to "
+         f"{config.data.max_prompt_length} tokens (end kept), {prepared.completions_truncated} pairs with a "
+         f"completion truncated to {config.data.max_completion_length}")
+    path = run_dir / "prepared" / f"{name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_rows_parquet(prepared.frame.to_dict("records"), path)
+    return path
+
+
+def _check_resume(run_dir: Path, resume: bool) -> None:
+    from rayalign.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    if latest and not resume:
+        raise ConfigError(f"run.dir: {run_dir} already has checkpoints (newest {latest.name}); "
+                          "pass --resume to continue it or choose a new run.dir")
+    if resume:
+        _log(f"resuming from {latest}" if latest else "--resume: no complete checkpoint yet, starting fresh")
+    (run_dir / "FAILED.json").unlink(missing_ok=True)
+
+
+def run_train(config: Config, *, resume: bool = False) -> int:
+    """Run the training stage; returns the process exit code."""
+    from rayalign.data import load_rows
+    from rayalign.models import load_tokenizer
+
+    started, run_dir = time.perf_counter(), Path(config.run.dir)
+    _check_resume(run_dir, resume)
+    if not config.data.train_file:
+        raise ConfigError("data.train_file: set it to a preference file (see `rayalign data check`)")
+    rows = load_rows(config.data.train_file, fmt=config.data.format).rows
+    policy_path = build_policy_if_needed(config, run_dir, [r["prompt"] + r["chosen"] for r in rows])
+    tokenizer_path = config.model.tokenizer or policy_path
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
+    train_rows, eval_rows = split_eval(rows, config, tokenizer)
+    paths = {"policy_path": policy_path, "tokenizer_path": tokenizer_path,
+             "reference_path": config.model.reference or policy_path}
+    ensure_ray()
+    paths["train_path"] = str(_prepare(train_rows, config, paths, tokenizer, run_dir, "train"))
+    if eval_rows:
+        paths["eval_path"] = str(_prepare(eval_rows, config, paths, tokenizer, run_dir, "eval"))
+    _fit(config, paths, run_dir)
+    failure = run_dir / "FAILED.json"
+    if failure.exists():
+        print(f"rayalign train: error: {json.loads(failure.read_text())['error']}", file=sys.stderr)
+        return 1
+    final_path = run_dir / "final_metrics.json"
+    final = json.loads(final_path.read_text()) if final_path.exists() else {}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("eval/"))
+    _log(f"done in {time.perf_counter() - started:.0f} s; {shown or 'no eval split'}; model in {run_dir / 'final'}")
+    return 0
+
+
+def _fit(config: Config, paths: dict, run_dir: Path) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayalign.train_loop import train_fn_per_worker
+
+    train = config.train
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": config_to_dict(config), **paths},
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=resources),
+        # A fresh Ray run name per attempt: resuming is ours (checkpoints/step-N), not Ray's run state.
+        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+                             storage_path=str(run_dir.resolve() / "ray"),
+                             failure_config=FailureConfig(max_failures=train.max_failures)),
+    )
+    trainer.fit()

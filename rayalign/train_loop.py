@@ -1,0 +1,220 @@
+"""The Ray Train worker function: `train_fn_per_worker(loop_config)`, run by every training worker.
+
+Each worker reads the prepared Parquet (token ids + cached reference columns), walks the same seeded
+sequence of global batches as `rayalign.oracle`, takes its own `gradient_accumulation_steps` micro-batches
+of each, and steps the engine (DDP or DeepSpeed). Metrics are summed across workers; rank 0 writes them.
+On start it continues from the newest complete checkpoint in the run directory, which covers both
+`--resume` and Ray Train restarting the group after a worker died.
+
+No data loading from raw files and no Ray Data here: that happened on the driver (`rayalign.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from rayalign import checkpoint as ckpt
+from rayalign.config import Config
+from rayalign.config_loader import build_config
+from rayalign.engine import build_engine
+from rayalign.io import atomic_directory, atomic_write_text
+from rayalign.metrics_log import MetricsLog
+from rayalign.objective import mallows_scale, metrics_from_sums, needs_dispersion, pair_metric_sums
+from rayalign.oracle import collate_with_reference, step_batches, total_steps, unit_dispersion
+from rayalign.prepare import ID_COLUMNS
+from rayalign.step import ENTROPY_KEYS, REF_KEYS, micro_batch_loss
+
+FAILURE_FILE = "FAILED.json"
+HF_ARTIFACTS = ("optimizer.pt", "deepspeed", ckpt.STATE_FILE)
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _read_prepared(path: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    frame = pd.read_parquet(path)
+    encoded = [{k: list(row[k]) for k in ID_COLUMNS} for _, row in frame.iterrows()]
+    columns = {k: torch.tensor(frame[k].to_numpy()) for k in (*REF_KEYS, *ENTROPY_KEYS) if k in frame}
+    return encoded, columns
+
+
+def worker_chunks(indices: list[int], *, splits: int, rank: int, per_worker: int) -> list[list[int]]:
+    """This worker's micro-batches of one global batch: the same contiguous split as the oracle."""
+    size = math.ceil(len(indices) / splits)
+    chunks = [indices[i * size:(i + 1) * size] for i in range(splits)]
+    return chunks[rank * per_worker:(rank + 1) * per_worker]
+
+
+def _maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:
+    """Test hook: RAYALIGN_KILL_WORKER_AT="STEP:RANK" SIGKILLs that worker once (a marker prevents repeats)."""
+    spec = os.environ.get("RAYALIGN_KILL_WORKER_AT")
+    if not spec or tuple(map(int, spec.split(":"))) != (step, rank):
+        return
+    marker = run_dir / f".killed-step{step}-rank{rank}"
+    if not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Worker:
+    """State of one training worker; `run()` is the whole loop."""
+
+    def __init__(self, loop_config: dict):
+        import ray.train
+
+        from rayalign.models import load_model, load_tokenizer
+
+        self.config: Config = build_config(loop_config["config"])
+        self.paths = loop_config
+        self.run_dir = Path(self.config.run.dir)
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        torch.manual_seed(self.config.train.seed)
+        self.encoded, self.columns = _read_prepared(loop_config["train_path"])
+        self.eval = _read_prepared(loop_config["eval_path"]) if loop_config.get("eval_path") else None
+        self.k = self.mallows_c = None
+        if needs_dispersion(self.config.loss):  # c is fixed from the training pairs, eval included
+            unit = unit_dispersion(self.columns)
+            self.mallows_c = mallows_scale(self.config.loss, unit)
+            self.k = unit * self.mallows_c
+        self.total = total_steps(len(self.encoded), self.config)
+        self.resume_from = ckpt.latest_checkpoint(self.run_dir)
+        self.start_step = ckpt.read_state(self.resume_from)["step"] if self.resume_from else 0
+        weights = str(self.resume_from) if self.resume_from else loop_config["policy_path"]
+        self.tokenizer = load_tokenizer(loop_config["tokenizer_path"])
+        self.policy = load_model(weights, dtype=self.config.model.dtype)
+        self.policy.train()
+        if self.config.train.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.reference = (None if self.config.ref.cache
+                          else load_model(loop_config["reference_path"], dtype=self.config.model.dtype))
+        self.engine = build_engine(self.policy, self.config, self.total)
+        if self.resume_from:
+            self.engine.load(self.resume_from)
+        self.log = MetricsLog(self.run_dir, enabled=self.rank == 0, total_steps=self.total,
+                              resume_step=self.start_step)
+
+    def _autocast(self):
+        bf16 = self.config.train.precision == "bf16" and self.config.train.engine == "ddp"
+        device = "cuda" if self.config.train.use_gpu else "cpu"
+        return torch.autocast(device, dtype=torch.bfloat16) if bf16 else torch.autocast(device, enabled=False)
+
+    def _micro_batch(self, chunk: list[int], global_size: int) -> torch.Tensor:
+        # An empty chunk (a short last batch) still runs a zero-weighted forward/backward, so that every
+        # worker joins the same gradient all-reduce (DDP) and parameter gathers (ZeRO-3).
+        index = torch.tensor(chunk or [0])
+        batch = collate_with_reference(self.encoded, self.columns, index, pad_token_id=self.tokenizer.pad_token_id)
+        k = None if self.k is None else self.k[index]
+        with self._autocast():
+            out = micro_batch_loss(self.engine.module, batch, self.config, reference=self.reference,
+                                   neg_log_dispersion=k)
+        scale = (self.world / global_size) if chunk else 0.0
+        self.engine.backward(out.losses.sum() * scale)
+        sums = pair_metric_sums(out.losses.detach(), out.policy_chosen_logps, out.policy_rejected_logps,
+                                out.ref_chosen_logps, out.ref_rejected_logps, beta=self.config.loss.beta)
+        return torch.cat([sums * bool(chunk), torch.tensor([float(out.tokens * bool(chunk))], dtype=torch.float64)])
+
+    def train_step(self, step: int, epoch: int, indices: list[int]) -> dict | None:
+        started, lr = time.perf_counter(), self.engine.lr
+        accumulation = self.config.train.gradient_accumulation_steps
+        chunks = worker_chunks(indices, splits=self.world * accumulation, rank=self.rank, per_worker=accumulation)
+        sums = sum(self._micro_batch(chunk, len(indices)) for chunk in chunks)
+        grad_norm = self.engine.step()
+        sums = _all_reduce(sums)
+        try:
+            metrics = metrics_from_sums(sums[:-1])
+        except FloatingPointError as exc:
+            self._fail(step + 1, f"{exc} at step {step + 1}; stopped. The last good checkpoint is "
+                                 f"{ckpt.latest_checkpoint(self.run_dir) or 'none'}.")
+            return None
+        seconds = _all_reduce(torch.tensor([time.perf_counter() - started], dtype=torch.float64)) / self.world
+        metrics.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm,
+                       tokens_per_s=float(sums[-1] / seconds[0]))
+        return metrics
+
+    def _fail(self, step: int, message: str) -> None:
+        if self.rank == 0:
+            atomic_write_text(self.run_dir / FAILURE_FILE, json.dumps({"step": step, "error": message}) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out loss, reward accuracy and margins, each worker scoring an equal-length shard."""
+        encoded, columns = self.eval
+        shard = list(range(self.rank, len(encoded), self.world))
+        per_worker, size = math.ceil(len(encoded) / self.world), self.config.ref.batch_size
+        sums = torch.zeros(8, dtype=torch.float64)
+        self.engine.module.eval()
+        for start in range(0, per_worker, size):
+            chunk = shard[start:start + size]
+            index = torch.tensor(chunk or [0])
+            batch = collate_with_reference(encoded, columns, index, pad_token_id=self.tokenizer.pad_token_id)
+            with self._autocast():
+                out = micro_batch_loss(self.engine.module, batch, self.config, reference=self.reference,
+                                       neg_log_dispersion=None if self.k is None else self._eval_k(columns, index))
+            sums += bool(chunk) * pair_metric_sums(out.losses, out.policy_chosen_logps, out.policy_rejected_logps,
+                                                   out.ref_chosen_logps, out.ref_rejected_logps,
+                                                   beta=self.config.loss.beta)
+        self.engine.module.train()
+        return metrics_from_sums(_all_reduce(sums), prefix="eval/")
+
+    def _eval_k(self, columns: dict, index: torch.Tensor) -> torch.Tensor:
+        return unit_dispersion({k: v[index] for k, v in columns.items()}) * self.mallows_c
+
+    def save(self, step: int, epoch: int, *, final: bool) -> None:
+        tmp = ckpt.begin(self.run_dir, step, rank=self.rank)
+        self.engine.save(tmp, rank=self.rank)
+        state_dict = self.engine.full_state_dict(tmp)
+        if self.rank == 0:
+            self.policy.save_pretrained(tmp, state_dict=state_dict)
+            self.tokenizer.save_pretrained(tmp)
+        state = {"step": step, "epoch": epoch, "total_steps": self.total}
+        done = ckpt.commit(tmp, state, rank=self.rank, keep=self.config.train.keep_checkpoints)
+        if final and self.rank == 0:
+            with atomic_directory(self.run_dir / "final") as out:
+                for item in done.iterdir():
+                    if item.name not in HF_ARTIFACTS and item.is_file():
+                        shutil.copy2(item, out / item.name)
+
+    def _due(self, every: int, step: int) -> bool:
+        return every > 0 and step % every == 0 and step < self.total
+
+    def run(self) -> None:
+        import ray.train
+
+        epoch = ckpt.read_state(self.resume_from)["epoch"] if self.resume_from else 0
+        for step, (epoch, indices) in enumerate(step_batches(len(self.encoded), self.config)):
+            if step >= self.total:
+                break
+            if step < self.start_step:
+                continue
+            _maybe_inject_fault(step + 1, self.rank, self.run_dir)
+            metrics = self.train_step(step, epoch, indices)
+            if metrics is None:
+                return
+            if self.eval and self._due(self.config.train.eval_every, step + 1):
+                metrics.update(self.evaluate())
+            self.log.write(metrics)
+            ray.train.report(metrics)
+            if self._due(self.config.train.save_every, step + 1):
+                self.save(step + 1, epoch, final=False)
+        final_metrics = {"step": self.total, **(self.evaluate() if self.eval else {})}
+        self.save(self.total, epoch, final=True)
+        self.log.close(final_metrics)
+
+
+def train_fn_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point (`TorchTrainer(train_fn_per_worker, train_loop_config=...)`)."""
+    Worker(loop_config).run()
