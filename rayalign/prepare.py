@@ -1,10 +1,11 @@
 """Ray Data preparation of preference pairs: tokenize, then score with the reference once, cache as Parquet.
 
-    rows -> map_batches(PairEncoder) -> [cache hit? read : map_batches(ReferenceScorer, actor pool) -> write]
+    rows -> map_batches(PairEncoder) [-> map_batches(ReferenceScorer, actor pool) unless the cache has them]
 
 The reference log-probs (and, for MallowsPO, mean entropies) depend only on the reference model, the
-token ids and the scoring settings, so they are stored under `ref_cache/<hash>.parquet`, keyed by a hash
-of exactly those, and reused by any later run that agrees on all three (the log says so). The training
+data, the tokenization and the scoring settings, so they are stored under `ref_cache/<hash>.parquet`,
+keyed by a hash of exactly those, and reused by any later run that agrees on all of them (the log says
+so). Train and eval splits go through one Ray Data execution. The training
 workers read the prepared Parquet; nothing here trains.
 """
 
@@ -45,7 +46,7 @@ class PairEncoder:
 
 
 class ReferenceScorer:
-    """Ray Data callable class: token ids -> reference log-probs (and entropies), no gradient."""
+    """Ray Data callable class: adds reference log-probs (and entropies) to token-id rows, no gradient."""
 
     def __init__(self, reference_path: str, config: Config, pad_token_id: int):
         import torch
@@ -64,7 +65,7 @@ class ReferenceScorer:
         encoded = [{k: list(row[k]) for k in ID_COLUMNS} for _, row in batch.iterrows()]
         scores = reference_scores(self.model, collate_pairs(encoded, pad_token_id=self.pad_token_id), self.config,
                                   want_entropy=self.want_entropy)
-        out = batch[["pair_index"]].copy()
+        out = batch.copy()
         for key, value in scores.items():
             out[key] = value.double().numpy()
         return out
@@ -84,79 +85,74 @@ def fingerprint_model(path: str) -> str:
     return digest.hexdigest()
 
 
-def cache_key(reference_path: str, encoded: pd.DataFrame, config: Config) -> str:
-    """Hash of (reference model, token ids, scoring settings): what the cached values depend on."""
+def cache_key(frame: pd.DataFrame, config: Config, *, reference_path: str, tokenizer_path: str) -> str:
+    """Hash of (reference model, data, tokenization and scoring settings): all the cached values depend on."""
     digest = hashlib.sha256()
-    settings = {"version": CACHE_VERSION, "model": fingerprint_model(reference_path), "dtype": config.model.dtype,
+    settings = {"version": CACHE_VERSION, "model": fingerprint_model(reference_path),
+                "tokenizer": fingerprint_model(tokenizer_path), "dtype": config.model.dtype,
+                "max_prompt_length": config.data.max_prompt_length,
+                "max_completion_length": config.data.max_completion_length,
                 "temperature": config.loss.logit_temperature, "padding_free": config.train.padding_free,
                 "entropy": needs_dispersion(config.loss)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for column in ID_COLUMNS:
-        for ids in encoded[column]:
-            digest.update(b"|" + ",".join(map(str, ids)).encode())
+    for column in ("prompt", "chosen", "rejected"):
+        for text in frame[column]:
+            digest.update(b"\x00" + text.encode())
     return digest.hexdigest()[:24]
 
 
 @dataclass
 class PreparedPairs:
-    frame: pd.DataFrame  # pair_index, ids, truncation flags, ref_* columns when cached
+    frames: dict[str, pd.DataFrame]  # per split: pair_index, ids, truncation flags, ref_* when cached
     prompts_truncated: int
     completions_truncated: int
     cache_path: Path | None
     cache_hit: bool
 
 
-def _ray_dataset(frame: pd.DataFrame):
+def _run_pipeline(frame: pd.DataFrame, config: Config, *, tokenizer_path: str, reference_path: str | None,
+                  pad_token_id: int) -> pd.DataFrame:
+    """One Ray Data execution: PairEncoder actors, then (if `reference_path`) ReferenceScorer actors."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # row i of the output is pair i
-    return ray.data.from_pandas(frame)
-
-
-def tokenize_pairs(rows: list[dict], config: Config, tokenizer_path: str) -> pd.DataFrame:
-    """Token ids of every pair, computed by a Ray Data `map_batches` over `PairEncoder`."""
-    frame = pd.DataFrame({"pair_index": range(len(rows)), "prompt": [r["prompt"] for r in rows],
-                          "chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]})
-    encoder_args = (tokenizer_path, config.data.max_prompt_length, config.data.max_completion_length,
-                    config.model.trust_remote_code)
-    import ray
-
-    dataset = _ray_dataset(frame).map_batches(
-        PairEncoder, fn_constructor_args=encoder_args, batch_format="pandas", batch_size=256,
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    ctx.execution_options.preserve_order = True
+    dataset = ray.data.from_pandas(frame).map_batches(
+        PairEncoder, fn_constructor_args=(tokenizer_path, config.data.max_prompt_length,
+                                          config.data.max_completion_length, config.model.trust_remote_code),
+        batch_format="pandas", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    if reference_path:
+        dataset = dataset.map_batches(
+            ReferenceScorer, fn_constructor_args=(reference_path, config, pad_token_id), batch_format="pandas",
+            batch_size=config.ref.batch_size, compute=ray.data.ActorPoolStrategy(size=config.ref.num_actors),
+            num_cpus=1)
     return dataset.to_pandas().sort_values("pair_index").reset_index(drop=True)
 
 
-def score_reference(encoded: pd.DataFrame, config: Config, reference_path: str, pad_token_id: int) -> pd.DataFrame:
-    """Reference columns for every pair, by an actor pool of `ref.num_actors` `ReferenceScorer`s."""
-    import ray
-
-    dataset = _ray_dataset(encoded[["pair_index", *ID_COLUMNS]]).map_batches(
-        ReferenceScorer, fn_constructor_args=(reference_path, config, pad_token_id), batch_format="pandas",
-        batch_size=config.ref.batch_size, compute=ray.data.ActorPoolStrategy(size=config.ref.num_actors),
-        num_cpus=1)
-    return dataset.to_pandas().sort_values("pair_index").reset_index(drop=True)
-
-
-def prepare_pairs(rows: list[dict], config: Config, *, tokenizer_path: str, reference_path: str,
+def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, tokenizer_path: str, reference_path: str,
                   pad_token_id: int, cache_dir: Path, log=print) -> PreparedPairs:
-    """Tokenize `rows`, and attach cached (or freshly cached) reference columns when `ref.cache`."""
+    """Tokenize every split's pairs and attach cached (or freshly scored and cached) reference columns."""
     from rayalign.data import write_rows_parquet
 
-    encoded = tokenize_pairs(rows, config, tokenizer_path)
-    flags = (int(encoded["prompt_truncated"].sum()), int(encoded["completion_truncated"].sum()))
-    if not config.ref.cache:
-        return PreparedPairs(encoded, *flags, cache_path=None, cache_hit=False)
-    path = cache_dir / f"{cache_key(reference_path, encoded, config)}.parquet"
-    hit = path.is_file()
+    rows = [(name, r) for name, split_rows in splits.items() for r in split_rows]
+    frame = pd.DataFrame({"pair_index": range(len(rows)), "prompt": [r["prompt"] for _, r in rows],
+                          "chosen": [r["chosen"] for _, r in rows], "rejected": [r["rejected"] for _, r in rows]})
+    key = cache_key(frame, config, reference_path=reference_path, tokenizer_path=tokenizer_path)
+    path = cache_dir / f"{key}.parquet"
+    hit = config.ref.cache and path.is_file()
+    score = config.ref.cache and not hit
     if hit:
-        log(f"reference cache hit: {path} ({len(encoded)} pairs, no reference forward needed)")
-        scores = pd.read_parquet(path)
-    else:
-        log(f"reference cache miss: scoring {len(encoded)} pairs with {config.ref.num_actors} actor(s) -> {path}")
-        scores = score_reference(encoded, config, reference_path, pad_token_id)
+        log(f"reference cache hit: {path} ({len(frame)} pairs, no reference forward needed)")
+    elif score:
+        log(f"reference cache miss: scoring {len(frame)} pairs with {config.ref.num_actors} actor(s) -> {path}")
+    out = _run_pipeline(frame, config, tokenizer_path=tokenizer_path,
+                        reference_path=reference_path if score else None, pad_token_id=pad_token_id)
+    if score:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_rows_parquet(scores.to_dict("records"), path)
-    frame = encoded.merge(scores, on="pair_index", how="left", validate="one_to_one")
-    return PreparedPairs(frame, *flags, cache_path=path, cache_hit=hit)
+        write_rows_parquet(out[["pair_index", *[c for c in out if c.startswith("ref_")]]].to_dict("records"), path)
+    if hit:
+        out = out.merge(pd.read_parquet(path), on="pair_index", how="left", validate="one_to_one")
+    split_of = [name for name, _ in rows]
+    frames = {name: out[[s == name for s in split_of]].reset_index(drop=True) for name in splits}
+    return PreparedPairs(frames, int(out["prompt_truncated"].sum()), int(out["completion_truncated"].sum()),
+                         cache_path=path if config.ref.cache else None, cache_hit=hit)

@@ -11,6 +11,7 @@ It does not generate or judge samples; the iterative loop calls it once per iter
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -29,7 +30,7 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(log_to_driver=True, configure_logging=False)
 
 
 def build_policy_if_needed(config: Config, run_dir: Path, texts: list[str]) -> str:
@@ -63,21 +64,26 @@ def split_eval(rows: list[dict], config: Config, tokenizer) -> tuple[list[dict],
     return [rows[i] for i in sorted(order[held:])], [rows[i] for i in sorted(order[:held])]
 
 
-def _prepare(rows, config, paths, tokenizer, run_dir: Path, name: str) -> Path:
+def _prepare(splits: dict[str, list[dict]], config: Config, paths: dict, tokenizer, run_dir: Path) -> dict:
+    """Prepared Parquet per split under RUN_DIR/prepared/; returns {"train_path": ..., "eval_path": ...}."""
     from rayalign.data import write_rows_parquet
     from rayalign.prepare import prepare_pairs
 
     cache_dir = Path(config.ref.cache_dir) if config.ref.cache_dir else run_dir / "ref_cache"
-    prepared = prepare_pairs(rows, config, tokenizer_path=paths["tokenizer_path"],
+    prepared = prepare_pairs(splits, config, tokenizer_path=paths["tokenizer_path"],
                              reference_path=paths["reference_path"], pad_token_id=tokenizer.pad_token_id,
                              cache_dir=cache_dir, log=_log)
-    _log(f"{name}: {len(rows)} pairs, 0 dropped; {prepared.prompts_truncated} prompts truncated to "
+    sizes = ", ".join(f"{name} {len(frame)}" for name, frame in prepared.frames.items())
+    _log(f"pairs: {sizes}; 0 dropped; {prepared.prompts_truncated} prompts truncated to "
          f"{config.data.max_prompt_length} tokens (end kept), {prepared.completions_truncated} pairs with a "
          f"completion truncated to {config.data.max_completion_length}")
-    path = run_dir / "prepared" / f"{name}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_rows_parquet(prepared.frame.to_dict("records"), path)
-    return path
+    out = {}
+    for name, frame in prepared.frames.items():
+        path = run_dir / "prepared" / f"{name}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_rows_parquet(frame.to_dict("records"), path)
+        out[f"{name}_path"] = str(path)
+    return out
 
 
 def _check_resume(run_dir: Path, resume: bool) -> None:
@@ -109,10 +115,22 @@ def run_train(config: Config, *, resume: bool = False) -> int:
     paths = {"policy_path": policy_path, "tokenizer_path": tokenizer_path,
              "reference_path": config.model.reference or policy_path}
     ensure_ray()
-    paths["train_path"] = str(_prepare(train_rows, config, paths, tokenizer, run_dir, "train"))
-    if eval_rows:
-        paths["eval_path"] = str(_prepare(eval_rows, config, paths, tokenizer, run_dir, "eval"))
-    _fit(config, paths, run_dir)
+    _log(f"data and model ready after {time.perf_counter() - started:.0f} s")
+    splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
+    paths.update(_prepare(splits, config, paths, tokenizer, run_dir))
+    _log(f"prepared after {time.perf_counter() - started:.0f} s; starting {config.train.num_workers} "
+         f"{config.train.engine} worker(s)")
+    paths["kill_worker_at"] = os.environ.get("RAYALIGN_KILL_WORKER_AT")  # fault drills (tests), else None
+    try:
+        _fit(config, paths, run_dir)
+    except Exception as exc:  # Ray Train wraps worker errors; say what to do rather than dump its traceback
+        from rayalign.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(run_dir)
+        print(f"rayalign train: error: training failed: {type(exc).__name__}: {exc}\n"
+              f"  newest complete checkpoint: {latest or 'none'}; rerun the same command with --resume to continue",
+              file=sys.stderr)
+        return 1
     failure = run_dir / "FAILED.json"
     if failure.exists():
         print(f"rayalign train: error: {json.loads(failure.read_text())['error']}", file=sys.stderr)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
+import os
 import signal
 import time
 from pathlib import Path
@@ -58,9 +58,9 @@ def worker_chunks(indices: list[int], *, splits: int, rank: int, per_worker: int
     return chunks[rank * per_worker:(rank + 1) * per_worker]
 
 
-def _maybe_inject_fault(step: int, rank: int, run_dir: Path) -> None:
-    """Test hook: RAYALIGN_KILL_WORKER_AT="STEP:RANK" SIGKILLs that worker once (a marker prevents repeats)."""
-    spec = os.environ.get("RAYALIGN_KILL_WORKER_AT")
+def _maybe_inject_fault(spec: str | None, step: int, rank: int, run_dir: Path) -> None:
+    """Fault drill: spec "STEP:RANK" (from RAYALIGN_KILL_WORKER_AT on the driver) SIGKILLs that worker
+    process just before that step, once per run directory (a marker file prevents repeats)."""
     if not spec or tuple(map(int, spec.split(":"))) != (step, rank):
         return
     marker = run_dir / f".killed-step{step}-rank{rank}"
@@ -200,19 +200,21 @@ class Worker:
                 break
             if step < self.start_step:
                 continue
-            _maybe_inject_fault(step + 1, self.rank, self.run_dir)
+            _maybe_inject_fault(self.paths.get("kill_worker_at"), step + 1, self.rank, self.run_dir)
             metrics = self.train_step(step, epoch, indices)
             if metrics is None:
                 return
             if self.eval and self._due(self.config.train.eval_every, step + 1):
                 metrics.update(self.evaluate())
             self.log.write(metrics)
-            ray.train.report(metrics)
+            if "eval/loss" in metrics:  # Tune's schedulers read these; every step would flood the driver log
+                ray.train.report(metrics)
             if self._due(self.config.train.save_every, step + 1):
                 self.save(step + 1, epoch, final=False)
         final_metrics = {"step": self.total, **(self.evaluate() if self.eval else {})}
         self.save(self.total, epoch, final=True)
         self.log.close(final_metrics)
+        ray.train.report(final_metrics)
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
