@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
