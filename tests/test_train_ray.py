@@ -1,0 +1,211 @@
+"""`rayalign train` on real Ray Train workers (local Ray, gloo, the tiny model).
+
+Each `TorchTrainer.fit` costs ~20 s here, so the runs are few and shared: one uninterrupted 2-worker run
+is the reference that the oracle, the other batch splits, DeepSpeed, resume and worker-kill recovery are
+compared with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayalign.config import ConfigError
+from rayalign.config_loader import load_config, prepare_run_dir
+from rayalign.tasks.sentiment import gold_pairs
+
+pytestmark = pytest.mark.slow
+METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in gold_pairs(32, seed=11)))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def _overrides(tiny_model_dir, pairs_file, run_dir, *extra):
+    # One reference cache for all runs here: the first run scores the pairs, the others hit the cache.
+    cache = Path(pairs_file).parent / "ref_cache"
+    return [f"model.policy={tiny_model_dir}", f"data.train_file={pairs_file}", "data.eval_fraction=0.25",
+            f"ref.cache_dir={cache}",
+            "data.max_completion_length=48", "optim.lr=5e-4", "optim.warmup_ratio=0", "optim.scheduler=constant",
+            "train.global_batch_size=8", "train.num_workers=2", "train.gradient_accumulation_steps=2",
+            "train.epochs=2", "train.save_every=2", "train.eval_every=3", f"run.dir={run_dir}", *extra]
+
+
+def train(tiny_model_dir, pairs_file, run_dir, *extra, resume=False) -> int:
+    from rayalign.train import run_train
+
+    config = prepare_run_dir(load_config(None, _overrides(tiny_model_dir, pairs_file, run_dir, *extra)))
+    return run_train(config, resume=resume)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, pairs_file, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    assert train(tiny_model_dir, pairs_file, run_dir) == 0
+    return run_dir
+
+
+def test_artifacts_metrics_and_checkpoints(uninterrupted):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps = metrics(uninterrupted)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]  # 24 training pairs / 8 per step x 2 epochs
+    for key in METRIC_KEYS:
+        assert all(key in m for m in steps), key
+    assert "eval/rewards/accuracies" in steps[2] and "eval/rewards/accuracies" not in steps[0]
+    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference
+    assert steps[-1]["rewards/margins"] > steps[0]["rewards/margins"]
+    final = json.loads((uninterrupted / "final_metrics.json").read_text())
+    assert final["step"] == 6 and 0.0 <= final["eval/rewards/accuracies"] <= 1.0
+    assert list((uninterrupted / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-4", "step-6"]  # keep 2
+    assert json.loads((uninterrupted / "checkpoints" / "step-6" / "trainer_state.json").read_text())["step"] == 6
+    model = AutoModelForCausalLM.from_pretrained(uninterrupted / "final")
+    AutoTokenizer.from_pretrained(uninterrupted / "final")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert_same_weights(uninterrupted / "final", uninterrupted / "checkpoints" / "step-6", atol=0)
+
+
+def test_matches_the_in_process_oracle(uninterrupted, tiny_model_dir):
+    """The Ray Train run (2 workers x 2 accumulation) computes what the plain loop computes."""
+    import copy
+
+    from rayalign.data import load_rows
+    from rayalign.models import load_model, load_tokenizer
+    from rayalign.oracle import train_pairs
+    from rayalign.train import split_eval
+
+    config = load_config(uninterrupted / "config.yaml")
+    tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    train_rows, _ = split_eval(load_rows(config.data.train_file).rows, config, tokenizer)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    history = train_pairs(model, reference, tokenizer, train_rows, config)
+    ray_steps = metrics(uninterrupted)
+    assert [h["loss"] for h in history] == pytest.approx([m["loss"] for m in ray_steps], abs=1e-5)
+    oracle = {k: v.detach() for k, v in model.state_dict().items()}
+    for name, value in weights(uninterrupted / "final").items():
+        torch.testing.assert_close(value, oracle[name], atol=2e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("split", [("1", "4", "1"), ("4", "1", "0.5")], ids=["1x4", "4x1"])
+def test_batch_split_invariance(uninterrupted, tiny_model_dir, pairs_file, tmp_path, split):
+    """1 worker x 4 accumulation == 2 x 2 == 4 x 1: the same global batch of 8 pairs."""
+    workers, accumulation, cpus = split
+    run_dir = tmp_path / "run"
+    assert train(tiny_model_dir, pairs_file, run_dir, f"train.num_workers={workers}",
+                 f"train.gradient_accumulation_steps={accumulation}", f"train.cpus_per_worker={cpus}") == 0
+    assert [m["loss"] for m in metrics(run_dir)] == pytest.approx([m["loss"] for m in metrics(uninterrupted)],
+                                                                   abs=1e-5)
+    assert_same_weights(run_dir / "final", uninterrupted / "final", atol=2e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_matches_ddp(uninterrupted, tiny_model_dir, pairs_file, tmp_path, stage):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    assert train(tiny_model_dir, pairs_file, run_dir, "train.engine=deepspeed", f"train.zero_stage={stage}") == 0
+    ds, ddp = metrics(run_dir), metrics(uninterrupted)
+    assert [m["loss"] for m in ds] == pytest.approx([m["loss"] for m in ddp], abs=1e-4)
+    assert [m["grad_norm"] for m in ds] == pytest.approx([m["grad_norm"] for m in ddp], rel=1e-3)
+    AutoModelForCausalLM.from_pretrained(run_dir / "final")  # ZeRO-3 shards consolidated into a normal HF dir
+    assert_same_weights(run_dir / "final", uninterrupted / "final", atol=1e-4)
+
+
+def test_resume_after_a_crash_equals_uninterrupted(uninterrupted, tiny_model_dir, pairs_file, tmp_path,
+                                                   monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("RAYALIGN_KILL_WORKER_AT", "5:0")  # SIGKILL rank 0 before step 5; no restarts allowed
+    assert train(tiny_model_dir, pairs_file, run_dir) == 1
+    assert "rerun the same command with --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step-2", "step-4"]
+    assert not (run_dir / "final").exists()
+    with pytest.raises(ConfigError, match="already has checkpoints .* pass --resume"):
+        train(tiny_model_dir, pairs_file, run_dir)
+    assert train(tiny_model_dir, pairs_file, run_dir, resume=True) == 0
+    out = capsys.readouterr().out
+    assert "reference cache hit" in out and "resuming from" in out
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert_same_weights(run_dir / "final", uninterrupted / "final", atol=1e-6)
+
+
+def test_worker_kill_is_recovered_by_ray_train(uninterrupted, tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("RAYALIGN_KILL_WORKER_AT", "3:1")
+    assert train(tiny_model_dir, pairs_file, run_dir, "train.max_failures=1") == 0
+    assert (run_dir / ".killed-step3-rank1").exists(), "the worker was never killed"
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert_same_weights(run_dir / "final", uninterrupted / "final", atol=1e-6)
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tiny_model_dir, pairs_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    # lr 1e30: AdamW's first update moves every weight by ~1e30, so the next forward overflows.
+    assert train(tiny_model_dir, pairs_file, run_dir, "optim.lr=1e30", "train.save_every=1") == 1
+    assert "non-finite training metrics" in capsys.readouterr().err
+    failure = json.loads((run_dir / "FAILED.json").read_text())
+    good = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert good == [f"step-{failure['step'] - 1}"]
+    AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / good[0])
+    assert not (run_dir / "final").exists()
+
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+@pytest.mark.skipif(not HH.exists(), reason=f"the shared HH file is not present at {HH}")
+def test_readme_training_contract_on_hh(tmp_path):
+    """`rayalign train configs/hh_tiny.yaml` as the README shows it, cut to 12 steps for CI."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    assert "rayalign train configs/hh_tiny.yaml" in (repo / "README.md").read_text()
+    run_dir = tmp_path / "hh"
+    result = subprocess.run([sys.executable, "-m", "rayalign.cli", "train", "configs/hh_tiny.yaml",
+                             f"run.dir={run_dir}", "train.max_steps=12", "train.eval_every=6"],
+                            cwd=repo, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "pairs: train 2081, eval 231; 0 dropped" in result.stdout
+    steps = metrics(run_dir)
+    assert len(steps) == 12 and "eval/rewards/accuracies" in steps[5]
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert 0.0 < final["eval/rewards/accuracies"] < 1.0
+    for name in ("metrics.jsonl", "tb", "checkpoints", "final"):
+        assert (run_dir / name).exists(), name
