@@ -53,4 +53,76 @@ def collate_pairs(encoded: list[dict], *, pad_token_id: int) -> dict[str, torch.
         batch[f"{side}_input_ids"] = _pad_rows(ids, length, pad_token_id)
         batch[f"{side}_attention_mask"] = _pad_rows([[1] * len(row) for row in ids], length, 0)
         batch[f"{side}_completion_mask"] = _pad_rows(completion, length, 0)
+    if "belief_len" in encoded[0]:
+        return collate_gdpo(encoded, batch)
+    return batch
+
+
+def belief_prefix(level: int, text: str) -> str:
+    """GDPO's stated belief before its closing '>': "{level}<{belief_text}" (ALGORITHMS.md §3)."""
+    return f"{level}<{text}"
+
+
+def gdpo_rows_as_pairs(rows: list[dict]) -> list[dict]:
+    """The DPO baseline on GDPO data: whole completions, the rejected one stating the other belief."""
+    return [{"prompt": r["prompt"],
+             "chosen": belief_prefix(r["belief"], r["belief_text"]) + ">" + r["chosen"],
+             "rejected": belief_prefix(r["rejected_belief"], r["rejected_belief_text"]) + ">" + r["rejected"]}
+            for r in rows]
+
+
+def _single_token(tokenizer: Any, text: str, what: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"GDPO needs {what} {text!r} to be one token of its own; this tokenizer gives {ids}")
+    return ids[0]
+
+
+def encode_gdpo(tokenizer: Any, row: dict, *, max_prompt_length: int, max_completion_length: int) -> dict:
+    """A GDPO row -> ids: prompt, belief prefix, then '>' + answer + EOS for chosen and rejected.
+
+    Both completions share the stated belief; the belief prefix is encoded on its own, so its tokens end
+    exactly before the closing '>' (found by characters, not by searching tokens). Checks that the prefix
+    starts with the level digit's token and that '>' is a token of its own. The prefix is never truncated.
+    """
+    levels = len(row["target"])
+    level_ids = [_single_token(tokenizer, str(level), "the level digit") for level in range(levels)]
+    close_id = _single_token(tokenizer, ">", "the closing")
+    prefix = tokenizer(belief_prefix(row["belief"], row["belief_text"]), add_special_tokens=False)["input_ids"]
+    if prefix[0] != level_ids[row["belief"]]:
+        raise ValueError(f"the belief prefix {belief_prefix(row['belief'], row['belief_text'])!r} does not start "
+                         f"with the level digit's token {level_ids[row['belief']]} (got {prefix[0]})")
+    pair = encode_pair(tokenizer, row["prompt"], ">" + row["chosen"], ">" + row["rejected"],
+                       max_prompt_length=max_prompt_length,
+                       max_completion_length=max(1, max_completion_length - len(prefix)))
+    for side in ("chosen", "rejected"):
+        if pair[f"{side}_ids"][0] != close_id:
+            raise ValueError(f"'>' + {side} does not start with the '>' token {close_id}: {row[side]!r}")
+        pair[f"{side}_ids"] = prefix + pair[f"{side}_ids"]
+    return {**pair, "belief_len": len(prefix), "level_ids": level_ids, "target": list(row["target"])}
+
+
+def encode_row(tokenizer: Any, row: dict, **lengths: int) -> dict:
+    """`encode_gdpo` for GDPO rows (they carry a `target`), `encode_pair` for plain pairs."""
+    if row.get("target") is not None:
+        return encode_gdpo(tokenizer, row, **lengths)
+    return encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], **lengths)
+
+
+def collate_gdpo(encoded: list[dict], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add GDPO's tensors to a `collate_pairs` batch; the completion masks then cover only '>' + answer.
+
+    `chosen_belief_mask` (B, T) marks the belief prefix tokens, `level_position` (B,) the input position
+    of the first completion token (the level digit), `level_ids` (B, L) and `target_probs` (B, L).
+    """
+    belief = torch.zeros_like(batch["chosen_completion_mask"])
+    for i, e in enumerate(encoded):
+        start = len(e["prompt_ids"])
+        belief[i, start:start + e["belief_len"]] = 1
+        for side in ("chosen", "rejected"):
+            batch[f"{side}_completion_mask"][i, start:start + e["belief_len"]] = 0
+    batch["chosen_belief_mask"] = belief
+    batch["level_position"] = torch.tensor([len(e["prompt_ids"]) for e in encoded])
+    batch["level_ids"] = torch.tensor([list(e["level_ids"]) for e in encoded])
+    batch["target_probs"] = torch.tensor([list(e["target"]) for e in encoded], dtype=torch.float64)
     return batch

@@ -355,6 +355,9 @@ class Config:
             needs = self.loss.type == "mallows_theta" or self.loss.mallows_phi == "entropy"
             _require(not needs, "ref.cache", "MallowsPO's dispersion comes from the cached reference entropies; "
                      "keep ref.cache=true (or set a numeric loss.mallows_phi)")
+        if self.loss.type == "gdpo":
+            _require(not self.train.padding_free, "train.padding_free",
+                     "GDPO reads the level digit at the first completion position of padded rows; set it false")
         if self.sams.enabled:
             _require(self.loss.type not in ("exo_rw", "dpo_rw"), "sams.enabled",
                      f"needs a pairwise loss; loss.type={self.loss.type} trains on K-sample groups")

@@ -16,7 +16,7 @@ from rayalign.core import losses as L
 from rayalign.core.metrics import reward_accuracy
 
 EXO_DEFAULT_SMOOTHING = 1e-3  # the EXO paper and TRL (ALGORITHMS.md §4)
-IN_PROCESS_LOSSES = ("dpo", "ipo", "hinge", "exo_pref", "mallows_theta", "mallows_phi")
+IN_PROCESS_LOSSES = ("dpo", "ipo", "hinge", "exo_pref", "mallows_theta", "mallows_phi", "gdpo")
 
 
 def uses_mean_logps(loss_type: str) -> bool:
@@ -45,11 +45,13 @@ def pair_loss(
     *,
     neg_log_dispersion: torch.Tensor | None = None,
     label_smoothing: torch.Tensor | None = None,
+    gdpo: dict[str, torch.Tensor] | None = None,
 ) -> L.LossOutput:
     """Per-example loss (B,) of the configured pairwise loss.
 
     `label_smoothing` (B,) replaces the config's epsilon for DPO (SPA's soft labels);
-    `neg_log_dispersion` (B,) is k = -c ln H for the MallowsPO losses.
+    `neg_log_dispersion` (B,) is k = -c ln H for the MallowsPO losses; `gdpo` holds GDPO's
+    `level_logps` (B, L), `target_probs` (B, L) and `belief_mean_logps` (B,).
     """
     args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     beta, kind = config.beta, config.type
@@ -73,6 +75,14 @@ def pair_loss(
     if kind == "mallows_phi":
         phi = torch.exp(-neg_log_dispersion) if config.mallows_phi == "entropy" else float(config.mallows_phi)
         return L.mallows_phi_loss(*args, beta=beta, phi=phi)
+    if kind == "gdpo":
+        if gdpo is None:
+            raise ValueError("loss.type=gdpo needs level_logps, target_probs and belief_mean_logps")
+        target = gdpo["target_probs"].to(gdpo["level_logps"].dtype)
+        return L.gdpo_loss(*args, beta=beta, level_logps=gdpo["level_logps"], target_probs=target,
+                           belief_mean_logps=gdpo["belief_mean_logps"],
+                           calibration_weight=config.gdpo_calibration_weight,
+                           belief_nll_weight=config.gdpo_belief_nll_weight)
     raise ConfigError(f"loss.type: {kind} is not a pairwise loss on (chosen, rejected) log-probs; "
                       f"the pairwise losses are {', '.join(IN_PROCESS_LOSSES)}")
 

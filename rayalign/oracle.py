@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rayalign.batching import collate_pairs, encode_pair
+from rayalign.batching import collate_pairs, encode_row
 from rayalign.config import Config, ConfigError
 from rayalign.core.losses import mallows_neg_log_dispersion
 from rayalign.objective import (
@@ -41,9 +41,8 @@ class EncodedPairs:
 
 
 def encode_pairs(rows: list[dict], tokenizer, config: Config) -> EncodedPairs:
-    items = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"],
-                         max_prompt_length=config.data.max_prompt_length,
-                         max_completion_length=config.data.max_completion_length) for r in rows]
+    items = [encode_row(tokenizer, r, max_prompt_length=config.data.max_prompt_length,
+                        max_completion_length=config.data.max_completion_length) for r in rows]
     return EncodedPairs(items, sum(e["prompt_truncated"] for e in items), sum(e["completion_truncated"] for e in items))
 
 

@@ -19,11 +19,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from rayalign.batching import collate_pairs, encode_pair
+from rayalign.batching import collate_pairs, encode_row
 from rayalign.config import Config
 from rayalign.objective import needs_dispersion
 
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+GDPO_COLUMNS = ("belief_len", "level_ids", "target")  # present for loss.type=gdpo
+GDPO_TEXT = ("target", "belief", "belief_text")  # GDPO fields of a data row the encoder needs
+
+
+def encoded_rows(frame: pd.DataFrame) -> list[dict]:
+    """Rows of a prepared frame as the dicts `collate_pairs` takes (ids, plus GDPO's fields if present)."""
+    keys = [k for k in (*ID_COLUMNS, *GDPO_COLUMNS) if k in frame]
+    return [{k: (list(row[k]) if k != "belief_len" else int(row[k])) for k in keys} for _, row in frame.iterrows()]
 CACHE_VERSION = 1  # bump when the scoring code changes what it computes
 
 
@@ -38,9 +46,9 @@ class PairEncoder:
         self.lengths = {"max_prompt_length": max_prompt_length, "max_completion_length": max_completion_length}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        encoded = [encode_pair(self.tokenizer, p, c, r, **self.lengths)
-                   for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"])]
-        out = pd.DataFrame(encoded)
+        fields = [c for c in ("prompt", "chosen", "rejected", *GDPO_TEXT) if c in batch]
+        rows = [dict(zip(fields, values)) for values in zip(*(batch[c] for c in fields))]
+        out = pd.DataFrame([encode_row(self.tokenizer, row, **self.lengths) for row in rows])
         out.insert(0, "pair_index", batch["pair_index"].to_numpy())
         return out
 
@@ -62,7 +70,7 @@ class ReferenceScorer:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from rayalign.step import reference_scores
 
-        encoded = [{k: list(row[k]) for k in ID_COLUMNS} for _, row in batch.iterrows()]
+        encoded = encoded_rows(batch)
         scores = reference_scores(self.model, collate_pairs(encoded, pad_token_id=self.pad_token_id), self.config,
                                   want_entropy=self.want_entropy)
         out = batch.copy()
@@ -95,9 +103,9 @@ def cache_key(frame: pd.DataFrame, config: Config, *, reference_path: str, token
                 "temperature": config.loss.logit_temperature, "padding_free": config.train.padding_free,
                 "entropy": needs_dispersion(config.loss)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for column in ("prompt", "chosen", "rejected"):
-        for text in frame[column]:
-            digest.update(b"\x00" + text.encode())
+    for column in ("prompt", "chosen", "rejected", *GDPO_TEXT):
+        for value in frame[column] if column in frame else ():
+            digest.update(b"\x00" + json.dumps(value).encode())
     return digest.hexdigest()[:24]
 
 
@@ -135,8 +143,8 @@ def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, tokenizer_pa
     from rayalign.data import write_rows_parquet
 
     rows = [(name, r) for name, split_rows in splits.items() for r in split_rows]
-    frame = pd.DataFrame({"pair_index": range(len(rows)), "prompt": [r["prompt"] for _, r in rows],
-                          "chosen": [r["chosen"] for _, r in rows], "rejected": [r["rejected"] for _, r in rows]})
+    fields = ["prompt", "chosen", "rejected", *(GDPO_TEXT if rows and rows[0][1].get("target") else ())]
+    frame = pd.DataFrame({"pair_index": range(len(rows)), **{f: [r[f] for _, r in rows] for f in fields}})
     key = cache_key(frame, config, reference_path=reference_path, tokenizer_path=tokenizer_path)
     path = cache_dir / f"{key}.parquet"
     hit = config.ref.cache and path.is_file()

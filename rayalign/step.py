@@ -36,6 +36,8 @@ class SequenceScores:
     chosen_entropy: torch.Tensor | None = None
     rejected_entropy: torch.Tensor | None = None
     vocab_size: int = 0
+    level_logps: torch.Tensor | None = None  # GDPO: (B, L) full-vocabulary log-probs of the level digits
+    belief_mean_logps: torch.Tensor | None = None  # GDPO: (B,) mean log-prob of the belief prefix
 
 
 def pack_pairs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,7 +91,26 @@ def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperatu
                             vocab_size=int(result.logits.shape[-1]))
     if want_entropy:
         scores.chosen_entropy, scores.rejected_entropy = sequence_mean_entropy(result.logits, result.mask).chunk(2)
+    if "chosen_belief_mask" in batch:
+        scores.level_logps, scores.belief_mean_logps = gdpo_terms(result.logits, result.labels, batch)
     return scores
+
+
+def gdpo_terms(logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDPO's (B, L) level-digit log-probs at the first completion position and (B,) belief mean log-prob.
+
+    `logits`/`labels` are the aligned (2B, T-1) outputs of `concatenated_forward`, chosen rows first; the
+    level digit at input position P is predicted by aligned position P - 1.
+    """
+    size = batch["chosen_input_ids"].shape[0]
+    rows = torch.arange(size)
+    at_first_completion = logits[rows, batch["level_position"] - 1]
+    level_logps = torch.log_softmax(at_first_completion.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    level_logps = level_logps.gather(-1, batch["level_ids"])
+    belief_mask = batch["chosen_belief_mask"][:, 1:]
+    belief_mean = sequence_logps(logits[:size, :belief_mask.shape[1]], labels[:size, :belief_mask.shape[1]],
+                                 belief_mask, average=True)
+    return level_logps, belief_mean
 
 
 @torch.no_grad()
@@ -138,7 +159,10 @@ def micro_batch_loss(
         args = (scores.chosen_mean, scores.rejected_mean, ref["ref_chosen_mean_logps"], ref["ref_rejected_mean_logps"])
     else:
         args = (scores.chosen, scores.rejected, ref["ref_chosen_logps"], ref["ref_rejected_logps"])
-    output = pair_loss(config.loss, *args, neg_log_dispersion=neg_log_dispersion, label_smoothing=label_smoothing)
+    gdpo = {"level_logps": scores.level_logps, "belief_mean_logps": scores.belief_mean_logps,
+            "target_probs": batch["target_probs"]} if config.loss.type == "gdpo" else None
+    output = pair_loss(config.loss, *args, neg_log_dispersion=neg_log_dispersion, label_smoothing=label_smoothing,
+                       gdpo=gdpo)
     losses = output.losses if weights is None else output.losses * weights
     tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
     return MicroBatchOutput(losses, scores.chosen.detach(), scores.rejected.detach(),

@@ -50,12 +50,28 @@ def build_policy_if_needed(config: Config, run_dir: Path, texts: list[str]) -> s
     return str(out)
 
 
+def pair_rows(fmt: str, rows: list[dict], config: Config) -> list[dict]:
+    """Rows the pairwise trainer takes: GDPO rows stay whole for loss.type=gdpo, else become DPO pairs."""
+    from rayalign.batching import gdpo_rows_as_pairs
+    from rayalign.data import PAIR_FORMATS
+
+    if config.loss.type == "gdpo" and fmt != "gdpo":
+        raise ConfigError(f"loss.type: gdpo needs data in the GDPO belief format; {config.data.train_file} is {fmt}")
+    if fmt == "gdpo":
+        return rows if config.loss.type == "gdpo" else gdpo_rows_as_pairs(rows)
+    if fmt not in PAIR_FORMATS:
+        raise ConfigError(f"data.train_file: {config.data.train_file} holds {fmt} rows; training needs pairs "
+                          f"({', '.join(PAIR_FORMATS)}) or GDPO rows")
+    return rows
+
+
 def split_eval(rows: list[dict], config: Config, tokenizer) -> tuple[list[dict], list[dict]]:
     """Held-out pairs: `data.eval_file`, or a seeded `data.eval_fraction` of the training file."""
     from rayalign.data import load_rows
 
     if config.data.eval_file:
-        return rows, load_rows(config.data.eval_file, fmt=config.data.format, tokenizer=tokenizer).rows
+        data = load_rows(config.data.eval_file, fmt=config.data.format, tokenizer=tokenizer)
+        return rows, pair_rows(data.format, data.rows, config)
     if config.data.eval_fraction == 0:
         return rows, []
     order = list(range(len(rows)))
@@ -107,10 +123,17 @@ def run_train(config: Config, *, resume: bool = False) -> int:
     _check_resume(run_dir, resume)
     if not config.data.train_file:
         raise ConfigError("data.train_file: set it to a preference file (see `rayalign data check`)")
-    rows = load_rows(config.data.train_file, fmt=config.data.format).rows
+    # A given tokenizer renders conversational rows with its chat template; the tiny model built from the
+    # data uses the plain "\n\nHuman:/\n\nAssistant:" template, which is also the readers' fallback.
+    tokenizer_path = config.model.tokenizer or config.model.policy
+    tokenizer = None
+    if tokenizer_path:
+        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
+    data = load_rows(config.data.train_file, fmt=config.data.format, tokenizer=tokenizer)
+    rows = pair_rows(data.format, data.rows, config)
     policy_path = build_policy_if_needed(config, run_dir, [r["prompt"] + r["chosen"] for r in rows])
-    tokenizer_path = config.model.tokenizer or policy_path
-    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
+    tokenizer_path = tokenizer_path or policy_path
+    tokenizer = tokenizer or load_tokenizer(tokenizer_path)
     train_rows, eval_rows = split_eval(rows, config, tokenizer)
     paths = {"policy_path": policy_path, "tokenizer_path": tokenizer_path,
              "reference_path": config.model.reference or policy_path}

@@ -31,7 +31,7 @@ from rayalign.io import atomic_directory, atomic_write_text
 from rayalign.metrics_log import MetricsLog
 from rayalign.objective import mallows_scale, metrics_from_sums, needs_dispersion, pair_metric_sums
 from rayalign.oracle import collate_with_reference, step_batches, total_steps, unit_dispersion
-from rayalign.prepare import ID_COLUMNS
+from rayalign.prepare import encoded_rows
 from rayalign.step import ENTROPY_KEYS, REF_KEYS, micro_batch_loss
 
 FAILURE_FILE = "FAILED.json"
@@ -46,7 +46,7 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 def _read_prepared(path: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
     frame = pd.read_parquet(path)
-    encoded = [{k: list(row[k]) for k in ID_COLUMNS} for _, row in frame.iterrows()]
+    encoded = encoded_rows(frame)
     columns = {k: torch.tensor(frame[k].to_numpy()) for k in (*REF_KEYS, *ENTROPY_KEYS) if k in frame}
     return encoded, columns
 

@@ -209,3 +209,18 @@ def test_readme_training_contract_on_hh(tmp_path):
     assert 0.0 < final["eval/rewards/accuracies"] < 1.0
     for name in ("metrics.jsonl", "tb", "checkpoints", "final"):
         assert (run_dir / name).exists(), name
+
+
+def test_gdpo_trains_on_ray_workers(tiny_model_dir, tmp_path):
+    """GDPO's extra columns (belief length, level ids, target) survive Parquet and the worker path."""
+    from tests.test_gdpo_training import gdpo_rows
+
+    data = tmp_path / "gdpo.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in gdpo_rows(12)))
+    run_dir = tmp_path / "run"
+    assert train(tiny_model_dir, data, run_dir, "loss.type=gdpo", "train.num_workers=1",
+                 "train.gradient_accumulation_steps=1", "train.epochs=1", "train.global_batch_size=3",
+                 "data.eval_fraction=0.25") == 0
+    steps = metrics(run_dir)
+    assert len(steps) == 3 and all(m["loss"] > 0 for m in steps)
+    assert "eval/loss" in json.loads((run_dir / "final_metrics.json").read_text())
