@@ -75,7 +75,8 @@ def dispersion(config: Config, columns: dict[str, torch.Tensor]) -> torch.Tensor
 
 def collate_with_reference(encoded: list[dict], columns: dict, index: torch.Tensor, *, pad_token_id: int) -> dict:
     batch = collate_pairs([encoded[i] for i in index.tolist()], pad_token_id=pad_token_id)
-    batch.update({key: columns[key][index] for key in REF_KEYS})
+    # Without a cache (`ref.cache=false`) there are no columns: the step runs the reference itself.
+    batch.update({key: columns[key][index] for key in REF_KEYS if key in columns})
     return batch
 
 
