@@ -1,0 +1,423 @@
+"""Throughput of one DPO policy update: rayalign's training step against TRL 1.16's `DPOTrainer`.
+
+One process, one model (Llama config, random weights, BPE tokenizer trained on the data), one data set (HH
+pairs from ../shared, else synthetic pairs of varying length), the same settings (batch, lengths, dtype, beta,
+AdamW, one worker): each trainer runs `--warmup-steps` untimed, then `--steps` timed steps over the same
+batches in the same order. Tokens = real (non-pad) prompt+completion tokens of chosen and rejected. Model
+FLOPs = 6 x params x trained tokens + 2 x params x reference-forward tokens actually run, params without the
+input embedding table (a lookup). rayalign's one-off reference pass is timed and amortised over its pairs.
+
+It prints where the time goes (step phases, padding, the reference pass, padded vs `train.padding_free=true`,
+a profiler split of one forward+backward, AdamW against a fused one), timed by the wall clock and the process
+CPU clock (equal on an idle machine with one thread; on a shared one the CPU clock leaves out time spent
+descheduled). The last line is one JSON object, by `--clock`. `--device cuda` measures MFU on a GPU (bf16, a
+~0.5B config, the bf16 matmul peak) and skips TRL; trl/datasets are imported only when TRL runs. It checks no
+numerics (tests/test_trl_reference.py does) and asserts no speed: the targets are read, not tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+if str(REPO) not in sys.path:  # run as a plain script from a checkout where rayalign is not installed
+    sys.path.insert(0, str(REPO))
+
+# CPU: the whole run (4 trainers x 6 steps) takes ~4-5 minutes here with a ~25M model and <= 128 tokens.
+# One intra-op thread: a Ray Train CPU worker gets 1 CPU, and Ray sets OMP_NUM_THREADS=1 in it.
+DEFAULTS = {
+    "cpu": dict(layers=8, hidden=384, heads=12, vocab_size=8192, batch_size=8, max_length=128, steps=5,
+                warmup_steps=1, matmul_size=4096, threads=1, trl_variants="default,no_gc", clock="cpu"),
+    "cuda": dict(layers=30, hidden=1024, heads=16, vocab_size=8192, batch_size=16, max_length=512, steps=10,
+                 warmup_steps=3, matmul_size=8192, threads=0, trl_variants="", clock="wall"),
+}
+# DPOConfig overrides per TRL variant. "default" is TRL's defaults (gradient checkpointing on, a reference
+# forward in every step); the others measure how much of the gap one default accounts for.
+TRL_VARIANTS = {"default": {}, "no_gc": {"gradient_checkpointing": False},
+                "no_gc_precompute": {"gradient_checkpointing": False, "precompute_ref_log_probs": True}}
+GROUPS = (("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+          ("attention", ("attention", "scaled_dot_product")), ("log-softmax head", ("log_softmax", "gather")))
+PHASES = ("collate", "forward", "backward", "optimizer", "metrics")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    for name in ("steps", "warmup-steps", "batch-size", "max-length", "layers", "hidden", "heads", "vocab-size",
+                 "matmul-size", "threads"):
+        p.add_argument(f"--{name}", type=int, default=None, help="default depends on --device; threads 0: torch's")
+    p.add_argument("--trl-variants", default=None, help=f"comma list of {', '.join(TRL_VARIANTS)}; '' skips TRL")
+    p.add_argument("--clock", choices=("wall", "cpu"), default=None,
+                   help="clock of the headline (default: cpu on CPU, a shared machine here; wall on cuda)")
+    p.add_argument("--out", default=None, help="also write the JSON result to this path")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.device].items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    if args.hidden % args.heads or args.steps < 1 or args.warmup_steps < 1:
+        p.error("--hidden must be a multiple of --heads; --steps and --warmup-steps must be >= 1")
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        p.error("--clock cpu measures one busy thread: it needs --device cpu --threads 1")
+    return args
+
+
+def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
+    """HH-shaped pairs, log-normal lengths (median ~40 prompt words, ~30 per completion), Zipf-like words."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("etaoinshrdlcumwfgypbvk") for _ in range(rng.randint(1, 9))) for _ in range(4000)]
+
+    def text(median: float) -> str:
+        n = max(1, int(rng.lognormvariate(math.log(median), 0.7)))
+        return " ".join(words[min(int(10 * (rng.paretovariate(1.0) - 1)), len(words) - 1)] for _ in range(n))
+
+    return [{"prompt": f"\n\nHuman: {text(40)}?\n\nAssistant:", "chosen": f" {text(30)}.",
+             "rejected": f" {text(30)}."} for _ in range(count)]
+
+
+def load_pairs(count: int) -> tuple[list[dict], str]:
+    if HH_FILE.is_file():
+        from rayalign.data import load_rows
+
+        rows = load_rows(HH_FILE).rows
+        return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows], f"HH ({HH_FILE.name})"
+    return synthetic_pairs(max(count * 2, 512)), "synthetic (HH file absent)"
+
+
+def _cut(tokenizer, text: str, limit: int, keep_end: bool) -> str:
+    """`text` cut at a whitespace so it encodes to <= `limit` tokens, keeping its end or its start."""
+    while True:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        n, offsets = len(enc["input_ids"]), enc["offset_mapping"]
+        if n <= limit:
+            return text
+        # Cut before a whitespace: the pre-tokenizer splits there, so the kept part encodes the same alone.
+        if keep_end:
+            found = re.search(r"\s", text[offsets[n - limit][0]:])
+            start = offsets[n - limit][0] + found.start() if found else len(text)
+            text = text[start:] if start > 0 else text[1:]
+        else:
+            spaces = [m.start() for m in re.finditer(r"\s", text[:offsets[limit][0] + 1])]
+            text = text[:spaces[-1]] if spaces and spaces[-1] > 0 else ""
+
+
+def fit_pairs(rows: list[dict], tokenizer, *, prompt_len: int, completion_len: int, count: int) -> list[dict]:
+    """The first `count` usable pairs, cut in text so that neither trainer truncates (EOS counts in completions)."""
+    fitted = []
+    for row in rows:
+        prompt = _cut(tokenizer, row["prompt"], prompt_len, keep_end=True)
+        chosen, rejected = (_cut(tokenizer, row[k], completion_len - 1, keep_end=False) for k in ("chosen", "rejected"))
+        if prompt.strip() and chosen.strip() and rejected.strip():
+            fitted.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        if len(fitted) == count:
+            return fitted
+    raise ValueError(f"only {len(fitted)} usable pairs, need {count}")
+
+
+def build_model(args, texts: list[str]):
+    """A random LlamaForCausalLM (head_dim = hidden / heads, untied head) and a BPE tokenizer trained on `texts`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayalign.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(texts, args.vocab_size, max_length=1 << 20)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                         head_dim=args.hidden // args.heads, intermediate_size=4 * args.hidden,
+                         max_position_embeddings=max(512, args.max_length), bos_token_id=eos, eos_token_id=eos,
+                         pad_token_id=eos, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return LlamaForCausalLM(config).eval().to(device=args.device, dtype=dtype), tokenizer
+
+
+def tick(device: str) -> tuple[float, float]:
+    """(wall, process CPU) clock readings, after the device has finished its queued work."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float], device: str) -> tuple[float, float]:
+    now = tick(device)
+    return now[0] - start[0], now[1] - start[1]
+
+
+def matmul_peak(device: str, size: int, repeats: int = 5) -> tuple[float, float]:
+    """Best-of-`repeats` FLOP/s of one square `torch.mm` (fp32 on CPU, bf16 on CUDA), by (wall, CPU) clock."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    torch.mm(a, b)  # warm-up: kernel choice, caches
+    best = [math.inf, math.inf]
+    for _ in range(repeats):
+        start = tick(device)
+        torch.mm(a, b)
+        best = [min(x, y) for x, y in zip(best, since(start, device))]
+    return 2 * size**3 / best[0], 2 * size**3 / max(best[1], 1e-9)
+
+
+def pair_tokens(item: dict) -> int:
+    return 2 * len(item["prompt_ids"]) + len(item["chosen_ids"]) + len(item["rejected_ids"])
+
+
+def reference_pass(reference, encoded: list[dict], pad: int, config, device: str) -> tuple[dict, dict]:
+    """`rayalign.oracle.reference_columns` (chunks of 16, `reference_scores`), with batches moved to `device`."""
+    from rayalign.batching import collate_pairs
+    from rayalign.step import reference_scores
+
+    start, parts, positions = tick(device), {}, 0
+    for i in range(0, len(encoded), 16):
+        batch = {k: v.to(device) for k, v in collate_pairs(encoded[i:i + 16], pad_token_id=pad).items()}
+        positions += 2 * batch["chosen_input_ids"].numel()
+        for key, value in reference_scores(reference, batch, config, want_entropy=False).items():
+            parts.setdefault(key, []).append(value.cpu())
+    tokens = sum(map(pair_tokens, encoded))
+    return {k: torch.cat(v) for k, v in parts.items()}, {
+        "seconds": since(start, device), "tokens": tokens,
+        "positions": tokens if config.train.padding_free else positions}
+
+
+def timed_step(policy, batch: dict, config, optimizer, scheduler, device: str) -> dict[str, tuple]:
+    """One optimizer step as `rayalign.oracle.train_pairs` runs it (one micro-batch), timed per phase."""
+    from rayalign.objective import pair_metrics
+    from rayalign.step import micro_batch_loss
+
+    phases, start = {}, tick(device)
+    out = micro_batch_loss(policy, batch, config)
+    phases["forward"], start = since(start, device), tick(device)
+    (out.losses.sum() / out.losses.numel()).backward()
+    phases["backward"], start = since(start, device), tick(device)
+    float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.optim.max_grad_norm or float("inf")))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    phases["optimizer"], start = since(start, device), tick(device)
+    # .cpu(): pair_metric_sums stacks a CPU count with the sums, which fails for CUDA tensors.
+    pair_metrics(*(t.detach().cpu() for t in (out.losses, out.policy_chosen_logps, out.policy_rejected_logps,
+                                              out.ref_chosen_logps, out.ref_rejected_logps)), beta=config.loss.beta)
+    phases["metrics"] = since(start, device)
+    return phases
+
+
+def run_rayalign(model, tokenizer, rows: list[dict], args, *, padding_free: bool) -> dict:
+    """Reference pass once, then warm-up + timed steps over consecutive batches of `rows`."""
+    from rayalign.config_loader import load_config
+    from rayalign.optim import build_optimizer, build_scheduler
+    from rayalign.oracle import collate_with_reference, encode_pairs
+
+    prompt_len, device, size = args.max_length // 2, args.device, args.batch_size
+    config = load_config(None, [
+        "loss.type=dpo", "loss.beta=0.1", "optim.lr=1e-6", f"train.global_batch_size={size}",
+        f"train.padding_free={padding_free}", f"data.max_prompt_length={prompt_len}",
+        f"data.max_completion_length={args.max_length - prompt_len}",
+        f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}"])
+    encoded = encode_pairs(rows, tokenizer, config)
+    if encoded.prompts_truncated or encoded.completions_truncated:
+        raise RuntimeError("rayalign truncated pairs that fit_pairs should have fitted")
+    pad = tokenizer.pad_token_id
+    columns, ref = reference_pass(model, encoded.items, pad, config, device)
+    policy = copy.deepcopy(model).train()  # a fresh copy per trainer: no run sees another's updates
+    optimizer = build_optimizer(policy.parameters(), config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, args.warmup_steps + args.steps)
+    steps = []
+    for step in range(args.warmup_steps + args.steps):
+        start = tick(device)
+        index = torch.arange(step * size, (step + 1) * size)
+        batch = collate_with_reference(encoded.items, columns, index, pad_token_id=pad)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        phases = {"collate": since(start, device), **timed_step(policy, batch, config, optimizer, scheduler, device)}
+        real = sum(pair_tokens(encoded.items[i]) for i in index.tolist())
+        steps.append({"seconds": since(start, device), "tokens": real, "phases": phases,
+                      "positions": real if padding_free else 2 * batch["chosen_input_ids"].numel()})
+    return {"steps": steps[args.warmup_steps:], "ref": ref, "profile": profile_step(policy, batch, config, device),
+            "adamw": adamw_seconds(policy, optimizer, device)}
+
+
+def profile_step(policy, batch: dict, config, device: str) -> dict:
+    """One forward+backward under the profiler: wall seconds per op group (self time), outside ops, log-softmaxes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from rayalign.step import micro_batch_loss
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = tick(device)
+        micro_batch_loss(policy, batch, config).losses.mean().backward()
+        wall = since(start, device)[0]
+    policy.zero_grad(set_to_none=True)
+    seconds, log_softmax_calls = dict.fromkeys([name for name, _ in GROUPS] + ["other ops"], 0.0), 0
+    for event in prof.key_averages():
+        if device == "cuda" and "CPU" not in str(event.device_type):
+            continue  # kernel rows repeat the device time their CPU op already reports
+        spent = (event.self_device_time_total if device == "cuda" else event.self_cpu_time_total) / 1e6
+        seconds[next((name for name, keys in GROUPS if any(k in event.key for k in keys)), "other ops")] += spent
+        log_softmax_calls += event.count if event.key == "aten::_log_softmax" else 0
+    # CPU: Python and dispatcher time. CUDA: time the GPU sat idle waiting for the host.
+    seconds["outside ops"] = max(0.0, wall - sum(seconds.values()))
+    return {"seconds": seconds, "wall": wall, "log_softmax_calls": log_softmax_calls}
+
+
+def adamw_seconds(policy, optimizer, device: str, repeats: int = 3) -> dict[str, tuple]:
+    """(wall, CPU) seconds per `step()` of rayalign's AdamW (torch's default implementation) and `fused=True`."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    out = {}
+    for name, opt in (("rayalign AdamW", optimizer), ("AdamW(fused=True)", torch.optim.AdamW(params, fused=True))):
+        opt.step()
+        start = tick(device)
+        for _ in range(repeats):
+            opt.step()
+        out[name] = tuple(t / repeats for t in since(start, device))
+    return out
+
+
+def run_trl(model, tokenizer, rows: list[dict], args, variant: str) -> dict:
+    """TRL's `DPOTrainer` with its defaults (plus `TRL_VARIANTS[variant]`), timed from step end to step end."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    ends, counts = [], []  # clocks at each step end; (real tokens, positions) per batch in step order
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(tick("cpu"))
+
+    def counted(batch: dict) -> dict:
+        counts.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
+        return batch
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = DPOConfig(
+            output_dir=out_dir, use_cpu=True, report_to="none", per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1, max_steps=args.warmup_steps + args.steps, learning_rate=1e-6,
+            beta=0.1, max_length=args.max_length, bf16=False, save_strategy="no", disable_tqdm=True,
+            # Not a speed setting: makes TRL's batches the same pairs, in the same order, as rayalign's.
+            train_sampling_strategy="sequential", **TRL_VARIANTS[variant])
+        trainer = DPOTrainer(model=copy.deepcopy(model), args=config, train_dataset=Dataset.from_list(rows),
+                             ref_model=None if config.precompute_ref_log_probs else copy.deepcopy(model),
+                             processing_class=tokenizer, callbacks=[StepTimer()])
+        collate = trainer.data_collator
+        trainer.data_collator = lambda examples: counted(collate(examples))
+        trainer.train()
+    first = args.warmup_steps
+    return {"steps": [{"seconds": (b[0] - a[0], b[1] - a[1]), "tokens": c[0], "positions": c[1]}
+                      for a, b, c in zip(ends[first - 1:], ends[first:], counts[first:])],
+            "settings": f"optim={config.optim}, gradient_checkpointing={config.gradient_checkpointing}, "
+                        f"precompute_ref_log_probs={config.precompute_ref_log_probs}"}
+
+
+def summarize(run: dict, name: str, n_params: int, amortise: float, clock: int) -> dict:
+    """Throughput of one trainer by clock `clock` (0 wall, 1 CPU); rayalign's adds `amortise` x its reference pass."""
+    tokens = sum(s["tokens"] for s in run["steps"])
+    seconds = [sum(s["seconds"][i] for s in run["steps"]) for i in (0, 1)]
+    ref = run["ref"]["seconds"] if "ref" in run else (0.0, 0.0)
+    ref_in_flops = "ref" in run or not TRL_VARIANTS[name.removeprefix("trl ")].get("precompute_ref_log_probs")
+    rates = [tokens / (seconds[i] + amortise * ref[i]) for i in (0, 1)]
+    return {"tokens_per_s": rates[clock], "steps_only_tokens_per_s": tokens / seconds[clock],
+            "wall_tokens_per_s": rates[0], "cpu_clock_tokens_per_s": rates[1],
+            "pad_fraction": 1 - tokens / sum(s["positions"] for s in run["steps"]),
+            "model_flops_per_s": (6 + 2 * ref_in_flops) * n_params * rates[clock]}
+
+
+def print_report(runs: dict, rows: dict, peak: float, info: dict, clock: int) -> None:
+    print("\n".join(f"{k}: {v}" for k, v in info.items()))
+    print(f"\n{'trainer':<24}{'tok/s':>8}{'steps-only':>12}{'wall':>7}{'cpu-clock':>11}{'pad':>7}{'GFLOP/s':>9}"
+          f"{'of peak':>9}")
+    for name, r in rows.items():
+        print(f"{name:<24}{r['tokens_per_s']:>8.0f}{r['steps_only_tokens_per_s']:>12.0f}{r['wall_tokens_per_s']:>7.0f}"
+              f"{r['cpu_clock_tokens_per_s']:>11.0f}{r['pad_fraction']:>7.1%}{r['model_flops_per_s'] / 1e9:>9.1f}"
+              f"{r['model_flops_per_s'] / peak:>9.1%}")
+    print(f"(tok/s: {info['clock']} clock with rayalign's reference pass amortised, steps-only: without it; wall, "
+          "cpu-clock: tok/s by either clock; GFLOP/s, of peak: model FLOPs at tok/s)")
+    per_step = {tuple(s["tokens"] for s in run["steps"]) for run in runs.values() if "steps" in run}
+    print(f"every trainer saw the same real tokens per step: {len(per_step) == 1}")
+    for name, run in runs.items():
+        if "error" in run or "settings" in run:
+            print(f"{name}: {run.get('settings') or 'not run: ' + run['error']}")
+    for name, run in runs.items():
+        if "ref" not in run:
+            continue
+        ref, prof, n = run["ref"], run["profile"], len(run["steps"])
+        print(f"\n{name}: reference pass once over {info['pairs']} pairs: {ref['seconds'][clock]:.2f} s, "
+              f"{ref['tokens']} tokens, {1 - ref['tokens'] / ref['positions']:.1%} pad positions")
+        print("  per step (s): " + ", ".join(f"{k} {sum(s['phases'][k][clock] for s in run['steps']) / n:.3f}"
+                                            for k in PHASES))
+        gemm_flops = 6 * info["matmul params"] * run["steps"][-1]["positions"]
+        print(f"  one forward+backward profiled ({prof['wall']:.2f} s wall): " + ", ".join(
+            f"{k} {v / prof['wall']:.0%}" for k, v in prof["seconds"].items()) + f"; {prof['log_softmax_calls']} "
+            f"full-vocab log_softmax calls; GEMMs ran at {gemm_flops / max(prof['seconds']['GEMM'], 1e-9) / 1e9:.0f}"
+            " GFLOP/s (wall)")
+        print("  optimizer.step alone (s): " + ", ".join(f"{k} {v[clock]:.3f}" for k, v in run["adamw"].items()))
+
+
+def run_trainers(model, tokenizer, rows: list[dict], args) -> dict:
+    """rayalign padded and padding-free, then the TRL variants (CPU only); a trainer that cannot run says why."""
+    runs = {"rayalign padded": run_rayalign(model, tokenizer, rows, args, padding_free=False)}
+    try:
+        runs["rayalign padding_free"] = run_rayalign(model, tokenizer, rows, args, padding_free=True)
+    except Exception as e:  # keep the headline when packing fails (e.g. CPU-only tensors on CUDA)
+        runs["rayalign padding_free"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    if args.device == "cuda":
+        runs["trl default"] = {"error": "skipped on cuda: TRL runs on CPU only here (the GPU machine has no trl)"}
+    for variant in [v for v in args.trl_variants.split(",") if v] if args.device == "cpu" else []:
+        try:
+            runs[f"trl {variant}"] = run_trl(model, tokenizer, rows, args, variant)
+        except ImportError as e:
+            runs[f"trl {variant}"] = {"error": f"TRL not importable: {e}"}
+    return runs
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_pairs, load_before = args.batch_size * (args.warmup_steps + args.steps), os.getloadavg()[0]
+    raw, source = load_pairs(n_pairs)
+    model, tokenizer = build_model(args, [r[k] for r in raw[:4000] for k in ("prompt", "chosen", "rejected")])
+    rows = fit_pairs(raw, tokenizer, prompt_len=args.max_length // 2,
+                     completion_len=args.max_length - args.max_length // 2, count=n_pairs)
+    n_params = sum(p.numel() for p in model.parameters())
+    matmul_params = n_params - model.get_input_embeddings().weight.numel()
+    clock = ("wall", "cpu").index(args.clock)
+    peaks = [matmul_peak(args.device, args.matmul_size)[clock]]  # again at the end: the machine may be shared
+    runs = run_trainers(model, tokenizer, rows, args)
+    peaks.append(matmul_peak(args.device, args.matmul_size)[clock])
+    peak, amortise = max(peaks), args.steps / (args.steps + args.warmup_steps)
+    rows_out = {name: summarize(run, name, matmul_params, amortise, clock)
+                for name, run in runs.items() if "steps" in run}
+    info = {"device": args.device, "torch threads": torch.get_num_threads(), "clock": args.clock, "data": source,
+            "pairs": n_pairs, "params": n_params, "matmul params": matmul_params, "batch (pairs)": args.batch_size,
+            "model": f"Llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {len(tokenizer)}",
+            "max length": args.max_length, "steps (warm-up + timed)": f"{args.warmup_steps} + {args.steps}",
+            "matmul peak GFLOP/s (start / end)": " / ".join(f"{p / 1e9:.1f}" for p in peaks),
+            "load average before/after": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}"}
+    print_report(runs, rows_out, peak, info, clock)
+    ours, trl = rows_out["rayalign padded"], rows_out.get("trl default")
+    result = {"tokens_per_s": ours["tokens_per_s"], "trl_tokens_per_s": trl and trl["tokens_per_s"],
+              "ratio_vs_trl": trl and ours["tokens_per_s"] / trl["tokens_per_s"],
+              "model_flops_per_s": ours["model_flops_per_s"], "matmul_peak_flops_per_s": peak,
+              "fraction_of_peak": ours["model_flops_per_s"] / peak, "device": args.device, "clock": args.clock,
+              "params": n_params} | {f"{k.replace(' ', '_')}_tokens_per_s": r["tokens_per_s"]
+                                     for k, r in rows_out.items()}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
