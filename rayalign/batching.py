@@ -23,15 +23,21 @@ def encode_pair(
     completions = {}
     completion_truncated = False
     for name, text in (("chosen", chosen), ("rejected", rejected)):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        completion_truncated |= len(ids) > max_completion_length
-        completions[f"{name}_ids"] = ids[:max_completion_length]
+        ids, truncated = encode_completion(tokenizer, text, max_completion_length)
+        completion_truncated |= truncated
+        completions[f"{name}_ids"] = ids
     return {
         "prompt_ids": prompt_ids[-max_prompt_length:],
         **completions,
         "prompt_truncated": len(prompt_ids) > max_prompt_length,
         "completion_truncated": completion_truncated,
     }
+
+
+def encode_completion(tokenizer: Any, text: str, max_length: int) -> tuple[list[int], bool]:
+    """Completion ids with EOS appended, cut to `max_length` (start kept); and whether it was cut."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids[:max_length], len(ids) > max_length
 
 
 def _pad_rows(rows: list[list[int]], length: int, value: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The `rayalign` command line: one entry point with subcommands.
 
     rayalign show CONFIG [key=value ...]       print the fully resolved config as YAML
-    rayalign run CONFIG [key=value ...]        the main job (see `rayalign.quickstart`)
+    rayalign run CONFIG [key=value ...]        the iterative SPA loop (see `rayalign.loop`) [--resume]
     rayalign train CONFIG [key=value ...]      Ray Train update on preference pairs [--resume]
     rayalign data check FILE [--tokenizer P]   detect, validate and describe a data file
     rayalign make-tiny-model OUT_DIR [...]     build a tiny local Llama + BPE tokenizer
@@ -44,11 +44,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from rayalign.config_loader import load_config, prepare_run_dir
-    from rayalign.quickstart import run_quickstart
+    from rayalign.loop import run_loop
 
     path, overrides = _split_config_and_overrides(args)
-    config = prepare_run_dir(load_config(path, overrides))
-    return run_quickstart(config)
+    return run_loop(prepare_run_dir(load_config(path, overrides)), resume=args.resume)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -79,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(show)
     show.set_defaults(handler=_cmd_show)
 
-    run = commands.add_parser("run", help="run the main job on a config")
+    run = commands.add_parser("run", help="the iterative loop: SFT, DPO on seed pairs, then SPA iterations")
     _add_config_arguments(run)
+    run.add_argument("--resume", action="store_true", help="skip finished stages of an interrupted run")
     run.set_defaults(handler=_cmd_run)
 
     train = commands.add_parser("train", help="train on preference pairs with Ray Train (DDP or DeepSpeed)")

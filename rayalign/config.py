@@ -313,12 +313,21 @@ class LoopConfig:
     iterations: int = 3
     seed_epochs: int = 3
     iteration_epochs: int = 1
-    prompts_per_iteration: int = 0  # 0: split the prompt file evenly across iterations
+    prompts_per_iteration: int = 64  # 0 with data.prompts_file: split the file evenly across iterations
+    task: str = "sentiment"  # an embedded task with a gold reward, or "none" (no win rates)
+    seed_pairs: int = 128  # gold-labelled pairs of the task for iteration 0 (when data.train_file is empty)
+    eval_prompts: int = 64  # held-out prompts every model is evaluated on
+    sft_examples: int = 1200  # task SFT corpus size (used when model.policy is empty)
+    sft_epochs: int = 2
+    sft_lr: float = 3e-3
 
     def __post_init__(self):
         _require(self.iterations >= 0, "loop.iterations", "must be >= 0")
-        _positive(self.seed_epochs, "loop.seed_epochs")
-        _positive(self.iteration_epochs, "loop.iteration_epochs")
+        _one_of(self.task, "loop.task", ("sentiment", "none"))
+        for key in ("seed_epochs", "iteration_epochs", "seed_pairs", "eval_prompts", "sft_examples", "sft_epochs",
+                    "sft_lr"):
+            _positive(getattr(self, key), f"loop.{key}")
+        _require(self.prompts_per_iteration >= 0, "loop.prompts_per_iteration", "must be >= 0")
 
 
 @dataclass(frozen=True)

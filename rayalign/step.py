@@ -167,3 +167,23 @@ def micro_batch_loss(
     tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
     return MicroBatchOutput(losses, scores.chosen.detach(), scores.rejected.detach(),
                             ref["ref_chosen_logps"], ref["ref_rejected_logps"], tokens)
+
+
+@torch.no_grad()
+def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
+                     pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Summed log-prob of each completion given its prompt, (N,) float32+, batched and right-padded."""
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = list(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]))
+        length = max(len(p) + len(c) for p, c in rows)
+        ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        completion = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(rows):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            attention[i, :len(p) + len(c)] = 1
+            completion[i, len(p):len(p) + len(c)] = 1
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        out.append(sequence_logps(logits[:, :-1], ids[:, 1:], completion[:, 1:]))
+    return torch.cat(out)

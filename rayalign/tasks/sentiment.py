@@ -79,11 +79,16 @@ def make_response(rng: random.Random, *, positive_share: float, sentences: int =
     return " " + " ".join(parts)
 
 
-def sft_corpus(n: int, *, seed: int) -> list[str]:
-    """Prompt + mixed-sentiment review texts: what the SFT model imitates (and the tokenizer's corpus)."""
+def sft_examples(n: int, *, seed: int) -> list[tuple[str, str]]:
+    """(prompt, review) pairs of mixed sentiment: what the SFT model imitates."""
     rng = random.Random(seed)
     prompts = make_prompts(n, seed=seed + 1)
-    return [p + make_response(rng, positive_share=rng.random(), sentences=rng.randint(1, 3)) for p in prompts]
+    return [(p, make_response(rng, positive_share=rng.random(), sentences=rng.randint(1, 3))) for p in prompts]
+
+
+def sft_corpus(n: int, *, seed: int) -> list[str]:
+    """Prompt + review texts (the tokenizer's training corpus)."""
+    return [p + r for p, r in sft_examples(n, seed=seed)]
 
 
 def gold_pairs(n: int, *, seed: int) -> list[dict]:

@@ -1,0 +1,82 @@
+"""The generation stage (Ray Data): prompts -> `Generator` actors -> a Parquet file of samples.
+
+    ray.data.from_pandas(prompts).map_batches(Generator, compute=ActorPoolStrategy(size=generate.num_actors))
+
+The actors emit one row per prompt (list columns, so a chained stage such as the judge sees whole
+groups); the artifact has one row per sample: prompt_id, sample_index, prompt, text, token_ids, logprobs
+(model log-prob of each sampled token), logp_sum, finish_reason. The file is written atomically, so a
+resumed loop either finds the whole stage output or redoes the stage. Backends live in `rayalign.samplers`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from rayalign.config import GenerateConfig
+
+
+class Generator:
+    """Ray Data callable class holding one sampler (HF or vLLM) for the actor's lifetime."""
+
+    def __init__(self, model_path: str, config: GenerateConfig, tokenizer_path: str | None = None,
+                 dtype: str = "float32"):
+        from rayalign.samplers import build_sampler
+
+        self.sampler = build_sampler(config.backend, model_path, config, tokenizer_path=tokenizer_path, dtype=dtype)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        # One row per prompt with list columns, so a downstream stage always sees a prompt's whole group.
+        prompt_ids = [int(i) for i in batch["prompt_id"]]
+        results = self.sampler.sample(list(batch["prompt"]), prompt_ids)
+        return pd.DataFrame({
+            "prompt_id": prompt_ids, "prompt": list(batch["prompt"]),
+            "texts": [[s.text for s in samples] for samples in results],
+            "token_ids": [[s.token_ids for s in samples] for samples in results],
+            "logprobs": [[s.logprobs for s in samples] for samples in results],
+            "finish_reasons": [[s.finish_reason for s in samples] for samples in results],
+        })
+
+
+def explode_samples(groups: pd.DataFrame) -> pd.DataFrame:
+    """Per-prompt groups -> the stage artifact's one row per sample (with `sample_index` and `logp_sum`)."""
+    rows = []
+    for group in groups.sort_values("prompt_id").itertuples(index=False):
+        for index, text in enumerate(group.texts):
+            logprobs = list(group.logprobs[index])
+            rows.append({"prompt_id": int(group.prompt_id), "sample_index": index, "prompt": group.prompt,
+                         "text": text, "token_ids": list(group.token_ids[index]), "logprobs": logprobs,
+                         "logp_sum": float(sum(logprobs)), "finish_reason": group.finish_reasons[index]})
+    return pd.DataFrame(rows)
+
+
+def generation_dataset(prompts: list[str], model_path: str, config: GenerateConfig, *, dtype: str = "float32",
+                       tokenizer_path: str | None = None, first_id: int = 0):
+    """The lazy Ray Data pipeline of one generation pass (callers may chain more stages onto it)."""
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    frame = pd.DataFrame({"prompt_id": range(first_id, first_id + len(prompts)), "prompt": prompts})
+    resources = {"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {}
+    return ray.data.from_pandas(frame).map_batches(
+        Generator, fn_constructor_args=(model_path, config, tokenizer_path, dtype), batch_format="pandas",
+        batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        num_cpus=config.cpus_per_actor, **resources)
+
+
+def run_generate(prompts: list[str], model_path: str, config: GenerateConfig, out_path: Path, *,
+                 dtype: str = "float32", tokenizer_path: str | None = None, first_id: int = 0) -> pd.DataFrame:
+    """Sample `config.num_samples` completions per prompt and write them to `out_path` (atomically)."""
+    groups = generation_dataset(prompts, model_path, config, dtype=dtype, tokenizer_path=tokenizer_path,
+                                first_id=first_id).to_pandas()
+    return write_samples(groups, out_path)
+
+
+def write_samples(groups: pd.DataFrame, out_path: Path) -> pd.DataFrame:
+    from rayalign.data import write_rows_parquet
+
+    samples = explode_samples(groups)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_rows_parquet(samples.to_dict("records"), out_path)
+    return samples

