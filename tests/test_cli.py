@@ -52,29 +52,29 @@ def test_make_tiny_model_command(tmp_path):
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
 
 
-def test_readme_quickstart_runs(tmp_path):
-    """The README's main command (`rayalign run configs/quickstart.yaml`), as is, into a known run dir."""
+REDUCED = ["loop.iterations=2", "loop.prompts_per_iteration=48", "loop.eval_prompts=48", "loop.seed_pairs=96",
+           "loop.sft_examples=800"]
+
+
+def test_readme_quickstart_runs_reduced(tmp_path):
+    """The README's main command (`rayalign run configs/quickstart.yaml`) with 2 SPA iterations, not 3."""
     readme = (REPO / "README.md").read_text()
     assert "make quickstart" in readme and "make test" in readme
     makefile = (REPO / "Makefile").read_text()
     assert "rayalign run configs/quickstart.yaml" in makefile and "torch==2.13.0" in makefile
     run_dir = tmp_path / "run"
-    result = rayalign("run", "configs/quickstart.yaml", f"run.dir={run_dir}")
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = rayalign("run", "configs/quickstart.yaml", f"run.dir={run_dir}", *REDUCED)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["dir"] == str(run_dir)
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == 24  # 128 pairs / 16 per step x 3 epochs
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_s"):
-        assert key in steps[0], key
-    assert steps[-1]["loss"] < steps[0]["loss"]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["held_out_reward_accuracy"] > 0.5
-    assert (run_dir / "final" / "config.json").is_file() and (run_dir / "final" / "tokenizer.json").is_file()
-
-
-def test_run_without_run_dir_makes_a_timestamped_one(tmp_path):
-    result = rayalign("run", str(REPO / "configs" / "quickstart.yaml"), "train.max_steps=1", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "final").is_dir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    for key in ("iteration", "win_rate_vs_sft", "win_rate_vs_prev", "gold_reward_mean", "judge_accuracy",
+                "kl_to_ref", "pairs", "seconds"):
+        assert all(key in r for r in records), key
+    assert all(r["win_rate_vs_sft"] > 0.5 for r in records), records
+    assert all(r["judge_accuracy"] > 0.5 for r in records[1:]), records
+    assert records[0]["judge_accuracy"] is None  # iteration 0 trains on gold labels
+    for name in ("report.md", "plots/iterations.png", "plots/training.png", "iter-2/train/final/config.json",
+                 "iter-1/samples.parquet", "iter-1/judged.parquet", "eval/sft.parquet"):
+        assert (run_dir / name).exists(), name
+    assert "| iteration |" in (run_dir / "report.md").read_text()
