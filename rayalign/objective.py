@@ -109,7 +109,8 @@ def pair_metric_sums(
         rejected = beta * (policy_rejected_logps - ref_rejected_logps).double()
         columns = (losses.double(), chosen, rejected, reward_accuracy(chosen, rejected), chosen - rejected,
                    policy_chosen_logps.double(), policy_rejected_logps.double())
-        return torch.stack([torch.tensor(float(losses.numel()), dtype=torch.float64)] + [c.sum() for c in columns])
+        count = torch.tensor(float(losses.numel()), dtype=torch.float64, device=losses.device)
+        return torch.stack([count] + [c.sum() for c in columns])
 
 
 def metrics_from_sums(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:

@@ -51,8 +51,9 @@ def pack_pairs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for row, length in enumerate(lengths):
             ids.append(batch[f"{side}_input_ids"][row, :length])
             completion.append(batch[f"{side}_completion_mask"][row, :length])
-            positions.append(torch.arange(length))
-            segment.append(torch.full((length,), i * len(lengths) + row))
+            device = batch[f"{side}_input_ids"].device
+            positions.append(torch.arange(length, device=device))
+            segment.append(torch.full((length,), i * len(lengths) + row, device=device))
     return {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(positions)[None],
             "completion_mask": torch.cat(completion)[None], "segment": torch.cat(segment)}
 
@@ -65,16 +66,16 @@ def _packed_scores(model, batch, *, temperature: float, want_entropy: bool) -> S
     # A label belongs to the same sequence as its logit, or it is the next sequence's first token: mask it.
     mask = packed["completion_mask"][0, 1:] * (segment[1:] == segment[:-1])
     per_token = token_logps(logits[None], labels[None], mask[None])[0]
-    count = 2 * batch["chosen_input_ids"].shape[0]
-    sums = torch.zeros(count, dtype=per_token.dtype).index_add(0, segment[:-1], per_token)
-    lengths = torch.zeros(count, dtype=per_token.dtype).index_add(0, segment[:-1], mask.to(per_token.dtype))
+    count, like = 2 * batch["chosen_input_ids"].shape[0], {"dtype": per_token.dtype, "device": per_token.device}
+    sums = torch.zeros(count, **like).index_add(0, segment[:-1], per_token)
+    lengths = torch.zeros(count, **like).index_add(0, segment[:-1], mask.to(per_token.dtype))
     means = sums / lengths.clamp(min=1)
     scores = SequenceScores(*sums.chunk(2), *means.chunk(2), vocab_size=int(logits.shape[-1]))
     if want_entropy:
         with torch.no_grad():
             logp = torch.log_softmax(logits.to(per_token.dtype), dim=-1)
             entropy = -(logp.exp() * logp).sum(-1) * mask
-        mean_entropy = torch.zeros(count, dtype=entropy.dtype).index_add(0, segment[:-1], entropy)
+        mean_entropy = torch.zeros(count, **like).index_add(0, segment[:-1], entropy.to(per_token.dtype))
         scores.chosen_entropy, scores.rejected_entropy = (mean_entropy / lengths.clamp(min=1)).chunk(2)
     return scores
 
@@ -86,9 +87,11 @@ def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperatu
         return _packed_scores(model, batch, temperature=temperature, want_entropy=want_entropy)
     result = concatenated_forward(model, *(batch[k] for k in PAIR_KEYS), logit_temperature=temperature,
                                   return_logits=True)
-    means = sequence_logps(result.logits, result.labels, result.mask, average=True)
-    scores = SequenceScores(result.chosen_logps, result.rejected_logps, *means.chunk(2),
-                            vocab_size=int(result.logits.shape[-1]))
+    # Means from the sums and token counts: a second log-softmax over the vocabulary would cost a full pass.
+    counts = result.mask.sum(dim=-1).clamp(min=1).to(result.chosen_logps.dtype)
+    chosen_count, rejected_count = counts.chunk(2)
+    scores = SequenceScores(result.chosen_logps, result.rejected_logps, result.chosen_logps / chosen_count,
+                            result.rejected_logps / rejected_count, vocab_size=int(result.logits.shape[-1]))
     if want_entropy:
         scores.chosen_entropy, scores.rejected_entropy = sequence_mean_entropy(result.logits, result.mask).chunk(2)
     if "chosen_belief_mask" in batch:
@@ -103,7 +106,7 @@ def gdpo_terms(logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> tuple
     level digit at input position P is predicted by aligned position P - 1.
     """
     size = batch["chosen_input_ids"].shape[0]
-    rows = torch.arange(size)
+    rows = torch.arange(size, device=logits.device)
     at_first_completion = logits[rows, batch["level_position"] - 1]
     level_logps = torch.log_softmax(at_first_completion.to(torch.promote_types(logits.dtype, torch.float32)), -1)
     level_logps = level_logps.gather(-1, batch["level_ids"])

@@ -94,13 +94,20 @@ class Worker:
         self.resume_from = ckpt.latest_checkpoint(self.run_dir)
         self.start_step = ckpt.read_state(self.resume_from)["step"] if self.resume_from else 0
         weights = str(self.resume_from) if self.resume_from else loop_config["policy_path"]
+        self.device = torch.device("cpu")
+        if self.config.train.use_gpu:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()
+            torch.cuda.set_device(self.device)
         self.tokenizer = load_tokenizer(loop_config["tokenizer_path"])
-        self.policy = load_model(weights, dtype=self.config.model.dtype)
+        self.policy = load_model(weights, dtype=self.config.model.dtype, device=self.device)
         self.policy.train()
         if self.config.train.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.reference = (None if self.config.ref.cache
-                          else load_model(loop_config["reference_path"], dtype=self.config.model.dtype))
+                          else load_model(loop_config["reference_path"], dtype=self.config.model.dtype,
+                                          device=self.device))
         self.engine = build_engine(self.policy, self.config, self.total)
         if self.resume_from:
             self.engine.load(self.resume_from)
@@ -116,8 +123,9 @@ class Worker:
         # An empty chunk (a short last batch) still runs a zero-weighted forward/backward, so that every
         # worker joins the same gradient all-reduce (DDP) and parameter gathers (ZeRO-3).
         index = torch.tensor(chunk or [0])
-        batch = collate_with_reference(self.encoded, self.columns, index, pad_token_id=self.tokenizer.pad_token_id)
-        k = None if self.k is None else self.k[index]
+        batch = self._to_device(collate_with_reference(self.encoded, self.columns, index,
+                                                       pad_token_id=self.tokenizer.pad_token_id))
+        k = None if self.k is None else self.k[index].to(self.device)
         with self._autocast():
             out = micro_batch_loss(self.engine.module, batch, self.config, reference=self.reference,
                                    neg_log_dispersion=k)
@@ -125,7 +133,11 @@ class Worker:
         self.engine.backward(out.losses.sum() * scale)
         sums = pair_metric_sums(out.losses.detach(), out.policy_chosen_logps, out.policy_rejected_logps,
                                 out.ref_chosen_logps, out.ref_rejected_logps, beta=self.config.loss.beta)
-        return torch.cat([sums * bool(chunk), torch.tensor([float(out.tokens * bool(chunk))], dtype=torch.float64)])
+        tokens = torch.tensor([float(out.tokens * bool(chunk))], dtype=torch.float64, device=sums.device)
+        return torch.cat([sums * bool(chunk), tokens])
+
+    def _to_device(self, batch: dict) -> dict:
+        return {key: value.to(self.device) for key, value in batch.items()}
 
     def train_step(self, step: int, epoch: int, indices: list[int]) -> dict | None:
         started, lr = time.perf_counter(), self.engine.lr
@@ -133,14 +145,15 @@ class Worker:
         chunks = worker_chunks(indices, splits=self.world * accumulation, rank=self.rank, per_worker=accumulation)
         sums = sum(self._micro_batch(chunk, len(indices)) for chunk in chunks)
         grad_norm = self.engine.step()
-        sums = _all_reduce(sums)
+        sums = _all_reduce(sums).cpu()
         try:
             metrics = metrics_from_sums(sums[:-1])
         except FloatingPointError as exc:
             self._fail(step + 1, f"{exc} at step {step + 1}; stopped. The last good checkpoint is "
                                  f"{ckpt.latest_checkpoint(self.run_dir) or 'none'}.")
             return None
-        seconds = _all_reduce(torch.tensor([time.perf_counter() - started], dtype=torch.float64)) / self.world
+        elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=self.device)
+        seconds = _all_reduce(elapsed).cpu() / self.world
         metrics.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm,
                        tokens_per_s=float(sums[-1] / seconds[0]))
         return metrics
@@ -155,20 +168,22 @@ class Worker:
         encoded, columns = self.eval
         shard = list(range(self.rank, len(encoded), self.world))
         per_worker, size = math.ceil(len(encoded) / self.world), self.config.ref.batch_size
-        sums = torch.zeros(8, dtype=torch.float64)
+        sums = torch.zeros(8, dtype=torch.float64, device=self.device)
         self.engine.module.eval()
         for start in range(0, per_worker, size):
             chunk = shard[start:start + size]
             index = torch.tensor(chunk or [0])
-            batch = collate_with_reference(encoded, columns, index, pad_token_id=self.tokenizer.pad_token_id)
+            batch = self._to_device(collate_with_reference(encoded, columns, index,
+                                                           pad_token_id=self.tokenizer.pad_token_id))
+            k = None if self.k is None else self._eval_k(columns, index).to(self.device)
             with self._autocast():
                 out = micro_batch_loss(self.engine.module, batch, self.config, reference=self.reference,
-                                       neg_log_dispersion=None if self.k is None else self._eval_k(columns, index))
+                                       neg_log_dispersion=k)
             sums += bool(chunk) * pair_metric_sums(out.losses, out.policy_chosen_logps, out.policy_rejected_logps,
                                                    out.ref_chosen_logps, out.ref_rejected_logps,
                                                    beta=self.config.loss.beta)
         self.engine.module.train()
-        return metrics_from_sums(_all_reduce(sums), prefix="eval/")
+        return metrics_from_sums(_all_reduce(sums).cpu(), prefix="eval/")
 
     def _eval_k(self, columns: dict, index: torch.Tensor) -> torch.Tensor:
         return unit_dispersion({k: v[index] for k, v in columns.items()}) * self.mallows_c
