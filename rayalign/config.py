@@ -249,6 +249,7 @@ class SpaConfig:
     window: int = 50
     warm_start: float = 0.2
     mix_schedule: tuple[float, ...] = (1.5, 1.25, 1.125)
+    iteration: int = 1  # which loop iteration a training run is (1-based; picks the mix_schedule entry)
 
     def __post_init__(self):
         _require(0.0 <= self.alpha < 0.5, "spa.alpha", f"must be in [0, 0.5); got {self.alpha}")
@@ -258,6 +259,13 @@ class SpaConfig:
         _require(0.0 <= self.warm_start < 1.0, "spa.warm_start", "must be in [0, 1)")
         _require(all(m >= 1.0 for m in self.mix_schedule), "spa.mix_schedule",
                  "entries are mix = 1 + lambda >= 1 (extrapolation, not interpolation towards the reference)")
+        _require(len(self.mix_schedule) > 0, "spa.mix_schedule", "needs at least one entry")
+        _positive(self.iteration, "spa.iteration")
+
+    @property
+    def mix(self) -> float:
+        """mix = 1 + lambda of this iteration; iterations past the schedule keep its last entry."""
+        return self.mix_schedule[min(self.iteration, len(self.mix_schedule)) - 1]
 
 
 @dataclass(frozen=True)
@@ -364,6 +372,9 @@ class Config:
             needs = self.loss.type == "mallows_theta" or self.loss.mallows_phi == "entropy"
             _require(not needs, "ref.cache", "MallowsPO's dispersion comes from the cached reference entropies; "
                      "keep ref.cache=true (or set a numeric loss.mallows_phi)")
+        if self.spa.refine:
+            _require(not self.train.padding_free, "train.padding_free",
+                     "SPA self-refinement mixes padded per-token logits; set it false")
         if self.loss.type == "gdpo":
             _require(not self.train.padding_free, "train.padding_free",
                      "GDPO reads the level digit at the first completion position of padded rows; set it false")

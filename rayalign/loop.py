@@ -83,7 +83,8 @@ def build_task_sft(config: Config, run_dir: Path) -> Path:
                    seed=config.train.seed, log=_log)
 
 
-def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: str, data: str, epochs: int) -> str:
+def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: str, data: str, epochs: int,
+                    iteration: int) -> str:
     """Run the Ray Train stage into `run_dir` (resuming its checkpoints); returns the final model path."""
     from rayalign.train import run_train
 
@@ -94,7 +95,9 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     stage = dataclasses.replace(
         config, model=dataclasses.replace(config.model, policy=policy, reference=reference),
         data=dataclasses.replace(config.data, train_file=data, eval_file=None, eval_fraction=0.0, format=None),
-        train=dataclasses.replace(config.train, epochs=epochs), run=dataclasses.replace(config.run, dir=str(run_dir)))
+        train=dataclasses.replace(config.train, epochs=epochs), run=dataclasses.replace(config.run, dir=str(run_dir)),
+        # Self-refinement de-noises self-judged labels: iteration 0 trains on gold labels without it.
+        spa=dataclasses.replace(config.spa, refine=config.spa.refine and iteration > 0, iteration=max(1, iteration)))
     if run_train(stage, resume=True) != 0:
         raise RuntimeError(f"training failed in {run_dir}; fix the cause and rerun with --resume")
     return str(final)
@@ -199,7 +202,7 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
     sample_model(config, run_dir, plan, model=plan.sft_path, name="sft")
     stage_start = time.perf_counter()
     policy = train_iteration(config, run_dir / "iter-0" / "train", policy=plan.sft_path, reference=plan.sft_path,
-                             data=plan.seed_pairs, epochs=config.loop.seed_epochs)
+                             data=plan.seed_pairs, epochs=config.loop.seed_epochs, iteration=0)
     pending = {"iteration": 0, "previous": "sft", "pairs": _count_rows(plan.seed_pairs), "judged_path": None,
                "seconds": _stage_seconds(run_dir, 0, stage_start)}
     for i, prompts in enumerate(plan.prompt_sets, start=1):
@@ -211,7 +214,8 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
              f"(dropped: {counts['dropped_empty']} empty, {counts['dropped_identical']} identical, "
              f"{counts['dropped_tie']} ties)")
         policy = train_iteration(config, it_dir / "train", policy=policy, reference=policy,
-                                 data=str(it_dir / "judged.parquet"), epochs=config.loop.iteration_epochs)
+                                 data=str(it_dir / "judged.parquet"), epochs=config.loop.iteration_epochs,
+                                 iteration=i)
         pending = {"iteration": i, "previous": f"iter-{i - 1}", "pairs": counts["pairs"],
                    "judged_path": it_dir / "judged.parquet", "seconds": _stage_seconds(run_dir, i, stage_start)}
     sample_model(config, run_dir, plan, model=policy, name=f"iter-{pending['iteration']}")

@@ -38,6 +38,7 @@ class SequenceScores:
     vocab_size: int = 0
     level_logps: torch.Tensor | None = None  # GDPO: (B, L) full-vocabulary log-probs of the level digits
     belief_mean_logps: torch.Tensor | None = None  # GDPO: (B,) mean log-prob of the belief prefix
+    forward: object | None = None  # the `ConcatenatedOutput` (aligned logits, labels, mask) when kept
 
 
 def pack_pairs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,7 +82,7 @@ def _packed_scores(model, batch, *, temperature: float, want_entropy: bool) -> S
 
 
 def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperature: float = 1.0,
-                    want_entropy: bool = False) -> SequenceScores:
+                    want_entropy: bool = False, keep_forward: bool = False) -> SequenceScores:
     """Summed and per-token-mean completion log-probs (and mean entropies) of chosen and rejected."""
     if padding_free:
         return _packed_scores(model, batch, temperature=temperature, want_entropy=want_entropy)
@@ -96,6 +97,8 @@ def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperatu
         scores.chosen_entropy, scores.rejected_entropy = sequence_mean_entropy(result.logits, result.mask).chunk(2)
     if "chosen_belief_mask" in batch:
         scores.level_logps, scores.belief_mean_logps = gdpo_terms(result.logits, result.labels, batch)
+    if keep_forward:
+        scores.forward = result
     return scores
 
 
@@ -131,6 +134,35 @@ def reference_scores(reference, batch: dict, config: Config, *, want_entropy: bo
 
 
 @dataclass
+class RefineSettings:
+    """SPA self-refinement for this optimizer step (ALGORITHMS.md §5): mix = 1 + lambda, threshold tau."""
+
+    mix: float
+    threshold: float
+    alpha: float
+    active: bool  # past the warm start
+
+
+@torch.no_grad()
+def refine_smoothing(policy_forward, reference, batch: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+                     config: Config, refine: RefineSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPA's per-pair confidence margins m (B,) and label smoothing eps = alpha * [m <= tau] (B,).
+
+    Needs the reference's per-token logits, so the reference runs here even when its sequence log-probs
+    are cached.
+    """
+    from rayalign.core.spa import mixed_logps, refine_label_smoothing, refine_margins
+
+    ref_forward = concatenated_forward(reference, *(batch[k] for k in PAIR_KEYS),
+                                       logit_temperature=config.loss.logit_temperature, return_logits=True)
+    mixed = mixed_logps(policy_forward.logits.detach(), ref_forward.logits, policy_forward.labels,
+                        policy_forward.mask, mix=refine.mix)
+    margins = refine_margins(*mixed.chunk(2), ref_chosen, ref_rejected, beta=config.loss.beta)
+    smoothing = refine_label_smoothing(margins, refine.threshold, alpha=refine.alpha, active=refine.active)
+    return margins, smoothing
+
+
+@dataclass
 class MicroBatchOutput:
     """Per-example losses (B,) with gradient, and the detached values the metrics need."""
 
@@ -140,16 +172,20 @@ class MicroBatchOutput:
     ref_chosen_logps: torch.Tensor
     ref_rejected_logps: torch.Tensor
     tokens: int
+    refine_margins: torch.Tensor | None = None  # SPA: (B,) confidence margins, for the threshold window
+    relabelled: int = 0  # SPA: pairs given a soft label
 
 
 def micro_batch_loss(
     policy, batch: dict, config: Config, *, reference=None, neg_log_dispersion: torch.Tensor | None = None,
     weights: torch.Tensor | None = None, label_smoothing: torch.Tensor | None = None,
+    refine: RefineSettings | None = None,
 ) -> MicroBatchOutput:
     """Forward the policy on one micro-batch and return its per-example losses (B,), weighted if asked.
 
     Reference log-probs are read from the batch (`REF_KEYS`, the cache) or computed with `reference`.
-    `weights` (B,) multiplies each pair's loss (schedulers); `label_smoothing` (B,) gives DPO soft labels.
+    `weights` (B,) multiplies each pair's loss (schedulers); `label_smoothing` (B,) gives DPO soft labels;
+    `refine` computes them with SPA's self-refinement instead (it needs `reference`).
     """
     ref = {k: batch[k] for k in REF_KEYS} if REF_KEYS[0] in batch else None
     if ref is None:
@@ -157,7 +193,11 @@ def micro_batch_loss(
             raise ValueError("the batch has no cached reference log-probs and no reference model was given")
         ref = reference_scores(reference, batch, config, want_entropy=False)
     scores = sequence_scores(policy, batch, padding_free=config.train.padding_free,
-                             temperature=config.loss.logit_temperature)
+                             temperature=config.loss.logit_temperature, keep_forward=refine is not None)
+    margins = None
+    if refine is not None:
+        margins, label_smoothing = refine_smoothing(scores.forward, reference, batch, ref["ref_chosen_logps"],
+                                                    ref["ref_rejected_logps"], config, refine)
     if uses_mean_logps(config.loss.type):
         args = (scores.chosen_mean, scores.rejected_mean, ref["ref_chosen_mean_logps"], ref["ref_rejected_mean_logps"])
     else:
@@ -168,8 +208,9 @@ def micro_batch_loss(
                        gdpo=gdpo)
     losses = output.losses if weights is None else output.losses * weights
     tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+    relabelled = int((label_smoothing > 0).sum()) if margins is not None else 0
     return MicroBatchOutput(losses, scores.chosen.detach(), scores.rejected.detach(),
-                            ref["ref_chosen_logps"], ref["ref_rejected_logps"], tokens)
+                            ref["ref_chosen_logps"], ref["ref_rejected_logps"], tokens, margins, relabelled)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from rayalign.metrics_log import MetricsLog
 from rayalign.objective import mallows_scale, metrics_from_sums, needs_dispersion, pair_metric_sums
 from rayalign.oracle import collate_with_reference, step_batches, total_steps, unit_dispersion
 from rayalign.prepare import encoded_rows
+from rayalign.spa_refine import SpaRefiner
 from rayalign.step import ENTROPY_KEYS, REF_KEYS, micro_batch_loss
 
 FAILURE_FILE = "FAILED.json"
@@ -105,12 +106,16 @@ class Worker:
         self.policy.train()
         if self.config.train.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        self.reference = (None if self.config.ref.cache
+        needs_reference = not self.config.ref.cache or self.config.spa.refine
+        self.reference = (None if not needs_reference
                           else load_model(loop_config["reference_path"], dtype=self.config.model.dtype,
                                           device=self.device))
         self.engine = build_engine(self.policy, self.config, self.total)
+        self.refiner = SpaRefiner(self.config.spa, beta_total_steps=self.total) if self.config.spa.refine else None
         if self.resume_from:
             self.engine.load(self.resume_from)
+            if self.refiner:
+                self.refiner.load_state_dict(ckpt.read_state(self.resume_from)["spa_window"])
         self.log = MetricsLog(self.run_dir, enabled=self.rank == 0, total_steps=self.total,
                               resume_step=self.start_step)
 
@@ -119,7 +124,7 @@ class Worker:
         device = "cuda" if self.config.train.use_gpu else "cpu"
         return torch.autocast(device, dtype=torch.bfloat16) if bf16 else torch.autocast(device, enabled=False)
 
-    def _micro_batch(self, chunk: list[int], global_size: int) -> torch.Tensor:
+    def _micro_batch(self, chunk: list[int], global_size: int, refine=None) -> torch.Tensor:
         # An empty chunk (a short last batch) still runs a zero-weighted forward/backward, so that every
         # worker joins the same gradient all-reduce (DDP) and parameter gathers (ZeRO-3).
         index = torch.tensor(chunk or [0])
@@ -128,13 +133,16 @@ class Worker:
         k = None if self.k is None else self.k[index].to(self.device)
         with self._autocast():
             out = micro_batch_loss(self.engine.module, batch, self.config, reference=self.reference,
-                                   neg_log_dispersion=k)
+                                   neg_log_dispersion=k, refine=refine)
+        if refine is not None and chunk:
+            self.refiner.record(chunk, out.refine_margins)
         scale = (self.world / global_size) if chunk else 0.0
         self.engine.backward(out.losses.sum() * scale)
         sums = pair_metric_sums(out.losses.detach(), out.policy_chosen_logps, out.policy_rejected_logps,
                                 out.ref_chosen_logps, out.ref_rejected_logps, beta=self.config.loss.beta)
-        tokens = torch.tensor([float(out.tokens * bool(chunk))], dtype=torch.float64, device=sums.device)
-        return torch.cat([sums * bool(chunk), tokens])
+        extra = torch.tensor([float(out.tokens * bool(chunk)), float(out.relabelled * bool(chunk))],
+                             dtype=torch.float64, device=sums.device)
+        return torch.cat([sums * bool(chunk), extra])
 
     def _to_device(self, batch: dict) -> dict:
         return {key: value.to(self.device) for key, value in batch.items()}
@@ -143,11 +151,14 @@ class Worker:
         started, lr = time.perf_counter(), self.engine.lr
         accumulation = self.config.train.gradient_accumulation_steps
         chunks = worker_chunks(indices, splits=self.world * accumulation, rank=self.rank, per_worker=accumulation)
-        sums = sum(self._micro_batch(chunk, len(indices)) for chunk in chunks)
+        refine = self.refiner.settings(step) if self.refiner else None
+        sums = sum(self._micro_batch(chunk, len(indices), refine) for chunk in chunks)
         grad_norm = self.engine.step()
         sums = _all_reduce(sums).cpu()
+        if self.refiner:  # after the loss: step t's threshold used the margins up to step t - 1
+            self.refiner.end_step(indices)
         try:
-            metrics = metrics_from_sums(sums[:-1])
+            metrics = metrics_from_sums(sums[:-2])
         except FloatingPointError as exc:
             self._fail(step + 1, f"{exc} at step {step + 1}; stopped. The last good checkpoint is "
                                  f"{ckpt.latest_checkpoint(self.run_dir) or 'none'}.")
@@ -155,7 +166,10 @@ class Worker:
         elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=self.device)
         seconds = _all_reduce(elapsed).cpu() / self.world
         metrics.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm,
-                       tokens_per_s=float(sums[-1] / seconds[0]))
+                       tokens_per_s=float(sums[-2] / seconds[0]))
+        if refine is not None:
+            metrics.update({"spa/relabelled": int(sums[-1]), "spa/threshold": refine.threshold,
+                            "spa/active": int(refine.active)})
         return metrics
 
     def _fail(self, step: int, message: str) -> None:
@@ -195,7 +209,8 @@ class Worker:
         if self.rank == 0:
             self.policy.save_pretrained(tmp, state_dict=state_dict)
             self.tokenizer.save_pretrained(tmp)
-        state = {"step": step, "epoch": epoch, "total_steps": self.total}
+        state = {"step": step, "epoch": epoch, "total_steps": self.total,
+                 **({"spa_window": self.refiner.state_dict()} if self.refiner else {})}
         done = ckpt.commit(tmp, state, rank=self.rank, keep=self.config.train.keep_checkpoints)
         if final and self.rank == 0:
             with atomic_directory(self.run_dir / "final") as out:

@@ -100,3 +100,37 @@ def test_weights_and_soft_labels(tiny):
     # policy == reference: u = 0, so any label smoothing gives log 2 (ALGORITHMS.md §1 sanity)
     soft = micro_batch_loss(model, batch, config, label_smoothing=torch.full((4,), 0.1)).losses
     torch.testing.assert_close(soft, torch.full((4,), float(torch.log(torch.tensor(2.0)))))
+
+
+def test_spa_refinement_in_the_step(tiny):
+    """Policy == reference: every mixed logit equals the reference's, so each margin is 0 (to rounding:
+    the cached reference values come from other batch shapes) <= tau = 1e-3 and, once active, every pair
+    gets eps = alpha."""
+    from rayalign.core.logprobs import concatenated_forward
+    from rayalign.core.spa import mixed_logps
+    from rayalign.step import PAIR_KEYS, RefineSettings
+
+    model, tokenizer = tiny
+    encoded, config = _batch(tiny, n=4, seed=5)
+    columns = reference_columns(model, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
+    batch = collate_with_reference(encoded, columns, torch.arange(4), pad_token_id=tokenizer.pad_token_id)
+    on = RefineSettings(mix=1.5, threshold=1e-3, alpha=0.1, active=True)
+    out = micro_batch_loss(model, batch, config, reference=model, refine=on)
+    torch.testing.assert_close(out.refine_margins, torch.zeros(4), atol=1e-4, rtol=0)
+    assert out.relabelled == 4
+    off = micro_batch_loss(model, batch, config, reference=model, refine=RefineSettings(1.5, 1e-3, 0.1, False))
+    assert off.relabelled == 0
+
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    out = micro_batch_loss(policy, batch, config, reference=model, refine=on)
+    with torch.no_grad():  # the margins from an independent computation of the de-coupled model
+        pol = concatenated_forward(policy, *(batch[k] for k in PAIR_KEYS), return_logits=True)
+        ref = concatenated_forward(model, *(batch[k] for k in PAIR_KEYS), return_logits=True)
+        mixed = mixed_logps(pol.logits, ref.logits, pol.labels, pol.mask, mix=1.5)
+    chosen, rejected = mixed.chunk(2)
+    expected = 0.1 * ((chosen - rejected) - (ref.chosen_logps - ref.rejected_logps))
+    torch.testing.assert_close(out.refine_margins, expected, atol=1e-4, rtol=1e-4)
+    assert out.relabelled == int((expected <= 1e-3).sum())

@@ -233,3 +233,17 @@ def test_gdpo_trains_on_ray_workers(tiny_model_dir, tmp_path):
     steps = metrics(run_dir)
     assert len(steps) == 3 and all(m["loss"] > 0 for m in steps)
     assert "eval/loss" in json.loads((run_dir / "final_metrics.json").read_text())
+
+
+def test_spa_self_refinement_on_ray_workers(tiny_model_dir, pairs_file, tmp_path):
+    """Soft labels start once the margin window is full and the warm start is over; the window is saved."""
+    run_dir = tmp_path / "run"
+    assert train(tiny_model_dir, pairs_file, run_dir, "spa.refine=true", "spa.window=8", "spa.k_fraction=0.25",
+                 "spa.warm_start=0.3", "spa.iteration=2") == 0
+    steps = metrics(run_dir)
+    assert steps[0]["spa/threshold"] == 0.0 and steps[0]["spa/active"] == 0  # window empty, warm start
+    assert all(s["spa/active"] == 1 for s in steps[2:])  # 30% of 6 steps -> active from step 3
+    assert sum(s["spa/relabelled"] for s in steps[2:]) > 0
+    assert all(s["spa/relabelled"] == 0 for s in steps[:2])
+    state = json.loads((run_dir / "checkpoints" / "step-6" / "trainer_state.json").read_text())
+    assert len(state["spa_window"]["values"]) == 8

