@@ -185,6 +185,15 @@ def exo_pref_group_loss(
     return GroupLossOutput(losses, beta_pi * logratios.detach())
 
 
+def _group_distributions(policy_logps, ref_logps, rewards, *, beta_pi: float, beta_r: float):
+    """Δ, log p_θ = log_softmax(β_π·Δ) and log p_r = log_softmax(r/β_r) over the K samples, (B, K) each."""
+    _check_beta(beta_pi)
+    _check_beta(beta_r)
+    logratios = policy_logps - ref_logps
+    return (logratios, torch.log_softmax(beta_pi * logratios, dim=-1),
+            torch.log_softmax(rewards.detach() / beta_r, dim=-1))
+
+
 def exo_rw_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -200,11 +209,8 @@ def exo_rw_loss(
     Shapes: all inputs (B, K) -> losses (B,). The target is a constant: `rewards` are detached.
     Zero iff β_π(Δ_i − Δ_j) = (r_i − r_j)/β_r for all i, j. EXO does not reduce to DPO as ε → 0.
     """
-    _check_beta(beta_pi)
-    _check_beta(beta_r)
-    logratios = policy_logps - ref_logps
-    log_q = torch.log_softmax(beta_pi * logratios, dim=-1)
-    log_target = torch.log_softmax(rewards.detach() / beta_r, dim=-1)
+    logratios, log_q, log_target = _group_distributions(policy_logps, ref_logps, rewards, beta_pi=beta_pi,
+                                                        beta_r=beta_r)
     losses = (log_q.exp() * (log_q - log_target)).sum(dim=-1)
     return GroupLossOutput(losses, beta_pi * logratios.detach())
 
@@ -222,11 +228,9 @@ def dpo_rw_loss(
     loss = −Σ_i p_r(i)·log p_θ(i),  p_θ = softmax(β_π·Δ), p_r = softmax(r/β_r); (B, K) -> (B,).
     With K = 2 and a one-hot target on the chosen sample it is DPO with β = β_π. `rewards` are detached.
     """
-    _check_beta(beta_pi)
-    _check_beta(beta_r)
-    logratios = policy_logps - ref_logps
-    log_q = torch.log_softmax(beta_pi * logratios, dim=-1)
-    target = torch.softmax(rewards.detach() / beta_r, dim=-1)
+    logratios, log_q, log_target = _group_distributions(policy_logps, ref_logps, rewards, beta_pi=beta_pi,
+                                                        beta_r=beta_r)
+    target = log_target.exp()
     # 0·log q = 0 where the target puts no mass, even if log q is −inf.
     losses = -torch.where(target > 0, target * log_q, torch.zeros_like(log_q)).sum(dim=-1)
     return GroupLossOutput(losses, beta_pi * logratios.detach())
