@@ -67,14 +67,6 @@ def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateC
         num_cpus=config.cpus_per_actor, **resources)
 
 
-def run_generate(prompts: list[str], model_path: str, config: GenerateConfig, out_path: Path, *,
-                 dtype: str = "float32", tokenizer_path: str | None = None, first_id: int = 0) -> pd.DataFrame:
-    """`rayalign generate`: sample `config.num_samples` completions per prompt into `out_path` (atomically)."""
-    frame = pd.DataFrame({"prompt_id": range(first_id, first_id + len(prompts)), "prompt": prompts})
-    groups = generation_dataset(frame, model_path, config, dtype=dtype, tokenizer_path=tokenizer_path).to_pandas()
-    return write_samples(groups, out_path)
-
-
 def write_samples(groups: pd.DataFrame, out_path: Path) -> pd.DataFrame:
     from rayalign.data import write_rows_parquet
 
