@@ -32,19 +32,21 @@ def _plot(run_dir: Path, records: list[dict]) -> list[Path]:
 
     plots, iterations = run_dir / "plots", [r["iteration"] for r in records]
     plots.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for key in ("win_rate_vs_sft", "win_rate_vs_prev"):
         axes[0].plot(iterations, [r.get(key) for r in records], marker="o", label=key)
-    axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
-    axes[0].set(title="win rate (gold reward)", xlabel="iteration", ylim=(0, 1))
+    axes[0].set(title="win rate (gold reward)", ylim=(0, 1))
     axes[0].legend()
     axes[1].plot(iterations, [r.get("gold_reward_mean") for r in records], marker="o", color="tab:green")
-    axes[1].set(title="mean gold reward of samples", xlabel="iteration")
-    axes[2].plot(iterations, [r.get("judge_accuracy") for r in records], marker="o", label="judge accuracy")
-    axes[2].plot(iterations, [r.get("kl_to_ref") for r in records], marker="s", label="KL to pi_SFT (nats)")
-    axes[2].axhline(0.5, color="grey", lw=0.8, ls="--")
-    axes[2].set(title="self-judging and drift", xlabel="iteration")
-    axes[2].legend()
+    axes[1].set(title="mean gold reward of samples")
+    axes[2].plot(iterations, [r.get("judge_accuracy") for r in records], marker="o", color="tab:purple")
+    axes[2].set(title="judge accuracy (self-judged vs gold)", ylim=(0, 1))
+    axes[3].plot(iterations, [r.get("kl_to_ref") for r in records], marker="s", color="tab:orange")
+    axes[3].set(title="KL to pi_SFT (nats per sample)")
+    for ax in axes:
+        ax.set(xlabel="iteration", xticks=iterations)
+    for ax in axes[:3:2]:
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     fig.tight_layout()
     paths = [plots / "iterations.png"]
     fig.savefig(paths[0], dpi=110)
