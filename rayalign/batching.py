@@ -40,7 +40,8 @@ def encode_completion(tokenizer: Any, text: str, max_length: int) -> tuple[list[
     return ids[:max_length], len(ids) > max_length
 
 
-def _pad_rows(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+    """Right-pad integer rows to `length` with `value`: a (len(rows), length) long tensor."""
     return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)
 
 
@@ -56,9 +57,9 @@ def collate_pairs(encoded: list[dict], *, pad_token_id: int) -> dict[str, torch.
     for side in ("chosen", "rejected"):
         ids = [e["prompt_ids"] + e[f"{side}_ids"] for e in encoded]
         completion = [[0] * len(e["prompt_ids"]) + [1] * len(e[f"{side}_ids"]) for e in encoded]
-        batch[f"{side}_input_ids"] = _pad_rows(ids, length, pad_token_id)
-        batch[f"{side}_attention_mask"] = _pad_rows([[1] * len(row) for row in ids], length, 0)
-        batch[f"{side}_completion_mask"] = _pad_rows(completion, length, 0)
+        batch[f"{side}_input_ids"] = pad_rows(ids, length, pad_token_id)
+        batch[f"{side}_attention_mask"] = pad_rows([[1] * len(row) for row in ids], length, 0)
+        batch[f"{side}_completion_mask"] = pad_rows(completion, length, 0)
     if "belief_len" in encoded[0]:
         return collate_gdpo(encoded, batch)
     return batch

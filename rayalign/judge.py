@@ -40,31 +40,32 @@ class Judge:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from rayalign.batching import encode_completion
-        from rayalign.core.spa import implicit_rewards, judge_pairs
+        from rayalign.core.spa import implicit_rewards, judge_confidence, judge_pairs
 
         data = self.config.data
-        prompt_ids, completion_ids, owner = [], [], []
-        for row, (prompt, texts) in enumerate(zip(batch["prompt"], batch["texts"])):
+        prompt_ids, completion_ids = [], []
+        for prompt, texts in zip(batch["prompt"], batch["texts"]):
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"][-data.max_prompt_length:]
             for text in texts:
                 prompt_ids.append(ids)
                 completion_ids.append(encode_completion(self.tokenizer, text, data.max_completion_length)[0])
-                owner.append(row)
         policy = self._logps(self.policy, prompt_ids, completion_ids)
         sft = self._logps(self.sft, prompt_ids, completion_ids)
+        shape = (len(batch), len(batch["texts"].iloc[0]))  # (prompts, samples per prompt)
+        policy, sft = policy.view(shape), sft.view(shape)
         rewards = implicit_rewards(policy, sft, beta=self.config.judge.beta)
-        width = len(batch["texts"].iloc[0])
-        chosen, rejected, margin = judge_pairs(rewards.view(len(batch), width))[:3]
+        chosen, rejected, margin = judge_pairs(rewards)[:3]
+        confidence = judge_confidence(margin)
         out = pd.DataFrame([self._row(batch, i, int(chosen[i]), int(rejected[i]), float(margin[i]),
-                                      rewards.view(len(batch), width)[i], policy.view(len(batch), width)[i],
-                                      sft.view(len(batch), width)[i]) for i in range(len(batch))])
+                                      float(confidence[i]), rewards[i], policy[i], sft[i])
+                            for i in range(len(batch))])
         for column in PASSTHROUGH:  # the generation columns, so one pipeline yields both artifacts
             if column in batch:
                 out[column] = list(batch[column])
         return out
 
     @staticmethod
-    def _row(batch, i, chosen, rejected, margin, rewards, policy, sft) -> dict:
+    def _row(batch, i, chosen, rejected, margin, confidence, rewards, policy, sft) -> dict:
         texts = list(batch["texts"].iloc[i])
         if not texts[chosen].strip() or not texts[rejected].strip():
             dropped = "empty"
@@ -76,7 +77,7 @@ class Judge:
             dropped = ""
         return {"prompt_id": int(batch["prompt_id"].iloc[i]), "prompt": batch["prompt"].iloc[i],
                 "chosen": texts[chosen], "rejected": texts[rejected], "chosen_index": chosen,
-                "rejected_index": rejected, "margin": margin, "confidence": float(torch.sigmoid(torch.tensor(margin))),
+                "rejected_index": rejected, "margin": margin, "confidence": confidence,
                 # judge_* names: a bare "rewards" column would make the file read as K-sample data
                 "judge_rewards": rewards.tolist(), "policy_logps": policy.tolist(), "sft_logps": sft.tolist(),
                 "dropped": dropped}

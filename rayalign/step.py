@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rayalign.batching import pad_rows
 from rayalign.config import Config
 from rayalign.core.logprobs import concatenated_forward, sequence_logps, sequence_mean_entropy, token_logps
 from rayalign.objective import pair_loss, uses_mean_logps
@@ -221,13 +222,9 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
     for start in range(0, len(prompt_ids), batch_size):
         rows = list(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]))
         length = max(len(p) + len(c) for p, c in rows)
-        ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        completion = torch.zeros_like(ids)
-        for i, (p, c) in enumerate(rows):
-            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            attention[i, :len(p) + len(c)] = 1
-            completion[i, len(p):len(p) + len(c)] = 1
+        ids = pad_rows([p + c for p, c in rows], length, pad_token_id)
+        attention = pad_rows([[1] * (len(p) + len(c)) for p, c in rows], length, 0)
+        completion = pad_rows([[0] * len(p) + [1] * len(c) for p, c in rows], length, 0)
         logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
         out.append(sequence_logps(logits[:, :-1], ids[:, 1:], completion[:, 1:]))
     return torch.cat(out)
