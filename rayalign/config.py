@@ -287,8 +287,12 @@ class SamsConfig:
     lr: float = 1e-3
     updates_per_round: int = 2
     regrad: bool = False
+    # bandit: the SamS scheduler; random: a seeded random ratio of each batch; top_rs: the K pairs with the
+    # highest sample reward r_S, no network (the two baselines the spec asks SamS to be reported against)
+    selector: str = "bandit"
 
     def __post_init__(self):
+        _one_of(self.selector, "sams.selector", ("bandit", "random", "top_rs"))
         _require(0.0 < self.ratio <= 1.0, "sams.ratio", f"must be in (0, 1]; got {self.ratio}")
         for key in ("batch_reward_weight", "margin_weight", "warmup_fraction"):
             _require(0.0 <= getattr(self, key) <= 1.0, f"sams.{key}", "must be in [0, 1]")
@@ -328,10 +332,16 @@ class LoopConfig:
     sft_examples: int = 1200  # task SFT corpus size (used when model.policy is empty)
     sft_epochs: int = 2
     sft_lr: float = 3e-3
+    # What labels an iteration's samples: "judge" (SPA's implicit reward of the previous model) or "gold"
+    # (the task's reward). Pairwise losses take the best vs the worst sample, exo_rw/dpo_rw all K of them.
+    rewards: str = "judge"
 
     def __post_init__(self):
         _require(self.iterations >= 0, "loop.iterations", "must be >= 0")
         _one_of(self.task, "loop.task", ("sentiment", "none"))
+        _one_of(self.rewards, "loop.rewards", ("judge", "gold"))
+        _require(self.rewards == "judge" or self.task == "sentiment", "loop.rewards",
+                 "gold needs a task with a gold reward (loop.task=sentiment)")
         for key in ("seed_epochs", "iteration_epochs", "seed_pairs", "eval_prompts", "sft_examples", "sft_epochs",
                     "sft_lr"):
             _positive(getattr(self, key), f"loop.{key}")
@@ -381,3 +391,11 @@ class Config:
         if self.sams.enabled:
             _require(self.loss.type not in ("exo_rw", "dpo_rw"), "sams.enabled",
                      f"needs a pairwise loss; loss.type={self.loss.type} trains on K-sample groups")
+            # Selection needs every local pair's loss before any backward: accumulation would save nothing.
+            _require(self.train.gradient_accumulation_steps == 1, "train.gradient_accumulation_steps",
+                     "must be 1 with sams.enabled (the step forwards all pairs, then back-propagates the "
+                     "selected ones; use sams.regrad=true to save activation memory)")
+            _require(not self.train.padding_free, "train.padding_free",
+                     "SamS reads per-pair hidden states from the padded forward; set it false")
+            _require(not (self.sams.regrad and self.spa.refine), "sams.regrad",
+                     "does not combine with spa.refine (the soft labels come from the first forward)")

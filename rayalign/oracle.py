@@ -21,6 +21,7 @@ import torch
 from rayalign.batching import collate_pairs, encode_row
 from rayalign.config import Config, ConfigError
 from rayalign.core.losses import mallows_neg_log_dispersion
+from rayalign.group_batching import GROUP_REF_KEY
 from rayalign.objective import (
     IN_PROCESS_LOSSES,
     mallows_scale,
@@ -76,7 +77,7 @@ def dispersion(config: Config, columns: dict[str, torch.Tensor]) -> torch.Tensor
 def collate_with_reference(encoded: list[dict], columns: dict, index: torch.Tensor, *, pad_token_id: int) -> dict:
     batch = collate_pairs([encoded[i] for i in index.tolist()], pad_token_id=pad_token_id)
     # Without a cache (`ref.cache=false`) there are no columns: the step runs the reference itself.
-    batch.update({key: columns[key][index] for key in REF_KEYS if key in columns})
+    batch.update({key: columns[key][index] for key in (*REF_KEYS, GROUP_REF_KEY) if key in columns})
     return batch
 
 
@@ -111,6 +112,12 @@ def train_pairs(
     optimizer = build_optimizer(policy.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, steps)
     micro_splits = config.train.num_workers * config.train.gradient_accumulation_steps
+    selector = None
+    if config.sams.enabled:
+        from rayalign.sams_select import PairSelector
+
+        selector = PairSelector(config, num_layers=policy.config.num_hidden_layers,
+                                hidden_size=policy.config.hidden_size, total_steps=steps)
     policy.train()
     history = []
     for step, (epoch, indices) in enumerate(step_batches(len(encoded), config)):
@@ -119,13 +126,19 @@ def train_pairs(
         started = time.perf_counter()
         parts = []
         micro = math.ceil(len(indices) / micro_splits)
+        outputs = []
         for start in range(0, len(indices), micro):
             index = torch.tensor(indices[start:start + micro])
             batch = collate_with_reference(encoded, columns, index, pad_token_id=pad)
-            out = micro_batch_loss(policy, batch, config, neg_log_dispersion=None if k is None else k[index])
-            (out.losses.sum() / len(indices)).backward()
+            out = micro_batch_loss(policy, batch, config, neg_log_dispersion=None if k is None else k[index],
+                                   want_context=selector is not None)
+            if selector is None:
+                (out.losses.sum() / len(indices)).backward()
+            outputs.append(out)
             parts.append((out.losses.detach(), out.policy_chosen_logps, out.policy_rejected_logps,
                           out.ref_chosen_logps, out.ref_rejected_logps, out.tokens))
+        if selector is not None:
+            _sams_backward(selector, outputs, beta=config.loss.beta)
         clip = config.optim.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip))
         lr = scheduler.get_last_lr()[0]
@@ -136,8 +149,23 @@ def train_pairs(
         metrics = pair_metrics(*stacked[:5], beta=config.loss.beta)
         seconds = time.perf_counter() - started
         metrics.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm, tokens_per_s=stacked[5] / seconds)
+        metrics.update(selector.metrics() if selector else {})
         history.append(metrics)
         if on_step:
             on_step(metrics)
     policy.eval()
     return history
+
+
+def _sams_backward(selector, outputs: list, *, beta: float) -> None:
+    """SamS on one process: every micro-batch's graph is kept, the selector sees the whole batch, and the
+    backward covers the mean loss of the chosen pairs only (the workers do the same per shard)."""
+    from rayalign.sams_select import pair_margins
+
+    losses = torch.cat([o.losses for o in outputs])
+    margins = torch.cat([pair_margins(o.policy_chosen_logps, o.policy_rejected_logps, o.ref_chosen_logps,
+                                      o.ref_rejected_logps, beta=beta) for o in outputs])
+    mask = selector.select(start=0, n=losses.shape[0], losses=losses.detach(), margins=margins,
+                           chosen_logps=torch.cat([o.policy_chosen_logps for o in outputs]),
+                           context=torch.cat([o.context for o in outputs]))
+    ((losses * mask.to(losses.dtype)).sum() / int(mask.sum())).backward()

@@ -40,6 +40,7 @@ class SequenceScores:
     level_logps: torch.Tensor | None = None  # GDPO: (B, L) full-vocabulary log-probs of the level digits
     belief_mean_logps: torch.Tensor | None = None  # GDPO: (B,) mean log-prob of the belief prefix
     forward: object | None = None  # the `ConcatenatedOutput` (aligned logits, labels, mask) when kept
+    context: torch.Tensor | None = None  # SamS: (B, L, D) per-pair block-output means, detached
 
 
 def pack_pairs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -83,12 +84,16 @@ def _packed_scores(model, batch, *, temperature: float, want_entropy: bool) -> S
 
 
 def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperature: float = 1.0,
-                    want_entropy: bool = False, keep_forward: bool = False) -> SequenceScores:
-    """Summed and per-token-mean completion log-probs (and mean entropies) of chosen and rejected."""
+                    want_entropy: bool = False, keep_forward: bool = False,
+                    want_context: bool = False) -> SequenceScores:
+    """Summed and per-token-mean completion log-probs (and mean entropies) of chosen and rejected.
+
+    `want_context` also returns SamS's per-pair context from the hidden states of this same forward.
+    """
     if padding_free:
         return _packed_scores(model, batch, temperature=temperature, want_entropy=want_entropy)
     result = concatenated_forward(model, *(batch[k] for k in PAIR_KEYS), logit_temperature=temperature,
-                                  return_logits=True)
+                                  return_logits=True, output_hidden_states=want_context)
     # Means from the sums and token counts: a second log-softmax over the vocabulary would cost a full pass.
     counts = result.mask.sum(dim=-1).clamp(min=1).to(result.chosen_logps.dtype)
     chosen_count, rejected_count = counts.chunk(2)
@@ -98,6 +103,10 @@ def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperatu
         scores.chosen_entropy, scores.rejected_entropy = sequence_mean_entropy(result.logits, result.mask).chunk(2)
     if "chosen_belief_mask" in batch:
         scores.level_logps, scores.belief_mean_logps = gdpo_terms(result.logits, result.labels, batch)
+    if want_context:
+        from rayalign.core.sams import context_features
+
+        scores.context = context_features(result.hidden_states, result.attention_mask)
     if keep_forward:
         scores.forward = result
     return scores
@@ -122,7 +131,12 @@ def gdpo_terms(logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> tuple
 
 @torch.no_grad()
 def reference_scores(reference, batch: dict, config: Config, *, want_entropy: bool) -> dict[str, torch.Tensor]:
-    """The reference columns of `REF_KEYS` (+ `ENTROPY_KEYS`) for a collated batch, without gradient."""
+    """The reference columns of `REF_KEYS` (+ `ENTROPY_KEYS`) for a collated batch, without gradient;
+    for a K-sample group batch, `ref_logps` (B, K)."""
+    if "rewards" in batch:
+        from rayalign.group_step import GROUP_REF_KEY, reference_group_logps
+
+        return {GROUP_REF_KEY: reference_group_logps(reference, batch, config)}
     scores = sequence_scores(reference, batch, padding_free=config.train.padding_free,
                              temperature=config.loss.logit_temperature, want_entropy=want_entropy)
     out = {"ref_chosen_logps": scores.chosen, "ref_rejected_logps": scores.rejected,
@@ -175,26 +189,33 @@ class MicroBatchOutput:
     tokens: int
     refine_margins: torch.Tensor | None = None  # SPA: (B,) confidence margins, for the threshold window
     relabelled: int = 0  # SPA: pairs given a soft label
+    context: torch.Tensor | None = None  # SamS: (B, L, D) context of the pairs, when asked
 
 
 def micro_batch_loss(
     policy, batch: dict, config: Config, *, reference=None, neg_log_dispersion: torch.Tensor | None = None,
     weights: torch.Tensor | None = None, label_smoothing: torch.Tensor | None = None,
-    refine: RefineSettings | None = None,
+    refine: RefineSettings | None = None, want_context: bool = False,
 ) -> MicroBatchOutput:
     """Forward the policy on one micro-batch and return its per-example losses (B,), weighted if asked.
 
     Reference log-probs are read from the batch (`REF_KEYS`, the cache) or computed with `reference`.
     `weights` (B,) multiplies each pair's loss (schedulers); `label_smoothing` (B,) gives DPO soft labels;
-    `refine` computes them with SPA's self-refinement instead (it needs `reference`).
+    `refine` computes them with SPA's self-refinement instead (it needs `reference`); `want_context`
+    returns SamS's per-pair context from the same forward.
     """
+    from rayalign import group_step  # K-sample groups (exo_rw, dpo_rw) take their own step
+
+    if group_step.applies(batch, config):
+        return group_step.group_micro_batch_loss(policy, batch, config, reference=reference, weights=weights)
     ref = {k: batch[k] for k in REF_KEYS} if REF_KEYS[0] in batch else None
     if ref is None:
         if reference is None:
             raise ValueError("the batch has no cached reference log-probs and no reference model was given")
         ref = reference_scores(reference, batch, config, want_entropy=False)
     scores = sequence_scores(policy, batch, padding_free=config.train.padding_free,
-                             temperature=config.loss.logit_temperature, keep_forward=refine is not None)
+                             temperature=config.loss.logit_temperature, keep_forward=refine is not None,
+                             want_context=want_context)
     margins = None
     if refine is not None:
         margins, label_smoothing = refine_smoothing(scores.forward, reference, batch, ref["ref_chosen_logps"],
@@ -211,7 +232,8 @@ def micro_batch_loss(
     tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
     relabelled = int((label_smoothing > 0).sum()) if margins is not None else 0
     return MicroBatchOutput(losses, scores.chosen.detach(), scores.rejected.detach(),
-                            ref["ref_chosen_logps"], ref["ref_rejected_logps"], tokens, margins, relabelled)
+                            ref["ref_chosen_logps"], ref["ref_rejected_logps"], tokens, margins, relabelled,
+                            scores.context)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ No data loading from raw files and no Ray Data here: that happened on the driver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,16 +28,19 @@ from rayalign import checkpoint as ckpt
 from rayalign.config import Config
 from rayalign.config_loader import build_config
 from rayalign.engine import build_engine
+from rayalign.group_batching import group_reference_column
 from rayalign.io import atomic_directory, atomic_write_text
 from rayalign.metrics_log import MetricsLog
 from rayalign.objective import mallows_scale, metrics_from_sums, needs_dispersion, pair_metric_sums
 from rayalign.oracle import collate_with_reference, step_batches, total_steps, unit_dispersion
 from rayalign.prepare import encoded_rows
+from rayalign.sams_select import STATE_FILE as SAMS_FILE
+from rayalign.sams_select import PairSelector, pair_margins
 from rayalign.spa_refine import SpaRefiner
 from rayalign.step import ENTROPY_KEYS, REF_KEYS, micro_batch_loss
 
 FAILURE_FILE = "FAILED.json"
-HF_ARTIFACTS = ("optimizer.pt", "deepspeed", ckpt.STATE_FILE)
+HF_ARTIFACTS = ("optimizer.pt", "deepspeed", ckpt.STATE_FILE, SAMS_FILE)
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -49,6 +53,7 @@ def _read_prepared(path: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
     frame = pd.read_parquet(path)
     encoded = encoded_rows(frame)
     columns = {k: torch.tensor(frame[k].to_numpy()) for k in (*REF_KEYS, *ENTROPY_KEYS) if k in frame}
+    columns.update(group_reference_column(frame))  # K-sample groups: ref_logps (N, K)
     return encoded, columns
 
 
@@ -112,8 +117,15 @@ class Worker:
                                           device=self.device))
         self.engine = build_engine(self.policy, self.config, self.total)
         self.refiner = SpaRefiner(self.config.spa, beta_total_steps=self.total) if self.config.spa.refine else None
+        self.selector = None
+        if self.config.sams.enabled:
+            model_config = self.policy.config
+            self.selector = PairSelector(self.config, num_layers=model_config.num_hidden_layers,
+                                         hidden_size=model_config.hidden_size, total_steps=self.total, rank=self.rank)
         if self.resume_from:
             self.engine.load(self.resume_from)
+            if self.selector:
+                self.selector.load(self.resume_from)
             if self.refiner:
                 self.refiner.load_state_dict(ckpt.read_state(self.resume_from)["spa_window"])
         self.log = MetricsLog(self.run_dir, enabled=self.rank == 0, total_steps=self.total,
@@ -124,8 +136,8 @@ class Worker:
         device = "cuda" if self.config.train.use_gpu else "cpu"
         return torch.autocast(device, dtype=torch.bfloat16) if bf16 else torch.autocast(device, enabled=False)
 
-    def _micro_batch(self, chunk: list[int], global_size: int, refine=None) -> torch.Tensor:
-        # An empty chunk (a short last batch) still runs a zero-weighted forward/backward, so that every
+    def _forward(self, chunk: list[int], refine=None, want_context: bool = False):
+        # An empty chunk (a short last batch) still runs a forward (weighted 0 by the caller), so that every
         # worker joins the same gradient all-reduce (DDP) and parameter gathers (ZeRO-3).
         index = torch.tensor(chunk or [0])
         batch = self._to_device(collate_with_reference(self.encoded, self.columns, index,
@@ -133,16 +145,46 @@ class Worker:
         k = None if self.k is None else self.k[index].to(self.device)
         with self._autocast():
             out = micro_batch_loss(self.engine.module, batch, self.config, reference=self.reference,
-                                   neg_log_dispersion=k, refine=refine)
+                                   neg_log_dispersion=k, refine=refine, want_context=want_context)
         if refine is not None and chunk:
             self.refiner.record(chunk, out.refine_margins)
-        scale = (self.world / global_size) if chunk else 0.0
-        self.engine.backward(out.losses.sum() * scale)
+        return out
+
+    def _metric_sums(self, out, chunk: list[int]) -> torch.Tensor:
         sums = pair_metric_sums(out.losses.detach(), out.policy_chosen_logps, out.policy_rejected_logps,
                                 out.ref_chosen_logps, out.ref_rejected_logps, beta=self.config.loss.beta)
         extra = torch.tensor([float(out.tokens * bool(chunk)), float(out.relabelled * bool(chunk))],
                              dtype=torch.float64, device=sums.device)
         return torch.cat([sums * bool(chunk), extra])
+
+    def _micro_batch(self, chunk: list[int], global_size: int, refine=None) -> torch.Tensor:
+        out = self._forward(chunk, refine)
+        scale = (self.world / global_size) if chunk else 0.0
+        self.engine.backward(out.losses.sum() * scale)
+        return self._metric_sums(out, chunk)
+
+    def _sams_batch(self, chunk: list[int], indices: list[int], refine=None) -> torch.Tensor:
+        """SamS: forward this worker's pairs, let the selector choose K of the global batch, back-propagate
+        the mean loss of the chosen ones (ALGORITHMS.md §6 step 4). Accumulation is 1 (config check)."""
+        regrad = self.config.sams.regrad
+        with torch.no_grad() if regrad else contextlib.nullcontext():
+            out = self._forward(chunk, refine, want_context=True)
+        count = len(chunk)
+        margins = pair_margins(out.policy_chosen_logps, out.policy_rejected_logps, out.ref_chosen_logps,
+                               out.ref_rejected_logps, beta=self.config.loss.beta)
+        start = self.rank * math.ceil(len(indices) / self.world)  # `worker_chunks`' contiguous split
+        mask = self.selector.select(start=start, n=len(indices), losses=out.losses[:count],
+                                    margins=margins[:count], chosen_logps=out.policy_chosen_logps[:count],
+                                    context=out.context[:count])
+        local = mask[start:start + count]
+        scale = self.world / int(mask.sum())
+        if regrad:  # the memory-saving variant: a second forward, with gradient, on the chosen pairs only
+            picked = [pair for pair, keep in zip(chunk, local.tolist()) if keep]
+            self.engine.backward(self._forward(picked).losses.sum() * (scale if picked else 0.0))
+        else:
+            self.engine.backward((out.losses[:count] * local.to(out.losses.dtype)).sum() * scale
+                                 + out.losses.sum() * 0.0)
+        return self._metric_sums(out, chunk)
 
     def _to_device(self, batch: dict) -> dict:
         return {key: value.to(self.device) for key, value in batch.items()}
@@ -152,7 +194,10 @@ class Worker:
         accumulation = self.config.train.gradient_accumulation_steps
         chunks = worker_chunks(indices, splits=self.world * accumulation, rank=self.rank, per_worker=accumulation)
         refine = self.refiner.settings(step) if self.refiner else None
-        sums = sum(self._micro_batch(chunk, len(indices), refine) for chunk in chunks)
+        if self.selector:
+            sums = self._sams_batch(chunks[0], indices, refine)
+        else:
+            sums = sum(self._micro_batch(chunk, len(indices), refine) for chunk in chunks)
         grad_norm = self.engine.step()
         sums = _all_reduce(sums).cpu()
         if self.refiner:  # after the loss: step t's threshold used the margins up to step t - 1
@@ -167,6 +212,8 @@ class Worker:
         seconds = _all_reduce(elapsed).cpu() / self.world
         metrics.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm,
                        tokens_per_s=float(sums[-2] / seconds[0]))
+        if self.selector:
+            metrics.update(self.selector.metrics())
         if refine is not None:
             metrics.update({"spa/relabelled": int(sums[-1]), "spa/threshold": refine.threshold,
                             "spa/active": int(refine.active)})
@@ -206,6 +253,8 @@ class Worker:
         tmp = ckpt.begin(self.run_dir, step, rank=self.rank)
         self.engine.save(tmp, rank=self.rank)
         state_dict = self.engine.full_state_dict(tmp)
+        if self.selector:
+            self.selector.save(tmp)
         if self.rank == 0:
             self.policy.save_pretrained(tmp, state_dict=state_dict)
             self.tokenizer.save_pretrained(tmp)
