@@ -50,8 +50,13 @@ def collate_pairs(encoded: list[dict], *, pad_token_id: int) -> dict[str, torch.
 
     Returns (B, T) tensors `{chosen,rejected}_{input_ids,attention_mask,completion_mask}`, where the
     completion mask marks the completion tokens (EOS included) in input-id positions. One shared T lets
-    the caller concatenate chosen and rejected into a single forward pass.
+    the caller concatenate chosen and rejected into a single forward pass. K-sample groups (rows from
+    `encode_group`) give `rayalign.group_batching.collate_groups`' (B*K, T) batch instead.
     """
+    if "completion_ids" in encoded[0]:
+        from rayalign.group_batching import collate_groups
+
+        return collate_groups(encoded, pad_token_id=pad_token_id)
     batch: dict[str, torch.Tensor] = {}
     length = max(len(e["prompt_ids"]) + len(e[f"{side}_ids"]) for e in encoded for side in ("chosen", "rejected"))
     for side in ("chosen", "rejected"):
@@ -110,7 +115,12 @@ def encode_gdpo(tokenizer: Any, row: dict, *, max_prompt_length: int, max_comple
 
 
 def encode_row(tokenizer: Any, row: dict, **lengths: int) -> dict:
-    """`encode_gdpo` for GDPO rows (they carry a `target`), `encode_pair` for plain pairs."""
+    """`encode_gdpo` for GDPO rows (they carry a `target`), `encode_pair` for plain pairs, and
+    `rayalign.group_batching.encode_group` for K-sample groups (`completions`)."""
+    if row.get("completions") is not None:
+        from rayalign.group_batching import encode_group
+
+        return encode_group(tokenizer, row, **lengths)
     if row.get("target") is not None:
         return encode_gdpo(tokenizer, row, **lengths)
     return encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], **lengths)

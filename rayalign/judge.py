@@ -105,3 +105,84 @@ def write_judged(judged: pd.DataFrame, out_path: Path) -> dict:
     counts = {"prompts": len(judged), "pairs": len(kept)}
     counts.update({f"dropped_{reason}": int((judged["dropped"] == reason).sum()) for reason in DROP_REASONS})
     return counts
+
+
+GROUP_DROP_REASONS = ("empty", "identical", "tied")
+
+
+def sample_groups(samples: pd.DataFrame, judged: pd.DataFrame | None, *, rewards: str) -> tuple[list[dict], dict]:
+    """An iteration's K samples per prompt as k_sample rows {id, prompt, completions, rewards}, and counts.
+
+    `samples` is the generation artifact (one row per sample). `rewards="judge"` takes the judge's implicit
+    rewards from `judged` (its kept prompts: the others tie or have an empty best/worst sample);
+    `rewards="gold"` scores every sample with the sentiment task's gold reward. A group is dropped when a
+    sample is empty (as the judge drops empty pairs), all K texts are the same, or all K rewards tie (the
+    target is then uniform: no preference to learn).
+    """
+    from rayalign.tasks.sentiment import gold_reward
+
+    judge_rewards = dict(zip(judged["prompt_id"], judged["judge_rewards"])) if rewards == "judge" else None
+    rows, counts = [], {"prompts": 0, "groups": 0, **{f"dropped_{r}": 0 for r in GROUP_DROP_REASONS}}
+    for prompt_id, group in samples.sort_values(["prompt_id", "sample_index"]).groupby("prompt_id", sort=True):
+        counts["prompts"] += 1
+        texts = list(group["text"])
+        if judge_rewards is not None and prompt_id not in judge_rewards:
+            continue  # the judge dropped it; counted as the judge counted it (judge_counts.json)
+        values = [float(v) for v in judge_rewards[prompt_id]] if judge_rewards is not None else [
+            gold_reward(t) for t in texts]
+        reason = ("empty" if any(not t.strip() for t in texts) else "identical" if len(set(texts)) == 1
+                  else "tied" if len(set(values)) == 1 else "")
+        if reason:
+            counts[f"dropped_{reason}"] += 1
+            continue
+        rows.append({"id": int(prompt_id), "prompt": group["prompt"].iloc[0], "completions": texts, "rewards": values})
+    counts["groups"] = len(rows)
+    return rows, counts
+
+
+def best_worst_pairs(groups: list[dict]) -> list[dict]:
+    """Explicit pairs from k_sample rows: the highest- vs the lowest-reward sample (first index on ties)."""
+    pairs = []
+    for g in groups:
+        best = max(range(len(g["rewards"])), key=lambda i: g["rewards"][i])
+        worst = min(range(len(g["rewards"])), key=lambda i: g["rewards"][i])
+        pairs.append({"id": g["id"], "prompt": g["prompt"], "chosen": g["completions"][best],
+                      "rejected": g["completions"][worst], "score_chosen": g["rewards"][best],
+                      "score_rejected": g["rewards"][worst]})
+    return pairs
+
+
+def training_data(config: Config, data: str, iteration: int) -> tuple[Config, str]:
+    """The config and the data file that loop iteration `iteration` trains on.
+
+    Iteration 0 trains on the gold seed pairs: a K-sample loss (exo_rw, dpo_rw) cannot, so it is DPO there
+    (beta = loss.beta), which also starts every loss of a comparison from the same pi_0. An iteration
+    i >= 1 gets `data` = iter-i/judged.parquet and trains on, next to it:
+      pairwise loss, loop.rewards=judge   judged.parquet itself (the judge's best vs worst pair)
+      pairwise loss, loop.rewards=gold    gold_pairs.parquet: best vs worst sample by gold reward
+      exo_rw / dpo_rw                     groups.parquet (judge rewards) or gold_groups.parquet: all K
+    The files are written atomically once; a resumed loop reuses them.
+    """
+    import dataclasses
+
+    from rayalign.data import write_rows_parquet
+    from rayalign.objective import GROUP_LOSSES
+
+    grouped, gold = config.loss.type in GROUP_LOSSES, config.loop.rewards == "gold"
+    if iteration == 0:
+        if not grouped:
+            return config, data
+        print(f"rayalign run: iteration 0: DPO on the gold seed pairs ({config.loss.type} needs K-sample groups)",
+              flush=True)
+        return dataclasses.replace(config, loss=dataclasses.replace(config.loss, type="dpo")), data
+    judged_path = Path(data)
+    if not (grouped or gold):
+        return config, data
+    out = judged_path.with_name(("gold_" if gold else "") + ("groups" if grouped else "pairs") + ".parquet")
+    if not out.exists():
+        judged = pd.read_parquet(judged_path)
+        groups, counts = sample_groups(pd.read_parquet(judged_path.with_name("samples.parquet")), judged,
+                                       rewards=config.loop.rewards)
+        write_rows_parquet(groups if grouped else best_worst_pairs(groups), out)
+        print(f"rayalign run: iteration {iteration}: {out.name}: {counts}", flush=True)
+    return config, str(out)

@@ -16,7 +16,9 @@ from rayalign.core import losses as L
 from rayalign.core.metrics import reward_accuracy
 
 EXO_DEFAULT_SMOOTHING = 1e-3  # the EXO paper and TRL (ALGORITHMS.md §4)
-IN_PROCESS_LOSSES = ("dpo", "ipo", "hinge", "exo_pref", "mallows_theta", "mallows_phi", "gdpo")
+PAIR_LOSSES = ("dpo", "ipo", "hinge", "exo_pref", "mallows_theta", "mallows_phi", "gdpo")
+GROUP_LOSSES = ("exo_rw", "dpo_rw")  # on K-sample groups: `group_loss`, `rayalign.group_step`
+IN_PROCESS_LOSSES = PAIR_LOSSES + GROUP_LOSSES
 
 
 def uses_mean_logps(loss_type: str) -> bool:
@@ -84,7 +86,19 @@ def pair_loss(
                            calibration_weight=config.gdpo_calibration_weight,
                            belief_nll_weight=config.gdpo_belief_nll_weight)
     raise ConfigError(f"loss.type: {kind} is not a pairwise loss on (chosen, rejected) log-probs; "
-                      f"the pairwise losses are {', '.join(IN_PROCESS_LOSSES)}")
+                      f"the pairwise losses are {', '.join(PAIR_LOSSES)}")
+
+
+def group_loss(config: LossConfig, policy_logps: torch.Tensor, ref_logps: torch.Tensor,
+               rewards: torch.Tensor) -> L.GroupLossOutput:
+    """Per-group loss (B,) of EXO-rw or DPO-rw on (B, K) log-probs and rewards (ALGORITHMS.md §4).
+
+    `loss.beta` is beta_pi and `loss.beta_r` the reward temperature.
+    """
+    losses = {"exo_rw": L.exo_rw_loss, "dpo_rw": L.dpo_rw_loss}
+    if config.type not in losses:
+        raise ConfigError(f"loss.type: {config.type} is not a K-sample loss; those are {', '.join(GROUP_LOSSES)}")
+    return losses[config.type](policy_logps, ref_logps, rewards, beta_pi=config.beta, beta_r=config.beta_r)
 
 
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

@@ -5,7 +5,9 @@
 The reference log-probs (and, for MallowsPO, mean entropies) depend only on the reference model, the
 data, the tokenization and the scoring settings, so they are stored under `ref_cache/<hash>.parquet`,
 keyed by a hash of exactly those, and reused by any later run that agrees on all of them (the log says
-so). Train and eval splits go through one Ray Data execution. The training
+so). Train and eval splits go through one Ray Data execution. K-sample groups (loss.type exo_rw /
+dpo_rw) take the same path: `encode_row` and `collate_pairs` hand them to `rayalign.group_batching`, and
+their reference log-probs are a list column `ref_logps` (K per row). The training
 workers read the prepared Parquet; nothing here trains.
 """
 
@@ -21,15 +23,19 @@ import pandas as pd
 
 from rayalign.batching import collate_pairs, encode_row
 from rayalign.config import Config
+from rayalign.group_batching import encoded_group_rows
 from rayalign.objective import needs_dispersion
 
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 GDPO_COLUMNS = ("belief_len", "level_ids", "target")  # present for loss.type=gdpo
 GDPO_TEXT = ("target", "belief", "belief_text")  # GDPO fields of a data row the encoder needs
+GROUP_TEXT = ("completions", "rewards")  # K-sample group fields (loss.type exo_rw / dpo_rw)
 
 
 def encoded_rows(frame: pd.DataFrame) -> list[dict]:
     """Rows of a prepared frame as the dicts `collate_pairs` takes (ids, plus GDPO's fields if present)."""
+    if "completion_ids" in frame:
+        return encoded_group_rows(frame)
     keys = [k for k in (*ID_COLUMNS, *GDPO_COLUMNS) if k in frame]
     return [{k: (list(row[k]) if k != "belief_len" else int(row[k])) for k in keys} for _, row in frame.iterrows()]
 CACHE_VERSION = 1  # bump when the scoring code changes what it computes
@@ -46,7 +52,7 @@ class PairEncoder:
         self.lengths = {"max_prompt_length": max_prompt_length, "max_completion_length": max_completion_length}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        fields = [c for c in ("prompt", "chosen", "rejected", *GDPO_TEXT) if c in batch]
+        fields = [c for c in ("prompt", "chosen", "rejected", *GDPO_TEXT, *GROUP_TEXT) if c in batch]
         rows = [dict(zip(fields, values)) for values in zip(*(batch[c] for c in fields))]
         out = pd.DataFrame([encode_row(self.tokenizer, row, **self.lengths) for row in rows])
         out.insert(0, "pair_index", batch["pair_index"].to_numpy())
@@ -75,7 +81,8 @@ class ReferenceScorer:
                                   want_entropy=self.want_entropy)
         out = batch.copy()
         for key, value in scores.items():
-            out[key] = value.double().numpy()
+            # A group's (B, K) reference log-probs become a list column (Arrow list<double>).
+            out[key] = value.double().tolist() if value.dim() > 1 else value.double().numpy()
         return out
 
 
@@ -103,7 +110,7 @@ def cache_key(frame: pd.DataFrame, config: Config, *, reference_path: str, token
                 "temperature": config.loss.logit_temperature, "padding_free": config.train.padding_free,
                 "entropy": needs_dispersion(config.loss)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for column in ("prompt", "chosen", "rejected", *GDPO_TEXT):
+    for column in ("prompt", "chosen", "rejected", *GDPO_TEXT, "completions"):  # rewards: no effect on the cache
         for value in frame[column] if column in frame else ():
             digest.update(b"\x00" + json.dumps(value).encode())
     return digest.hexdigest()[:24]
@@ -144,6 +151,8 @@ def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, tokenizer_pa
 
     rows = [(name, r) for name, split_rows in splits.items() for r in split_rows]
     fields = ["prompt", "chosen", "rejected", *(GDPO_TEXT if rows and rows[0][1].get("target") else ())]
+    if rows and "completions" in rows[0][1]:
+        fields = ["prompt", *GROUP_TEXT]
     frame = pd.DataFrame({"pair_index": range(len(rows)), **{f: [r[f] for _, r in rows] for f in fields}})
     key = cache_key(frame, config, reference_path=reference_path, tokenizer_path=tokenizer_path)
     path = cache_dir / f"{key}.parquet"

@@ -51,10 +51,19 @@ def build_policy_if_needed(config: Config, run_dir: Path, texts: list[str]) -> s
 
 
 def pair_rows(fmt: str, rows: list[dict], config: Config) -> list[dict]:
-    """Rows the pairwise trainer takes: GDPO rows stay whole for loss.type=gdpo, else become DPO pairs."""
+    """Rows the pairwise trainer takes: GDPO rows stay whole for loss.type=gdpo, else become DPO pairs.
+    K-sample losses (exo_rw, dpo_rw) take k_sample rows, all of one K."""
     from rayalign.batching import gdpo_rows_as_pairs
     from rayalign.data import PAIR_FORMATS
+    from rayalign.group_batching import check_group_rows
+    from rayalign.objective import GROUP_LOSSES
 
+    if config.loss.type in GROUP_LOSSES:
+        if fmt != "k_sample":
+            raise ConfigError(f"loss.type: {config.loss.type} trains on K-sample groups ({{prompt, completions, "
+                              f"rewards}} rows); {config.data.train_file} holds {fmt} rows")
+        check_group_rows(rows, config.data.train_file)
+        return rows
     if config.loss.type == "gdpo" and fmt != "gdpo":
         raise ConfigError(f"loss.type: gdpo needs data in the GDPO belief format; {config.data.train_file} is {fmt}")
     if fmt == "gdpo":
@@ -131,7 +140,8 @@ def run_train(config: Config, *, resume: bool = False) -> int:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
     data = load_rows(config.data.train_file, fmt=config.data.format, tokenizer=tokenizer)
     rows = pair_rows(data.format, data.rows, config)
-    policy_path = build_policy_if_needed(config, run_dir, [r["prompt"] + r["chosen"] for r in rows])
+    texts = [r["prompt"] + (r["chosen"] if "chosen" in r else "".join(r["completions"])) for r in rows]
+    policy_path = build_policy_if_needed(config, run_dir, texts)
     tokenizer_path = tokenizer_path or policy_path
     tokenizer = tokenizer or load_tokenizer(tokenizer_path)
     train_rows, eval_rows = split_eval(rows, config, tokenizer)

@@ -89,5 +89,5 @@ def test_mallows_phi_from_entropy_brakes_an_uncertain_model(tiny):
 def test_group_losses_are_refused_clearly(tiny):
     from rayalign.config import ConfigError
 
-    with pytest.raises(ConfigError, match="exo_rw needs the Ray Train stage"):
+    with pytest.raises(ConfigError, match="exo_rw, dpo_rw train on K-sample groups"):  # not on pairs
         _train(tiny, ["loss.type=exo_rw"], gold_pairs(4, seed=0))

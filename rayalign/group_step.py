@@ -1,0 +1,99 @@
+"""One micro-batch of EXO-rw / DPO-rw on K-sample groups: one forward over B*K sequences, the loss, metrics.
+
+The group counterpart of `rayalign.step.micro_batch_loss`, which hands group batches (`collate_groups`)
+here, so the in-process oracle and the Ray Train workers run this same code. The policy's summed
+completion log-probs (B, K) come from one forward over all B*K rows (right-padded, or packed into one
+row with `train.padding_free`), with the logits divided by `loss.logit_temperature`; the reference's come
+from the batch (`ref_logps`, cached by `rayalign.prepare`) or from a no-grad forward here.
+
+The returned `MicroBatchOutput` calls the highest-reward sample of each group "chosen" and the lowest
+"rejected" (first index on ties), so the TRL-named metrics keep a meaning: rewards/accuracies is whether
+the policy's implicit reward beta * log(pi / pi_ref) orders the best and the worst sample as the rewards
+do. No optimizer, no distributed code, no I/O.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rayalign.config import Config, ConfigError
+from rayalign.core.logprobs import sequence_logps, shift_for_causal_lm, token_logps
+from rayalign.group_batching import GROUP_REF_KEY
+from rayalign.objective import GROUP_LOSSES, group_loss
+from rayalign.step import MicroBatchOutput
+
+
+def _packed_logps(model, batch: dict, *, temperature: float) -> torch.Tensor:
+    """(N,) summed completion log-probs of the N rows, their real tokens packed into one row.
+
+    Position ids restart per sequence; the model builds the block-diagonal attention from them
+    (as `rayalign.step.pack_pairs` relies on).
+    """
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    device = batch["input_ids"].device
+    ids = torch.cat([batch["input_ids"][i, :n] for i, n in enumerate(lengths)])
+    completion = torch.cat([batch["completion_mask"][i, :n] for i, n in enumerate(lengths)])
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    segment = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(lengths)])
+    logits = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0, :-1]
+    logits = logits / temperature if temperature != 1.0 else logits
+    # A label belongs to its logit's sequence, or it is the next sequence's first token: mask it.
+    mask = completion[1:] * (segment[1:] == segment[:-1])
+    per_token = token_logps(logits[None], ids[1:][None], mask[None])[0]
+    return torch.zeros(len(lengths), dtype=per_token.dtype, device=device).index_add(0, segment[:-1], per_token)
+
+
+def group_logps(model, batch: dict, *, temperature: float = 1.0, padding_free: bool = False) -> torch.Tensor:
+    """Summed completion log-probs (B, K) of a `collate_groups` batch, from one forward over its B*K rows."""
+    shape = batch["rewards"].shape
+    if padding_free:
+        return _packed_logps(model, batch, temperature=temperature).view(shape)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    logits, labels, mask = shift_for_causal_lm(logits, batch["input_ids"], batch["completion_mask"])
+    return sequence_logps(logits, labels, mask).view(shape)
+
+
+@torch.no_grad()
+def reference_group_logps(reference, batch: dict, config: Config) -> torch.Tensor:
+    """The reference's (B, K) log-probs of a group batch, without gradient (what `ref_logps` caches)."""
+    return group_logps(reference, batch, temperature=config.loss.logit_temperature,
+                       padding_free=config.train.padding_free).detach()
+
+
+def applies(batch: dict, config: Config) -> bool:
+    """Whether a micro-batch takes this step: a group batch, or a K-sample loss (which refuses pairs)."""
+    return "rewards" in batch or config.loss.type in GROUP_LOSSES
+
+
+def _at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return values.detach().gather(1, index[:, None])[:, 0]
+
+
+def group_micro_batch_loss(policy, batch: dict, config: Config, *, reference=None,
+                           weights: torch.Tensor | None = None) -> MicroBatchOutput:
+    """Per-group losses (B,) of `loss.type` (exo_rw or dpo_rw) with gradient, and the metric values.
+
+    `weights` (B,) multiplies each group's loss. Reference log-probs come from `batch["ref_logps"]` or,
+    without a cache, from `reference`.
+    """
+    if config.loss.type not in GROUP_LOSSES or "rewards" not in batch:
+        raise ConfigError(f"loss.type: {', '.join(GROUP_LOSSES)} train on K-sample groups ({{prompt, completions, "
+                          f"rewards}} rows) and every other loss on pairs; got loss.type={config.loss.type} with "
+                          f"{'groups' if 'rewards' in batch else 'pairs'}")
+    policy_logps = group_logps(policy, batch, temperature=config.loss.logit_temperature,
+                               padding_free=config.train.padding_free)
+    ref = batch.get(GROUP_REF_KEY)
+    if ref is None:
+        if reference is None:
+            raise ValueError("the batch has no cached reference log-probs and no reference model was given")
+        ref = reference_group_logps(reference, batch, config)
+    # The cache holds float64 copies of float32 values: compute in the policy's dtype either way, so the
+    # workers (cache from Parquet) and the oracle (cache in memory) do the same arithmetic.
+    ref, rewards = ref.to(policy_logps.dtype), batch["rewards"].to(policy_logps.dtype)
+    output = group_loss(config.loss, policy_logps, ref, rewards)
+    losses = output.losses if weights is None else output.losses * weights
+    best, worst = rewards.argmax(dim=-1), rewards.argmin(dim=-1)
+    return MicroBatchOutput(losses, _at(policy_logps, best), _at(policy_logps, worst), _at(ref, best),
+                            _at(ref, worst), tokens=int(batch["attention_mask"].sum()))
