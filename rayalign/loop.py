@@ -40,6 +40,7 @@ class Plan:
 
 def setup(config: Config, run_dir: Path) -> Plan:
     """pi_SFT, the seed pairs and the prompt sets; built for the embedded task when not given."""
+    from rayalign.stages import plan_prompts
     from rayalign.tasks import sentiment
 
     data = run_dir / "data"
@@ -51,33 +52,25 @@ def setup(config: Config, run_dir: Path) -> Plan:
         seed_pairs = str(data / "seed_pairs.jsonl")
         if not Path(seed_pairs).exists():
             _write_jsonl(Path(seed_pairs), sentiment.gold_pairs(config.loop.seed_pairs, seed=config.data.seed))
-    iterations, per = config.loop.iterations, config.loop.prompts_per_iteration
-    if config.data.prompts_file:
-        from rayalign.data import load_rows
-
-        prompts = [r["prompt"] for r in load_rows(config.data.prompts_file, fmt="prompt_only").rows]
-        held = min(config.loop.eval_prompts, len(prompts) // 5)
-        eval_prompts, prompts = prompts[:held], prompts[held:]
-        per = per or len(prompts) // max(1, iterations)
-    else:
-        prompts = sentiment.make_prompts(per * iterations, seed=config.data.seed + 101)
-        eval_prompts = sentiment.make_prompts(config.loop.eval_prompts, seed=config.data.seed + 202)
-    return Plan(sft_path, seed_pairs, [prompts[i * per:(i + 1) * per] for i in range(iterations)], eval_prompts)
+    return Plan(sft_path, seed_pairs, *plan_prompts(config))
 
 
 def build_task_sft(config: Config, run_dir: Path) -> Path:
+    from rayalign.io import atomic_directory
     from rayalign.sft import run_sft
     from rayalign.tasks.sentiment import sft_examples
     from rayalign.tiny import make_tiny_model
 
     out = run_dir / "sft"
     if (out / "config.json").exists():
+        _log(f"setup: pi_SFT found in {out}, skipped")
         return out
     examples = sft_examples(config.loop.sft_examples, seed=config.data.seed)
     corpus = _write_jsonl(run_dir / "data" / "corpus.jsonl", [{"text": p + r} for p, r in examples])
     tiny = run_dir / "tiny-model"
     if not (tiny / "config.json").exists():
-        make_tiny_model(tiny, corpus=corpus, seed=config.train.seed)
+        with atomic_directory(tiny) as tmp:  # a kill mid-save must not leave a model that looks complete
+            make_tiny_model(tmp, corpus=corpus, seed=config.train.seed)
     _log(f"SFT of the tiny model on {len(examples)} task examples")
     return run_sft(str(tiny), examples, out, epochs=config.loop.sft_epochs, lr=config.loop.sft_lr,
                    seed=config.train.seed, log=_log)
@@ -86,12 +79,17 @@ def build_task_sft(config: Config, run_dir: Path) -> Path:
 def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: str, data: str, epochs: int,
                     iteration: int) -> str:
     """Run the Ray Train stage into `run_dir` (resuming its checkpoints); returns the final model path."""
+    from rayalign.judge import training_data
     from rayalign.train import run_train
 
     final = run_dir / "final"
-    if final.exists():
+    if final.exists():  # written atomically by the last step: its presence means the stage finished
+        _log(f"iteration {iteration}: training found in {final}, skipped")
         return str(final)
+    _log(f"iteration {iteration}: training {policy} -> {final}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    # loop.rewards=gold relabels the judged samples; exo_rw/dpo_rw train on all K (DPO in iteration 0)
+    config, data = training_data(config, data, iteration)
     stage = dataclasses.replace(
         config, model=dataclasses.replace(config.model, policy=policy, reference=reference),
         data=dataclasses.replace(config.data, train_file=data, eval_file=None, eval_fraction=0.0, format=None),
@@ -101,9 +99,6 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     if run_train(stage, resume=True) != 0:
         raise RuntimeError(f"training failed in {run_dir}; fix the cause and rerun with --resume")
     return str(final)
-
-
-EVAL_PROMPT_ID = 10**9  # evaluation prompts keep these ids (so the same seeds) for every model
 
 
 def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name: str,
@@ -116,32 +111,30 @@ def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name:
     """
     import pandas as pd
 
-    from rayalign.data import write_rows_parquet
-    from rayalign.generate import generation_dataset, write_samples
-    from rayalign.judge import judge_dataset, write_judged
-    from rayalign.tasks.sentiment import gold_reward
+    from rayalign.generate import write_samples
+    from rayalign.judge import write_judged
+    from rayalign.stages import EVAL_PROMPT_ID, eval_frame, iteration_frame, judged_pass, write_eval
 
     eval_path, counts_path = run_dir / "eval" / f"{name}.parquet", (it_dir / "judge_counts.json") if it_dir else None
     todo_eval, todo_train = not eval_path.exists(), counts_path is not None and not counts_path.exists()
+    done = [str(p.relative_to(run_dir)) for p, todo in ((counts_path, todo_train), (eval_path, todo_eval))
+            if p is not None and not todo]
+    if done:
+        _log(f"{f'iteration {iteration}' if it_dir else 'evaluation'}: found {', '.join(done)}, skipped")
     if not (todo_eval or todo_train):
         return json.loads(counts_path.read_text()) if counts_path else None
-    frames = []
+    frames, work = [], []
     if todo_train:
-        frames.append(pd.DataFrame({"prompt_id": [iteration * 1_000_000 + k for k in range(len(prompts))],
-                                    "prompt": prompts}))
+        frames.append(iteration_frame(prompts, iteration))
+        work.append(f"iteration {iteration}: generating and judging {len(prompts)} prompts")
     if todo_eval:
-        frames.append(pd.DataFrame({"prompt_id": [EVAL_PROMPT_ID + k for k in range(len(plan.eval_prompts))],
-                                    "prompt": plan.eval_prompts}))
-    dataset = generation_dataset(pd.concat(frames, ignore_index=True), model, config.generate,
-                                 dtype=config.model.dtype)
-    rows = judge_dataset(dataset, policy_path=model, sft_path=plan.sft_path, config=config).to_pandas()
+        frames.append(eval_frame(plan.eval_prompts))
+        work.append(f"evaluating {name} on {len(plan.eval_prompts)} held-out prompts")
+    _log(f"{'; '.join(work)} with {model}")  # the resume test waits for "iteration 2: generating"
+    rows = judged_pass(config, pd.concat(frames, ignore_index=True), model=model, sft_path=plan.sft_path)
     is_eval = rows["prompt_id"] >= EVAL_PROMPT_ID
     if todo_eval:
-        scored = rows[is_eval].sort_values("prompt_id").reset_index(drop=True)
-        if config.loop.task == "sentiment":
-            scored["gold_rewards"] = [[gold_reward(t) for t in texts] for texts in scored["texts"]]
-        eval_path.parent.mkdir(parents=True, exist_ok=True)
-        write_rows_parquet(scored.to_dict("records"), eval_path)
+        write_eval(rows[is_eval], config, eval_path)
     if not todo_train:
         return json.loads(counts_path.read_text()) if counts_path else None
     write_samples(rows[~is_eval], it_dir / "samples.parquet")
