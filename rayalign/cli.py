@@ -3,6 +3,9 @@
     rayalign show CONFIG [key=value ...]       print the fully resolved config as YAML
     rayalign run CONFIG [key=value ...]        the iterative SPA loop (see `rayalign.loop`) [--resume]
     rayalign train CONFIG [key=value ...]      Ray Train update on preference pairs [--resume]
+    rayalign generate CONFIG [key=value ...]   one stage of the loop: sample the prompts [--iteration N]
+    rayalign judge CONFIG [key=value ...]      one stage: SPA self-judging of a samples file [--samples P]
+    rayalign eval CONFIG [key=value ...]       one stage: model.policy vs a baseline [--baseline P]
     rayalign data check FILE [--tokenizer P]   detect, validate and describe a data file
     rayalign make-tiny-model OUT_DIR [...]     build a tiny local Llama + BPE tokenizer
 
@@ -58,6 +61,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return run_train(prepare_run_dir(load_config(path, overrides)), resume=args.resume)
 
 
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from rayalign import stages
+    from rayalign.config_loader import load_config, prepare_run_dir
+
+    path, overrides = _split_config_and_overrides(args)
+    config = prepare_run_dir(load_config(path, overrides))
+    if args.command == "generate":
+        return stages.run_generate(config, iteration=args.iteration)
+    if args.command == "judge":
+        return stages.run_judge(config, samples=args.samples)
+    return stages.run_eval(config, baseline=args.baseline)
+
+
+def _add_stage_commands(commands) -> None:
+    generate = commands.add_parser("generate", help="one loop stage: sample completions of the prompts with "
+                                   "model.policy -> RUN_DIR/samples.parquet")
+    generate.add_argument("--iteration", type=int, default=None,
+                          help="only the loop's prompt set of this iteration (default: all iterations' prompts)")
+    judge = commands.add_parser("judge", help="one loop stage: SPA self-judging, model.policy vs model.reference "
+                                "-> RUN_DIR/judged.parquet")
+    judge.add_argument("--samples", default=None, help="samples Parquet to judge (default RUN_DIR/samples.parquet)")
+    evaluate = commands.add_parser("eval", help="one loop stage: model.policy vs a baseline on the held-out "
+                                   "prompts -> RUN_DIR/eval/summary.json")
+    evaluate.add_argument("--baseline", default=None, help="model to compare with (default model.reference)")
+    for stage in (generate, judge, evaluate):
+        _add_config_arguments(stage)
+        stage.set_defaults(handler=_cmd_stage)
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from rayalign.data.check import run_data_check
 
@@ -87,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.set_defaults(handler=_cmd_train)
+    _add_stage_commands(commands)
 
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="detect, validate and describe a preference or prompt file")
@@ -104,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling `overrides` at the first option (`run CONFIG --resume a=b`): take the rest.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except ConfigError as exc:
