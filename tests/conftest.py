@@ -1,16 +1,28 @@
 """Shared pytest fixtures for the whole suite.
 
-Sets HF_HUB_OFFLINE=1 at import so no test can ever download, and provides `tiny_model_dir`: one tiny
-random Llama model + tokenizer (rayalign.tiny defaults) built once per session, in about a second.
+Sets HF_HUB_OFFLINE=1 at import so no test can ever download, and provides
+- `tiny_model_dir`: one tiny random Llama model + tokenizer (rayalign.tiny defaults), built in about a second;
+- `quickstart_run`: one uninterrupted, reduced `rayalign run configs/quickstart.yaml` (2 SPA iterations), the
+  suite's most expensive step, run once per session and shared by the README test, the resume test and the
+  stage-command test. Treat both as read-only.
 """
 
+import dataclasses
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 # The tokenizers library warns (and can deadlock) when a process forks after using its thread pool.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART_REDUCED = ("loop.iterations=2", "loop.prompts_per_iteration=48", "loop.eval_prompts=48",
+                      "loop.seed_pairs=96", "loop.sft_examples=800")
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +31,23 @@ def tiny_model_dir(tmp_path_factory):
     from rayalign.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartRun:
+    run_dir: Path
+    overrides: tuple[str, ...]  # besides run.dir: rerun the same configuration elsewhere with these
+    result: subprocess.CompletedProcess
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> QuickstartRun:
+    """The README's main command, reduced; tests assert on `result` (a failed run is not raised here)."""
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    command = [sys.executable, "-m", "rayalign.cli", "run", "configs/quickstart.yaml", f"run.dir={run_dir}",
+               *QUICKSTART_REDUCED]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1200)
+    return QuickstartRun(run_dir, QUICKSTART_REDUCED, result, time.perf_counter() - started)

@@ -52,18 +52,13 @@ def test_make_tiny_model_command(tmp_path):
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
 
 
-REDUCED = ["loop.iterations=2", "loop.prompts_per_iteration=48", "loop.eval_prompts=48", "loop.seed_pairs=96",
-           "loop.sft_examples=800"]
-
-
-def test_readme_quickstart_runs_reduced(tmp_path):
+def test_readme_quickstart_runs_reduced(quickstart_run):
     """The README's main command (`rayalign run configs/quickstart.yaml`) with 2 SPA iterations, not 3."""
     readme = (REPO / "README.md").read_text()
     assert "make quickstart" in readme and "make test" in readme
     makefile = (REPO / "Makefile").read_text()
     assert "rayalign run configs/quickstart.yaml" in makefile and "torch==2.13.0" in makefile
-    run_dir = tmp_path / "run"
-    result = rayalign("run", "configs/quickstart.yaml", f"run.dir={run_dir}", *REDUCED)
+    run_dir, result = quickstart_run.run_dir, quickstart_run.result
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["dir"] == str(run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

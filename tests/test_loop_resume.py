@@ -1,0 +1,143 @@
+"""`rayalign run --resume` after a real kill: SIGKILL to the driver's whole process group mid-generation.
+
+The reference is the session's uninterrupted reduced quickstart (`quickstart_run` in conftest); this test
+adds one run with the same configuration, killed while iteration 2's Generator actors are up, then
+resumed. With the HF backend (per-prompt seeds) and one Ray Train worker every stage is deterministic, so
+the resumed run must end with the reference's weights and metrics, and must not touch iteration 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+TAG = "RAYALIGN_TEST_RUN_TAG"  # inherited by the driver's Ray daemons and workers: finds leaked processes
+KEPT = ("sft/model.safetensors", "eval/sft.parquet", "iter-0/train/final/model.safetensors", "eval/iter-0.parquet",
+        "iter-1/samples.parquet", "iter-1/judged.parquet", "iter-1/judge_counts.json",
+        "iter-1/train/final/model.safetensors", "iter-1/train/metrics.jsonl", "iter-1/seconds")
+
+
+def _tagged_processes(tag: str) -> dict[int, str]:
+    """pid -> command line of every live process whose environment carries TAG=tag (what `ps e` shows)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if f"{TAG}={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _kill_run_in_iteration_2_generation(command: list[str], env: dict, tag: str) -> str:
+    """Start the run in its own session, SIGKILL its process group once iteration 2's Generator actor is up."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env=env, start_new_session=True)
+    lines: list[str] = []
+    # A thread reads the pipe: a blocking readline could not time out.
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        _wait_for(lambda: any("iteration 2: generating" in line for line in lines) or proc.poll() is not None,
+                  900, "the log line of iteration 2's generation")
+        assert proc.poll() is None, "".join(lines)[-4000:]
+        _wait_for(lambda: any("MapBatches(Generator)" in c for c in _tagged_processes(tag).values()), 120,
+                  "iteration 2's Generator actor")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return "".join(lines)
+
+
+def _reap(tag: str) -> dict[int, str]:
+    """Ray's daemons die with their driver (parent-death signal); give them a moment, then kill survivors."""
+    try:
+        _wait_for(lambda: not _tagged_processes(tag), 30, "Ray processes to exit")
+        return {}
+    except AssertionError:
+        survivors = _tagged_processes(tag)
+        for pid in survivors:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _wait_for(lambda: not _tagged_processes(tag), 30, "killed Ray processes to exit")
+        return survivors
+
+
+def _stamp(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) per kept artifact: an atomic rewrite changes the inode, an in-place one the mtime."""
+    return {name: ((s := (run_dir / name).stat()).st_ino, s.st_mtime_ns) for name in KEPT}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # wall time differs, of course
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_resume_after_kill_in_iteration_2_generation(quickstart_run, tmp_path):
+    reference = quickstart_run
+    assert reference.result.returncode == 0, reference.result.stdout[-3000:] + reference.result.stderr[-3000:]
+    run_dir, tag = tmp_path / "run", uuid.uuid4().hex
+    command = [sys.executable, "-m", "rayalign.cli", "run", "configs/quickstart.yaml", f"run.dir={run_dir}",
+               *reference.overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", TAG: tag}
+
+    first_log = _kill_run_in_iteration_2_generation(command, env, tag)
+    survivors = _reap(tag)
+    assert not _tagged_processes(tag)
+    assert "iteration 1: generating" in first_log, first_log[-3000:]
+    # Killed inside iteration 2's Ray Data pass: nothing of it, nor of pi_1's evaluation, was written.
+    assert not (run_dir / "iter-2" / "judge_counts.json").exists()
+    assert not (run_dir / "iter-2" / "samples.parquet").exists()
+    assert not (run_dir / "eval" / "iter-1.parquet").exists()
+    before = _stamp(run_dir)
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, cwd=REPO, env=env,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    log = resumed.stdout
+    assert "setup: pi_SFT found" in log and "iteration 0: training found" in log, log
+    assert "iteration 1: found iter-1/judge_counts.json" in log and "iteration 1: training found" in log, log
+    assert "iteration 1: generating" not in log and "iteration 2: generating" in log, log
+    assert _stamp(run_dir) == before, "a finished stage was rewritten by --resume"
+    assert not _reap(tag), "Ray processes outlived a normally finished run"
+
+    # The interrupted + resumed run equals the uninterrupted one: per-iteration metrics and final weights.
+    ours, theirs = _records(run_dir), _records(reference.run_dir)
+    assert [r.keys() for r in ours] == [r.keys() for r in theirs]
+    for mine, other in zip(ours, theirs):
+        assert mine == {k: pytest.approx(v, abs=1e-6) if isinstance(v, float) else v for k, v in other.items()}
+    ours, theirs = _weights(run_dir / "iter-2/train/final"), _weights(reference.run_dir / "iter-2/train/final")
+    assert ours.keys() == theirs.keys()
+    worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    assert worst <= 1e-6, worst
+    print(f"resume: max |weight difference| {worst:.2e}; Ray processes left after the kill: {len(survivors)}")
