@@ -115,31 +115,27 @@ def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name:
     from rayalign.judge import write_judged
     from rayalign.stages import EVAL_PROMPT_ID, eval_frame, iteration_frame, judged_pass, write_eval
 
-    eval_path, counts_path = run_dir / "eval" / f"{name}.parquet", (it_dir / "judge_counts.json") if it_dir else None
-    todo_eval, todo_train = not eval_path.exists(), counts_path is not None and not counts_path.exists()
-    done = [str(p.relative_to(run_dir)) for p, todo in ((counts_path, todo_train), (eval_path, todo_eval))
-            if p is not None and not todo]
-    if done:
-        _log(f"{f'iteration {iteration}' if it_dir else 'evaluation'}: found {', '.join(done)}, skipped")
-    if not (todo_eval or todo_train):
-        return json.loads(counts_path.read_text()) if counts_path else None
-    frames, work = [], []
-    if todo_train:
-        frames.append(iteration_frame(prompts, iteration))
-        work.append(f"iteration {iteration}: generating and judging {len(prompts)} prompts")
-    if todo_eval:
-        frames.append(eval_frame(plan.eval_prompts))
-        work.append(f"evaluating {name} on {len(plan.eval_prompts)} held-out prompts")
+    eval_path = run_dir / "eval" / f"{name}.parquet"
+    # A pass is one unit, skipped only when its last write exists and otherwise redone whole: a partial
+    # redo would batch prompts differently in the Judge, and padding moves log-probs in their last bits.
+    marker = it_dir / "judge_counts.json" if it_dir else eval_path
+    if marker.exists() and eval_path.exists():
+        _log(f"{f'iteration {iteration}' if it_dir else f'evaluation of {name}'}: found "
+             f"{marker.relative_to(run_dir)}, skipped")
+        return json.loads(marker.read_text()) if it_dir else None
+    frames = [iteration_frame(prompts, iteration)] if it_dir else []
+    work = [f"iteration {iteration}: generating and judging {len(prompts)} prompts"] if it_dir else []
+    frames.append(eval_frame(plan.eval_prompts))
+    work.append(f"evaluating {name} on {len(plan.eval_prompts)} held-out prompts")
     _log(f"{'; '.join(work)} with {model}")  # the resume test waits for "iteration 2: generating"
     rows = judged_pass(config, pd.concat(frames, ignore_index=True), model=model, sft_path=plan.sft_path)
     is_eval = rows["prompt_id"] >= EVAL_PROMPT_ID
-    if todo_eval:
-        write_eval(rows[is_eval], config, eval_path)
-    if not todo_train:
-        return json.loads(counts_path.read_text()) if counts_path else None
+    write_eval(rows[is_eval], config, eval_path)
+    if it_dir is None:
+        return None
     write_samples(rows[~is_eval], it_dir / "samples.parquet")
     counts = write_judged(rows[~is_eval], it_dir / "judged.parquet")
-    atomic_write_text(counts_path, json.dumps(counts) + "\n")  # the stage's completion marker, written last
+    atomic_write_text(marker, json.dumps(counts) + "\n")  # the pass's completion marker, written last
     return counts
 
 
