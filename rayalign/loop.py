@@ -6,9 +6,11 @@
                pi_{i-1} with reference pi_{i-1}, loop.iteration_epochs; then evaluate pi_i
     report     RUN_DIR/report.md + plots/
 
-Every stage writes its artifact atomically; a stage whose artifact exists is skipped, so `--resume` after
-a kill anywhere redoes no finished work (training resumes from its own checkpoints). This file reads like
-the script it is; the stages are in `generate`, `judge`, `train`, `evaluate`.
+Every stage writes its artifacts atomically, its completion marker last; a stage whose marker exists is
+skipped (and logged as such), so `--resume` after a kill anywhere redoes no finished work (training resumes
+from its own checkpoints) and, with the HF backend, ends exactly where an uninterrupted run ends. This file
+reads like the script it is; the stages are in `generate`, `judge`, `train`, `evaluate`, and `stages` holds
+what the loop shares with the one-stage commands (`rayalign generate|judge|eval`).
 """
 
 from __future__ import annotations
