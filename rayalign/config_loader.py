@@ -199,7 +199,8 @@ def prepare_run_dir(config: Config, root: str | Path = "runs") -> Config:
 
     Returns the config with `run.dir` filled in, so what is written is exactly what the command runs.
     """
-    run_dir = Path(config.run.dir) if config.run.dir else new_run_dir(root)
+    # Absolute: Ray Train workers run in their own working directory, where a relative path means nothing.
+    run_dir = (Path(config.run.dir) if config.run.dir else new_run_dir(root)).expanduser().absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
     atomic_write_text(run_dir / "config.yaml", dump_config(config))

@@ -10,6 +10,7 @@ It does not generate or judge samples; the iterative loop calls it once per iter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -123,12 +124,19 @@ def _check_resume(run_dir: Path, resume: bool) -> None:
     (run_dir / "FAILED.json").unlink(missing_ok=True)
 
 
+def _absolute(path: str) -> str:
+    """A local model path made absolute (the workers run in another directory); hub ids unchanged."""
+    return str(Path(path).expanduser().absolute()) if Path(path).expanduser().exists() else path
+
+
 def run_train(config: Config, *, resume: bool = False) -> int:
     """Run the training stage; returns the process exit code."""
     from rayalign.data import load_rows
     from rayalign.models import load_tokenizer
 
-    started, run_dir = time.perf_counter(), Path(config.run.dir)
+    run_dir = Path(config.run.dir).expanduser().absolute()
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
+    started = time.perf_counter()
     _check_resume(run_dir, resume)
     if not config.data.train_file:
         raise ConfigError("data.train_file: set it to a preference file (see `rayalign data check`)")
@@ -145,8 +153,8 @@ def run_train(config: Config, *, resume: bool = False) -> int:
     tokenizer_path = tokenizer_path or policy_path
     tokenizer = tokenizer or load_tokenizer(tokenizer_path)
     train_rows, eval_rows = split_eval(rows, config, tokenizer)
-    paths = {"policy_path": policy_path, "tokenizer_path": tokenizer_path,
-             "reference_path": config.model.reference or policy_path}
+    paths = {"policy_path": _absolute(policy_path), "tokenizer_path": _absolute(tokenizer_path),
+             "reference_path": _absolute(config.model.reference or policy_path)}
     ensure_ray()
     _log(f"data and model ready after {time.perf_counter() - started:.0f} s")
     splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}

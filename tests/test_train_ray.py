@@ -132,10 +132,16 @@ def test_batch_split_invariance(uninterrupted, tiny_model_dir, pairs_file, tmp_p
     assert_same_weights(run_dir / "final", uninterrupted / "final", atol=2e-5)
 
 
-def test_reference_in_the_step_equals_the_cache(uninterrupted, tiny_model_dir, pairs_file, tmp_path, capsys):
-    """`ref.cache=false` runs the reference forward inside each step: same numbers, no cache written."""
+def test_reference_in_the_step_equals_the_cache(uninterrupted, tiny_model_dir, pairs_file, tmp_path, capsys,
+                                                monkeypatch):
+    """`ref.cache=false` runs the reference forward inside each step: same numbers, no cache written.
+    Also run from another directory with relative paths: the workers run elsewhere and must still find them."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    model = os.path.relpath(tiny_model_dir, tmp_path)
+    assert train(model, pairs_file, "run", "ref.cache=false", "train.max_steps=3") == 0
     run_dir = tmp_path / "run"
-    assert train(tiny_model_dir, pairs_file, run_dir, "ref.cache=false", "train.max_steps=3") == 0
     assert "reference cache" not in capsys.readouterr().out
     assert [m["loss"] for m in metrics(run_dir)] == pytest.approx([m["loss"] for m in metrics(uninterrupted)][:3],
                                                                    abs=1e-6)
