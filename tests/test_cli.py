@@ -67,6 +67,9 @@ def test_readme_quickstart_runs_reduced(quickstart_run):
                 "kl_to_ref", "pairs", "seconds"):
         assert all(key in r for r in records), key
     assert all(r["win_rate_vs_sft"] > 0.5 for r in records), records
+    # rising: each self-judged iteration beats its predecessor on the same prompts, and the SFT baseline more
+    assert all(r["win_rate_vs_prev"] > 0.5 for r in records[1:]), records
+    assert records[-1]["win_rate_vs_sft"] > records[0]["win_rate_vs_sft"], records
     assert all(r["judge_accuracy"] > 0.5 for r in records[1:]), records
     assert records[0]["judge_accuracy"] is None  # iteration 0 trains on gold labels
     for name in ("report.md", "plots/iterations.png", "plots/training.png", "iter-2/train/final/config.json",
