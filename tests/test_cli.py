@@ -24,7 +24,7 @@ def test_show_resolves_yaml_and_overrides():
     assert result.returncode == 0, result.stderr
     shown = yaml.safe_load(result.stdout)
     assert shown["loss"]["beta"] == 0.05 and shown["train"]["num_workers"] == 2
-    assert shown["optim"]["lr"] == 5e-4  # from the YAML
+    assert shown["optim"]["lr"] == 2e-4  # from the YAML
     assert shown["sams"]["ratio"] == 0.5  # a dataclass default
 
 
