@@ -16,6 +16,7 @@ import sys
 
 import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import REPO
 
@@ -57,7 +58,8 @@ def test_generate_judge_eval_reproduce_the_loop(quickstart_run, ray_address, tmp
     ours = pd.read_parquet(out / "samples.parquet")
     loop = pd.read_parquet(base / "iter-1/samples.parquet")
     loop = loop[loop["prompt_id"].isin(ours["prompt_id"])].reset_index(drop=True)
-    assert len(ours) == 8 * 2 and list(ours.columns) == list(loop.columns)
+    samples = yaml.safe_load((base / "config.yaml").read_text())["generate"]["num_samples"]
+    assert len(ours) == 8 * samples and list(ours.columns) == list(loop.columns)
     for column in ("prompt_id", "sample_index", "prompt", "text", "finish_reason"):
         assert list(ours[column]) == list(loop[column]), column
     assert [list(t) for t in ours["token_ids"]] == [list(t) for t in loop["token_ids"]]
