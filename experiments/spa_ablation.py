@@ -12,10 +12,11 @@ once per seed and copied into the other arm's run directory, where the loop's re
 (so iteration 1's judge accuracy is the same number in both arms by construction).
 
 Run from the repository root:  python -m experiments.spa_ablation [--seeds 0 1 2] [key=value ...]
-About 8 minutes per seed on a quiet 2-core machine (a full quickstart plus the second arm's last three
-iterations). Writes runs/experiments/spa_ablation/{<arm>-seed<s>/, results.json, spa_ablation.png} and
-prints per arm the judge accuracy of every self-judged iteration and the final win rate against pi_SFT
-(mean, standard deviation and range over seeds), with the per-seed values.
+About 8-10 minutes per seed on this 2-core machine (a full quickstart plus the second arm's last three
+iterations); the three default seeds took 31 minutes with other jobs running beside them.
+Writes runs/experiments/spa_ablation/{<arm>-seed<s>/, results.json, spa_ablation.png} and prints per arm
+the judge accuracy of every self-judged iteration and the win rate against pi_SFT of every model (mean,
+standard deviation and range over seeds), with the per-seed values.
 Not here: no training or judging code of its own; everything runs through the loop and its config.
 """
 
