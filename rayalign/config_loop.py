@@ -1,0 +1,129 @@
+"""Config sections of the loop around the update: SPA refinement, SamS, Tune sweeps, the loop, run storage.
+
+Part of the schema in `rayalign.config` (re-exported there); split out only to keep files small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rayalign.config_checks import _one_of, _positive, _require
+
+
+@dataclass(frozen=True)
+class SpaConfig:
+    """SPA self-refinement (ALGORITHMS.md §5); mix = 1 + lambda extrapolates away from the reference."""
+
+    refine: bool = False
+    alpha: float = 0.1
+    k_fraction: float = 0.1
+    window: int = 50
+    warm_start: float = 0.2
+    mix_schedule: tuple[float, ...] = (1.5, 1.25, 1.125)
+    iteration: int = 1  # which loop iteration a training run is (1-based; picks the mix_schedule entry)
+
+    def __post_init__(self):
+        _require(0.0 <= self.alpha < 0.5, "spa.alpha", f"must be in [0, 0.5); got {self.alpha}")
+        _require(0.0 < self.k_fraction < 1.0, "spa.k_fraction", "must be in (0, 1)")
+        j = int(self.window * self.k_fraction + 1e-9)
+        _require(j + 1 < self.window, "spa.window", f"too small for spa.k_fraction={self.k_fraction}")
+        _require(0.0 <= self.warm_start < 1.0, "spa.warm_start", "must be in [0, 1)")
+        _require(all(m >= 1.0 for m in self.mix_schedule), "spa.mix_schedule",
+                 "entries are mix = 1 + lambda >= 1 (extrapolation, not interpolation towards the reference)")
+        _require(len(self.mix_schedule) > 0, "spa.mix_schedule", "needs at least one entry")
+        _positive(self.iteration, "spa.iteration")
+
+    @property
+    def mix(self) -> float:
+        """mix = 1 + lambda of this iteration; iterations past the schedule keep its last entry."""
+        return self.mix_schedule[min(self.iteration, len(self.mix_schedule)) - 1]
+
+
+@dataclass(frozen=True)
+class SamsConfig:
+    """SamS batch-wise sample scheduling (ALGORITHMS.md §6); sizes suit tiny models."""
+
+    enabled: bool = False
+    ratio: float = 0.5
+    explore_weight: float = 0.1
+    batch_reward_weight: float = 0.5  # gamma
+    margin_weight: float = 0.5  # delta
+    pool_size: int = 500
+    pool_batches: int = 8
+    warmup_fraction: float = 0.05
+    encoder_dim: int = 64
+    width: int = 256
+    depth: int = 4
+    dropout: float = 0.1
+    lr: float = 1e-3
+    updates_per_round: int = 2
+    regrad: bool = False
+    # bandit: the SamS scheduler; random: a seeded random ratio of each batch; top_rs: the K pairs with the
+    # highest sample reward r_S, no network (the two baselines the spec asks SamS to be reported against)
+    selector: str = "bandit"
+
+    def __post_init__(self):
+        _one_of(self.selector, "sams.selector", ("bandit", "random", "top_rs"))
+        _require(0.0 < self.ratio <= 1.0, "sams.ratio", f"must be in (0, 1]; got {self.ratio}")
+        for key in ("batch_reward_weight", "margin_weight", "warmup_fraction"):
+            _require(0.0 <= getattr(self, key) <= 1.0, f"sams.{key}", "must be in [0, 1]")
+        for key in ("pool_size", "encoder_dim", "width", "depth", "lr", "updates_per_round"):
+            _positive(getattr(self, key), f"sams.{key}")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune sweep: `space` maps dotted config keys to {grid|choice|uniform|loguniform: ...}."""
+
+    space: dict[str, Any] = field(default_factory=dict)
+    metric: str = "eval/rewards/accuracies"
+    mode: str = "max"
+    num_samples: int = 1
+    scheduler: str = "none"
+    grace_period: int = 1
+    max_concurrent_trials: int = 0  # 0: as many as resources allow
+
+    def __post_init__(self):
+        _one_of(self.mode, "tune.mode", ("max", "min"))
+        _one_of(self.scheduler, "tune.scheduler", ("none", "asha"))
+        _positive(self.num_samples, "tune.num_samples")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The iterative SPA loop: iteration 0 is DPO on gold seed pairs, then self-judged iterations."""
+
+    iterations: int = 3
+    seed_epochs: int = 3
+    iteration_epochs: int = 1
+    prompts_per_iteration: int = 64  # 0 with data.prompts_file: split the file evenly across iterations
+    task: str = "sentiment"  # an embedded task with a gold reward, or "none" (no win rates)
+    seed_pairs: int = 128  # gold-labelled pairs of the task for iteration 0 (when data.train_file is empty)
+    eval_prompts: int = 64  # held-out prompts every model is evaluated on
+    sft_examples: int = 1200  # task SFT corpus size (used when model.policy is empty)
+    sft_epochs: int = 2
+    sft_lr: float = 3e-3
+    # What labels an iteration's samples: "judge" (SPA's implicit reward of the previous model) or "gold"
+    # (the task's reward). Pairwise losses take the best vs the worst sample, exo_rw/dpo_rw all K of them.
+    rewards: str = "judge"
+
+    def __post_init__(self):
+        _require(self.iterations >= 0, "loop.iterations", "must be >= 0")
+        _one_of(self.task, "loop.task", ("sentiment", "none"))
+        _one_of(self.rewards, "loop.rewards", ("judge", "gold"))
+        _require(self.rewards == "judge" or self.task == "sentiment", "loop.rewards",
+                 "gold needs a task with a gold reward (loop.task=sentiment)")
+        for key in ("seed_epochs", "iteration_epochs", "seed_pairs", "eval_prompts", "sft_examples", "sft_epochs",
+                    "sft_lr"):
+            _positive(getattr(self, key), f"loop.{key}")
+        _require(self.prompts_per_iteration >= 0, "loop.prompts_per_iteration", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunDirConfig:
+    """Where a command writes: `run.dir` (a fresh `runs/<timestamp>` when unset)."""
+
+    dir: str | None = None
+    storage: str | None = None  # a pyarrow-filesystem URI for multi-node runs
+    name: str = "rayalign"
