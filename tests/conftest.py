@@ -23,6 +23,12 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_REDUCED = ("loop.iterations=2", "loop.prompts_per_iteration=48", "loop.eval_prompts=48",
                       "loop.seed_pairs=96", "loop.sft_examples=800")
+# The smallest quickstart loop that still runs every stage once (SFT, seed DPO, generate, judge, train,
+# eval): ~100 s on a quiet 2-core machine. For scale-out tests (jobs, autoscaling, shared storage) that
+# check plumbing, not learning; append `run.dir=...` and test-specific keys.
+MICRO_LOOP = ("loop.iterations=1", "loop.prompts_per_iteration=16", "loop.eval_prompts=16", "loop.seed_pairs=32",
+              "loop.seed_epochs=1", "loop.sft_examples=200", "loop.sft_epochs=1", "generate.num_samples=2",
+              "generate.max_new_tokens=16")
 
 
 @pytest.fixture(scope="session")
