@@ -26,6 +26,12 @@ LOSS_TYPES = (
 )
 
 
+def _check_resources(resources: dict, key: str) -> None:
+    for name, amount in resources.items():
+        _require(name not in ("CPU", "GPU"), key, f"{name} has its own field (cpus_per_*/gpus_per_*, use_gpu)")
+        _require(isinstance(amount, (int, float)) and amount > 0, key, f"{name}: must be a number > 0; got {amount!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Policy, reference and tokenizer: HF hub ids or local paths."""
@@ -75,8 +81,12 @@ class GenerateConfig:
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    # Extra Ray resources per actor, e.g. {accelerator_type:A10G: 0.01} or a custom node label; autoscaling
+    # clusters launch the worker type that has them (cluster.yaml).
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        _check_resources(self.resources, "generate.resources")
         _one_of(self.backend, "generate.backend", ("hf", "vllm"))
         _require(self.num_samples >= 2, "generate.num_samples", "must be >= 2 to form pairs")
         _positive(self.temperature, "generate.temperature")
@@ -94,8 +104,10 @@ class JudgeConfig:
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # as generate.resources
 
     def __post_init__(self):
+        _check_resources(self.resources, "judge.resources")
         _positive(self.beta, "judge.beta")
         _positive(self.batch_size, "judge.batch_size")
         _positive(self.num_actors, "judge.num_actors")
@@ -109,8 +121,10 @@ class RefConfig:
     cache_dir: str | None = None  # None: RUN_DIR/ref_cache; share one across runs (sweeps) to reuse it
     batch_size: int = 16
     num_actors: int = 1
+    resources: dict[str, float] = field(default_factory=dict)  # per reference-scoring actor, as generate.resources
 
     def __post_init__(self):
+        _check_resources(self.resources, "ref.resources")
         _positive(self.batch_size, "ref.batch_size")
         _positive(self.num_actors, "ref.num_actors")
 
@@ -186,6 +200,7 @@ class TrainConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources, as generate.resources
     engine: str = "ddp"
     zero_stage: int = 2
     precision: str = "fp32"
@@ -204,6 +219,7 @@ class TrainConfig:
     def __post_init__(self):
         _positive(self.num_workers, "train.num_workers")
         _positive(self.cpus_per_worker, "train.cpus_per_worker")
+        _check_resources(self.resources_per_worker, "train.resources_per_worker")
         for key in ("eval_every", "save_every", "keep_checkpoints", "max_failures"):
             _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
         _one_of(self.engine, "train.engine", ("ddp", "deepspeed"))

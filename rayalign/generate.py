@@ -61,6 +61,8 @@ def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateC
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     resources = {"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {}
+    if config.resources:
+        resources["resources"] = dict(config.resources)
     return ray.data.from_pandas(prompts[["prompt_id", "prompt"]]).map_batches(
         Generator, fn_constructor_args=(model_path, config, tokenizer_path, dtype), batch_format="pandas",
         batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),

@@ -88,6 +88,8 @@ def judge_dataset(dataset, *, policy_path: str, sft_path: str, config: Config):
     import ray
 
     resources = {"num_gpus": config.judge.gpus_per_actor} if config.judge.gpus_per_actor else {}
+    if config.judge.resources:
+        resources["resources"] = dict(config.judge.resources)
     return dataset.map_batches(
         Judge, fn_constructor_args=(policy_path, sft_path, config), batch_format="pandas",
         batch_size=config.judge.batch_size, compute=ray.data.ActorPoolStrategy(size=config.judge.num_actors),

@@ -140,7 +140,7 @@ def _run_pipeline(frame: pd.DataFrame, config: Config, *, tokenizer_path: str, r
         dataset = dataset.map_batches(
             ReferenceScorer, fn_constructor_args=(reference_path, config, pad_token_id), batch_format="pandas",
             batch_size=config.ref.batch_size, compute=ray.data.ActorPoolStrategy(size=config.ref.num_actors),
-            num_cpus=1)
+            num_cpus=1, **({"resources": dict(config.ref.resources)} if config.ref.resources else {}))
     return dataset.to_pandas().sort_values("pair_index").reset_index(drop=True)
 
 

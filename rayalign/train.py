@@ -190,7 +190,7 @@ def _fit(config: Config, paths: dict, run_dir: Path) -> None:
     from rayalign.train_loop import train_fn_per_worker
 
     train = config.train
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {}), **train.resources_per_worker}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": config_to_dict(config), **paths},
