@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import time
 from pathlib import Path
+
+from experiments.loop_arms import run_arms
 
 ARMS = ("dpo", "exo_rw", "dpo_rw")
 DEFAULT_OUT = Path("runs/experiments/exo_vs_dpo")
@@ -42,40 +42,6 @@ def arm_config(arm: str, seed: int, run_dir: Path, *, beta_r: float, iterations:
         f"loss.type={arm}", f"loss.beta_r={beta_r}", "generate.num_samples=4", "loop.rewards=gold",
         "spa.refine=false", f"loop.iterations={iterations}", f"train.seed={seed}", f"data.seed={seed}",
         f"generate.seed={seed}", f"run.dir={run_dir}", *extra])
-
-
-def copy_shared(source: Path, target: Path) -> None:
-    """Seed `target` with the stages every arm computes identically (the loop resumes past them)."""
-    for name in SHARED:
-        src, dst = source / name, target / name
-        if dst.exists() or not src.exists():
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-
-
-def run_arms(arms, seeds, out: Path, *, beta_r: float, iterations: int, extra: list[str]) -> dict:
-    from rayalign.loop import run_loop
-
-    results = {}
-    for seed in seeds:
-        first = None
-        for arm in arms:
-            run_dir = out / f"{arm}-seed{seed}"
-            if first is not None:
-                copy_shared(first, run_dir)
-            started = time.perf_counter()
-            config = arm_config(arm, seed, run_dir, beta_r=beta_r, iterations=iterations, extra=extra)
-            if run_loop(config, resume=True) != 0:
-                raise RuntimeError(f"{run_dir}: the loop failed")
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            for record in records:
-                record["train_examples"] = _train_examples(run_dir, record["iteration"])
-            results[f"{arm}-seed{seed}"] = {"arm": arm, "seed": seed, "records": records,
-                                            "seconds": round(time.perf_counter() - started, 1)}
-            print(f"exo_vs_dpo: {arm} seed {seed} done in {time.perf_counter() - started:.0f} s", flush=True)
-            first = first or run_dir
-    return results
 
 
 def _train_examples(run_dir: Path, iteration: int) -> int:
@@ -141,8 +107,14 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out.resolve()  # Ray Train workers do not run in this directory: relative paths break
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run_arms(args.arms, args.seeds, args.out, beta_r=args.beta_r, iterations=args.iterations,
-                       extra=args.overrides)
+    def make_config(arm, seed, run_dir):
+        return arm_config(arm, seed, run_dir, beta_r=args.beta_r, iterations=args.iterations, extra=args.overrides)
+
+    def annotate(run_dir, record):
+        record["train_examples"] = _train_examples(run_dir, record["iteration"])
+
+    results = run_arms(args.arms, args.seeds, args.out, make_config=make_config, shared=SHARED, annotate=annotate,
+                       label="exo_vs_dpo")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results, args.arms))
     print(f"exo_vs_dpo: plot {plot(results, args.arms, args.out / 'frontier.png')}")

@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
-from experiments.exo_vs_dpo import copy_shared
+from experiments.exo_vs_dpo import SHARED
+from experiments.loop_arms import run_arms
 
 ARMS = {"refine": "spa.refine=true", "no_refine": "spa.refine=false"}
 DEFAULT_OUT = Path("runs/experiments/spa_ablation")
@@ -46,29 +46,6 @@ def _relabelled(run_dir: Path, iteration: int) -> int:
     """Pairs that self-refinement gave a soft label in the iteration's update (summed over its steps)."""
     log = run_dir / f"iter-{iteration}" / "train" / "metrics.jsonl"
     return sum(json.loads(line).get("spa/relabelled", 0) for line in log.read_text().splitlines() if line)
-
-
-def run_arms(seeds: list[int], out: Path, extra: list[str]) -> dict:
-    from rayalign.loop import run_loop
-
-    results = {}
-    for seed in seeds:
-        first = None
-        for arm in ARMS:
-            run_dir = out / f"{arm}-seed{seed}"
-            if first is not None:
-                copy_shared(first, run_dir)
-            started = time.perf_counter()
-            if run_loop(arm_config(arm, seed, run_dir, extra), resume=True) != 0:
-                raise RuntimeError(f"{run_dir}: the loop failed")
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            for record in records:
-                record["relabelled"] = _relabelled(run_dir, record["iteration"]) if record["iteration"] else 0
-            results[f"{arm}-seed{seed}"] = {"arm": arm, "seed": seed, "records": records,
-                                            "seconds": round(time.perf_counter() - started, 1)}
-            print(f"spa_ablation: {arm} seed {seed} done in {time.perf_counter() - started:.0f} s", flush=True)
-            first = first or run_dir
-    return results
 
 
 def _stats(values: list[float]) -> str:
@@ -132,7 +109,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run_arms(args.seeds, args.out, args.overrides)
+    def annotate(run_dir, record):
+        record["relabelled"] = _relabelled(run_dir, record["iteration"]) if record["iteration"] else 0
+
+    results = run_arms(ARMS, args.seeds, args.out, make_config=lambda arm, seed, run_dir: arm_config(
+        arm, seed, run_dir, args.overrides), shared=SHARED, annotate=annotate, label="spa_ablation")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"spa_ablation: plot {plot(results, args.out / 'spa_ablation.png')}")
