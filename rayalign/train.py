@@ -129,8 +129,12 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().absolute()) if Path(path).expanduser().exists() else path
 
 
-def run_train(config: Config, *, resume: bool = False) -> int:
-    """Run the training stage; returns the process exit code."""
+def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), prepare_only: bool = False) -> int:
+    """Run the training stage; returns the process exit code.
+
+    `callbacks`: extra Ray Train callbacks (a Tune trial passes TuneReportCallback). `prepare_only`: stop
+    after the prepared Parquet is written (`rayalign tune` builds the tiny model and warms the shared
+    reference cache once in its driver this way)."""
     from rayalign.data import load_rows
     from rayalign.models import load_tokenizer
 
@@ -159,11 +163,13 @@ def run_train(config: Config, *, resume: bool = False) -> int:
     _log(f"data and model ready after {time.perf_counter() - started:.0f} s")
     splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
     paths.update(_prepare(splits, config, paths, tokenizer, run_dir))
+    if prepare_only:
+        return 0
     _log(f"prepared after {time.perf_counter() - started:.0f} s; starting {config.train.num_workers} "
          f"{config.train.engine} worker(s)")
     paths["kill_worker_at"] = os.environ.get("RAYALIGN_KILL_WORKER_AT")  # fault drills (tests), else None
     try:
-        _fit(config, paths, run_dir)
+        _fit(config, paths, run_dir, callbacks)
     except Exception as exc:  # Ray Train wraps worker errors; say what to do rather than dump its traceback
         from rayalign.checkpoint import latest_checkpoint
 
@@ -183,7 +189,7 @@ def run_train(config: Config, *, resume: bool = False) -> int:
     return 0
 
 
-def _fit(config: Config, paths: dict, run_dir: Path) -> None:
+def _fit(config: Config, paths: dict, run_dir: Path, callbacks: tuple = ()) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -200,6 +206,7 @@ def _fit(config: Config, paths: dict, run_dir: Path) -> None:
         # A fresh Ray run name per attempt: resuming is ours (checkpoints/step-N), not Ray's run state.
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(run_dir.resolve() / "ray"),
-                             failure_config=FailureConfig(max_failures=train.max_failures)),
+                             failure_config=FailureConfig(max_failures=train.max_failures),
+                             callbacks=list(callbacks)),
     )
     trainer.fit()
