@@ -2,7 +2,9 @@
 
 The reference is the session's uninterrupted reduced quickstart (`quickstart_run` in conftest); this test
 adds one run with the same configuration, killed while iteration 2's Generator actors are up, then
-resumed. With the HF backend (per-prompt seeds) and one Ray Train worker every stage is deterministic, so
+resumed. To save CI time the run starts from a copy of the reference's setup and iteration 0 (a legal
+resume point: those stages are deterministic and complete), so it computes iterations 1 and 2 itself.
+With the HF backend (per-prompt seeds) and one Ray Train worker every stage is deterministic, so
 the resumed run must end with the reference's weights and metrics, and must not touch iteration 1.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +30,7 @@ TAG = "RAYALIGN_TEST_RUN_TAG"  # inherited by the driver's Ray daemons and worke
 KEPT = ("sft/model.safetensors", "eval/sft.parquet", "iter-0/train/final/model.safetensors", "eval/iter-0.parquet",
         "iter-1/samples.parquet", "iter-1/judged.parquet", "iter-1/judge_counts.json",
         "iter-1/train/final/model.safetensors", "iter-1/train/metrics.jsonl", "iter-1/seconds")
+SEEDED = ("data", "tiny-model", "sft", "eval/sft.parquet", "iter-0", "eval/iter-0.parquet")
 
 
 def _tagged_processes(tag: str) -> dict[int, str]:
@@ -103,15 +107,22 @@ def _weights(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
+def _copy_setup_and_iteration_0(source: Path, target: Path) -> None:
+    for name in SEEDED:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (source / name).is_dir() else shutil.copy2)(source / name, target / name)
+
+
 def test_resume_after_kill_in_iteration_2_generation(quickstart_run, tmp_path):
     reference = quickstart_run
     assert reference.result.returncode == 0, reference.result.stdout[-3000:] + reference.result.stderr[-3000:]
     run_dir, tag = tmp_path / "run", uuid.uuid4().hex
+    _copy_setup_and_iteration_0(reference.run_dir, run_dir)
     command = [sys.executable, "-m", "rayalign.cli", "run", "configs/quickstart.yaml", f"run.dir={run_dir}",
                *reference.overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", TAG: tag}
 
-    first_log = _kill_run_in_iteration_2_generation(command, env, tag)
+    first_log = _kill_run_in_iteration_2_generation([*command, "--resume"], env, tag)
     survivors = _reap(tag)
     assert not _tagged_processes(tag)
     assert "iteration 1: generating" in first_log, first_log[-3000:]
