@@ -1,0 +1,361 @@
+"""Run storage (`run.storage`): a run's durable copy on a local path or any pyarrow filesystem URI.
+
+On a cluster no two nodes share a disk, so with `run.storage` set the storage is the run's source of truth
+and `run.dir` is the driver's working copy, laid out the same (`RUN_DIR/a/b` <-> `STORAGE/a/b`):
+
+    driver     writes a stage's outputs in run.dir as before, then `publish`es them, its marker last
+    actors     (Generator, Judge, PairEncoder, ReferenceScorer) get storage locations of their models and
+               `materialize` them into a node-local cache
+    training   Ray Train workers read their inputs from storage, write into a node-local scratch run dir
+               and rank 0 publishes metrics, checkpoints/step-N and final/ (last: the stage's marker);
+               Ray Train's own run state goes to STORAGE/.../ray (RunConfig storage_filesystem)
+    --resume   `start_run` makes run.dir a mirror of storage's committed state first, so a machine with
+               an empty run.dir continues where the run stopped
+
+Object stores have no atomic rename, hence a commit protocol for directories ("units": models,
+checkpoints, plots): `_UNIT` is written first (it marks the prefix as a unit), then the files, then
+`_COMMITTED.json` (a fresh id and the file list). Readers trust only units with that marker and read only
+the files it lists; republishing deletes the marker first. A single file is one object, whole or absent.
+The node cache is keyed by location + commit id (files: + size and mtime) and filled under a file lock
+into a temporary sibling that is renamed into place, so concurrent actors on a node download once.
+Credentials come from the filesystem's usual sources (for S3: AWS_* variables, instance profiles); URIs
+may carry pyarrow's options, e.g. s3://bucket/run?endpoint_override=127.0.0.1:9000&scheme=http.
+
+Without `run.storage` none of this runs. It does not evict the node cache (it lives in
+RAYALIGN_CACHE_DIR, default <tmp>/rayalign-cache) and does not support DeepSpeed with several workers
+(ZeRO checkpoints are written by every rank into one directory; `rayalign.train` says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+UNIT = "_UNIT"
+MARKER = "_COMMITTED.json"
+NOT_MIRRORED = ("config.yaml",)  # the driver writes its own before syncing
+NOT_MIRRORED_DIRS = ("checkpoints", "ray")  # read by training from storage itself, or Ray Train's state
+
+
+def _fs():
+    import pyarrow.fs
+
+    return pyarrow.fs
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def open_uri(location: str):
+    """(pyarrow filesystem, path inside it) of a URI or a local path."""
+    fs = _fs()
+    if not is_uri(location):
+        return fs.LocalFileSystem(), str(Path(location).expanduser().absolute())
+    return fs.FileSystem.from_uri(str(location))
+
+
+def join(location: str, key: str) -> str:
+    """`location`/`key`, keeping a URI's query (its filesystem options) at the end."""
+    if not key:
+        return location
+    if not is_uri(location):
+        return str(Path(location) / key)
+    parts = urlsplit(location)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + key))
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _is_local(fs) -> bool:
+    return isinstance(fs, _fs().LocalFileSystem)
+
+
+def _download(fs, path: str, local: Path) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+
+
+def _upload(fs, local: Path, path: str) -> None:
+    """One object: whole or absent (an object PUT; on a local filesystem a rename into place)."""
+    target = path if not _is_local(fs) else f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with open(local, "rb") as src, fs.open_output_stream(target) as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    if target != path:
+        fs.move(target, path)
+
+
+def _write_object(fs, path: str, data: bytes) -> None:
+    with tempfile.NamedTemporaryFile() as handle:
+        handle.write(data)
+        handle.flush()
+        _upload(fs, Path(handle.name), path)
+
+
+def _read_marker(fs, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(f"{path}/{MARKER}") as handle:
+            return json.loads(handle.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _unit_files(local: Path) -> list[Path]:
+    return sorted(p for p in local.rglob("*") if p.is_file() and p.name not in (UNIT, MARKER))
+
+
+@contextlib.contextmanager
+def _atomic_local(target: Path):
+    """A temporary sibling path that replaces `target` (a file or a directory) if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.pull-{uuid.uuid4().hex[:8]}")
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if target.is_dir():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def _copy_unit(fs, path: str, marker: dict, local: Path) -> None:
+    """Download a committed unit's listed files (and its marker) into a new directory `local`."""
+    local.mkdir(parents=True)
+    for name in marker["files"]:
+        _download(fs, f"{path}/{name}", local / name)
+    (local / MARKER).write_text(json.dumps(marker))
+
+
+def node_cache_dir() -> Path:
+    """This node's cache: RAYALIGN_CACHE_DIR (default <tmp>/rayalign-cache) / <Ray node id or "local">."""
+    root = Path(os.environ.get("RAYALIGN_CACHE_DIR") or Path(tempfile.gettempdir()) / "rayalign-cache")
+    node = "local"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return root / node
+
+
+def fingerprint(location: str) -> str:
+    """What identifies a stored unit's or file's content: its commit id, or size and mtime."""
+    fs, path = open_uri(location)
+    marker = _read_marker(fs, path)
+    if marker:
+        return f"{location}#{marker['id']}"
+    info = fs.get_file_info(path)
+    if info.type != _fs().FileType.File:
+        raise FileNotFoundError(f"{location}: not in storage (no committed directory or file there)")
+    return f"{location}#{info.size}:{info.mtime_ns}"
+
+
+def materialize(location: str) -> str:
+    """A local path holding `location`: itself when local, else this node's cached copy of it.
+
+    A directory must be a committed unit. Concurrent callers on one node download it once.
+    """
+    fs, path = open_uri(location)
+    if _is_local(fs):  # a local path or shared mount: read in place, if it is no uncommitted unit
+        if (Path(path) / UNIT).exists() and not (Path(path) / MARKER).exists():
+            raise FileNotFoundError(f"{location}: an unfinished upload (no {MARKER}); not reading it")
+        return location if not is_uri(location) else path
+    key = fingerprint(location)
+    target = node_cache_dir() / _hash(key) / (path.rstrip("/").rsplit("/", 1)[-1] or "root")
+    if target.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first actor downloads; the others wait, then reuse it
+        if not target.exists():
+            marker = _read_marker(fs, path)
+            with _atomic_local(target) as tmp:
+                _copy_unit(fs, path, marker, tmp) if marker else _download(fs, path, tmp)
+    return str(target)
+
+
+def localize(loop_config: dict) -> dict:
+    """A Ray Train loop config whose storage `*_path` entries are materialized on this node."""
+    return {k: materialize(v) if k.endswith("_path") and isinstance(v, str) else v for k, v in loop_config.items()}
+
+
+def _excluded(key: str) -> bool:
+    parts = key.split("/")
+    return key in NOT_MIRRORED or any(p in NOT_MIRRORED_DIRS for p in parts[:-1]) or ".tmp-" in parts[-1]
+
+
+class RunStorage:
+    """A local run directory bound to its storage location: `local_root/a/b` <-> `uri/a/b`."""
+
+    def __init__(self, uri: str, local_root: str | Path):
+        self.uri = str(uri) if is_uri(uri) else str(Path(uri).expanduser().absolute())
+        self.fs, root = open_uri(self.uri)
+        self.root = root.rstrip("/")
+        self.local_root = Path(local_root).expanduser().absolute()
+
+    @classmethod
+    def from_config(cls, config) -> RunStorage | None:
+        return cls(config.run.storage, config.run.dir) if config.run.storage else None
+
+    def key(self, local: str | Path) -> str:
+        """`local`'s path relative to run.dir; ValueError outside it."""
+        relative = Path(local).expanduser().absolute().relative_to(self.local_root).as_posix()
+        return "" if relative == "." else relative
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def fs_path(self, local: str | Path) -> str:
+        """`local`'s path inside the storage filesystem (what pyarrow and Ray Train take with `fs`)."""
+        return self._path(self.key(local))
+
+    def location(self, local: str | Path) -> str:
+        """The URI (or storage path) that code on any node reads `local` from."""
+        return join(self.uri, self.key(local))
+
+    def _is_file(self, key: str) -> bool:
+        return self.fs.get_file_info(self._path(key)).type == _fs().FileType.File
+
+    def exists(self, local: str | Path) -> bool:
+        """A committed unit or a file is at `local`'s location."""
+        key = self.key(local)
+        return _read_marker(self.fs, self._path(key)) is not None or self._is_file(key)
+
+    def publish(self, *paths: str | Path) -> None:
+        """Copy files (one object each) and directories (units, marker last) to their locations."""
+        for local in map(Path, paths):
+            self._publish(local, self.key(local))
+
+    def _publish(self, local: Path, key: str) -> None:
+        path = self._path(key)
+        if local.is_file():
+            _upload(self.fs, local, path)
+            return
+        if not local.is_dir():
+            raise FileNotFoundError(f"cannot publish {local}: it does not exist")
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(f"{path}/{MARKER}")  # readers stop trusting the old copy first
+        self.fs.delete_dir_contents(path, missing_dir_ok=True)
+        _write_object(self.fs, f"{path}/{UNIT}", b"")
+        files = _unit_files(local)
+        for file in files:
+            _upload(self.fs, file, f"{path}/{file.relative_to(local).as_posix()}")
+        marker = {"id": uuid.uuid4().hex, "files": [f.relative_to(local).as_posix() for f in files]}
+        _write_object(self.fs, f"{path}/{MARKER}", json.dumps(marker).encode())
+        (local / MARKER).write_text(json.dumps(marker))  # the working copy knows which commit it holds
+
+    def pull(self, local: str | Path) -> bool:
+        """Copy what is committed at `local`'s location to `local` (atomically); False when nothing is."""
+        local = Path(local)
+        path = self._path(self.key(local))
+        marker = _read_marker(self.fs, path)
+        if marker:
+            if local.is_dir() and (local / MARKER).is_file() and json.loads((local / MARKER).read_text()) == marker:
+                return True
+            with _atomic_local(local) as tmp:
+                _copy_unit(self.fs, path, marker, tmp)
+            return True
+        if not self._is_file(self.key(local)):
+            return False
+        with _atomic_local(local) as tmp:
+            _download(self.fs, path, tmp)
+        return True
+
+    def delete(self, local: str | Path) -> None:
+        path = self._path(self.key(local))
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(f"{path}/{MARKER}")
+        info = self.fs.get_file_info(path)
+        if info.type == _fs().FileType.File:
+            self.fs.delete_file(path)
+        elif info.type == _fs().FileType.Directory:
+            self.fs.delete_dir(path)
+
+    def committed_units(self, local_parent: str | Path) -> list[str]:
+        """Names of the committed units directly under `local_parent`'s location."""
+        path = self._path(self.key(local_parent))
+        children = self.fs.get_file_info(_fs().FileSelector(path, allow_not_found=True))
+        return sorted(c.base_name for c in children
+                      if c.type == _fs().FileType.Directory and _read_marker(self.fs, c.path) is not None)
+
+    def remote(self, path: str) -> str:
+        """Where code on other nodes reads the model or file `path` the driver holds.
+
+        A URI stays; a name that is no local path is a hub id every node resolves itself; a path in
+        run.dir maps to its location (published if it is not there yet); any other local path is
+        uploaded once into STORAGE/inputs/.
+        """
+        local = Path(path).expanduser()
+        if is_uri(path) or not local.exists():
+            return path
+        local = local.absolute()
+        try:
+            key = self.key(local)
+        except ValueError:
+            key = f"inputs/{local.name}-{_hash(str(local))[:8]}"
+        if _read_marker(self.fs, self._path(key)) is None and not self._is_file(key):
+            self._publish(local, key)
+        return join(self.uri, key)
+
+    def mirror(self) -> None:
+        """Make run.dir a copy of storage's committed state: pull what differs, delete what storage lacks.
+
+        Storage is the truth: a stage whose outputs the driver wrote but never published is redone.
+        Skips config.yaml, checkpoints/ and Ray Train's ray/ (training reads those from storage itself).
+        """
+        infos = self.fs.get_file_info(_fs().FileSelector(self.root, recursive=True, allow_not_found=True))
+        keys = [i.path[len(self.root) + 1:] for i in infos if i.type == _fs().FileType.File]
+        units = {k.rsplit("/", 1)[0] for k in keys if k.rsplit("/", 1)[-1] == UNIT and "/" in k}
+        kept_units = {u for u in units if not _excluded(u + "/x") and self.pull(self.local_root / u)}
+        plain = {k for k in keys if not _excluded(k) and not any(k.startswith(u + "/") for u in units)}
+        for key in sorted(plain):
+            self.pull(self.local_root / key)
+        for file in sorted(self.local_root.rglob("*")):
+            key = file.relative_to(self.local_root).as_posix()
+            if (file.is_file() and not _excluded(key) and key not in plain
+                    and not any(key.startswith(u + "/") for u in kept_units)):
+                file.unlink()
+        for folder in sorted((p for p in self.local_root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(folder.iterdir()):
+                folder.rmdir()  # an empty final/ would read as a finished stage
+
+
+def publish(config, *paths: str | Path) -> None:
+    """Publish `paths` (in this order) to run.storage; nothing without run.storage."""
+    store = RunStorage.from_config(config)
+    if store:
+        store.publish(*paths)
+
+
+def start_run(config, *, resume: bool) -> RunStorage | None:
+    """The loop's storage: refuse to overwrite a stored run, mirror it into run.dir on --resume."""
+    from rayalign.config import ConfigError
+
+    store = RunStorage.from_config(config)
+    if store is None:
+        return None
+    config_file = store.local_root / "config.yaml"
+    if store.exists(config_file) and not resume:
+        raise ConfigError(f"run.storage: {config.run.storage} already holds a run; pass --resume to continue it")
+    if resume:
+        store.mirror()
+        print(f"rayalign run: mirrored the committed state of {config.run.storage} into {store.local_root}",
+              flush=True)
+    store.publish(config_file)
+    return store

@@ -1,0 +1,95 @@
+"""Run storage for the training stage (`rayalign.train`, `rayalign.train_loop`); see `rayalign.storage`.
+
+With `run.storage` the driver publishes the prepared Parquet and hands the workers storage locations of
+it and of the models; each worker materializes them on its node and runs in a node-local scratch run dir
+bound to the stage's location (STORAGE/<stage>), one per node and attempt. Rank 0 publishes metrics.jsonl
+and tb/ with every checkpoint, then the checkpoint (a unit, so a resume on any node finds only complete
+ones); at the end metrics, final_metrics.json and tb/, then final/ last: the stage's completion marker.
+After `fit()` the driver pulls those into its run.dir. Without `run.storage` nothing here is called.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from rayalign.storage import RunStorage, _hash, node_cache_dir
+
+LOGS = ("metrics.jsonl", "final_metrics.json", "tb")
+OUTPUTS = ("FAILED.json", *LOGS, "final")  # what the driver pulls after fit(), final/ last
+
+
+def latest_stored_checkpoint(store: RunStorage, run_dir: str | Path) -> Path | None:
+    """run_dir/checkpoints/step-N of the newest committed checkpoint in storage (not downloaded)."""
+    from rayalign.checkpoint import STEP_DIR
+
+    checkpoints = Path(run_dir) / "checkpoints"
+    steps = [int(m.group(1)) for name in store.committed_units(checkpoints) if (m := STEP_DIR.match(name))]
+    return checkpoints / f"step-{max(steps)}" if steps else None
+
+
+def worker_paths(store: RunStorage, paths: dict, run_dir: Path) -> dict:
+    """Publish the prepared Parquet; the workers' storage locations of their inputs and their stage."""
+    prepared = {k: v for k, v in paths.items() if k in ("train_path", "eval_path")}
+    store.publish(*prepared.values())
+    return {**{k: store.remote(v) for k, v in paths.items() if k.endswith("_path")},
+            "storage_dir": store.location(run_dir), "attempt": uuid.uuid4().hex}
+
+
+def ray_storage(store: RunStorage | None, run_dir: Path) -> dict:
+    """RunConfig's storage arguments: Ray Train's run state in STORAGE/<stage>/ray, else RUN_DIR/ray."""
+    if store is None:
+        return {"storage_path": str(run_dir.resolve() / "ray")}
+    return {"storage_path": store.fs_path(run_dir / "ray"), "storage_filesystem": store.fs}
+
+
+def worker_storage(loop_config: dict, *, rank: int) -> RunStorage | None:
+    """A worker's scratch run dir bound to its stage's location; rank 0 continues the stored logs."""
+    location = loop_config.get("storage_dir")
+    if not location:
+        return None
+    store = RunStorage(location, node_cache_dir() / "train" / _hash(location + loop_config["attempt"]))
+    store.local_root.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # MetricsLog then truncates them to the checkpoint it resumes from
+        for name in ("metrics.jsonl", "tb"):
+            store.pull(store.local_root / name)
+    return store
+
+
+def resume_checkpoint(store: RunStorage) -> Path | None:
+    """The newest committed checkpoint, materialized on this node (None: start fresh)."""
+    from rayalign.storage import materialize
+
+    latest = latest_stored_checkpoint(store, store.local_root)
+    return Path(materialize(store.location(latest))) if latest else None
+
+
+def publish_checkpoint(store: RunStorage, checkpoint: Path, *, keep: int) -> None:
+    """Rank 0: logs, then the checkpoint unit; then drop stored checkpoints beyond `keep` (0: keep all)."""
+    store.publish(*_present(store, ("metrics.jsonl", "tb")), checkpoint)
+    if keep > 0:
+        from rayalign.checkpoint import STEP_DIR
+
+        names = store.committed_units(checkpoint.parent)
+        steps = sorted(int(m.group(1)) for name in names if (m := STEP_DIR.match(name)))
+        for step in steps[:-keep]:
+            store.delete(checkpoint.parent / f"step-{step}")
+
+
+def publish_outputs(store: RunStorage) -> None:
+    """Rank 0 at the end: the logs, then final/ (the stage's completion marker) last."""
+    store.publish(*_present(store, (*LOGS, "final")))
+
+
+def publish_failure(store: RunStorage, failure: Path) -> None:
+    store.publish(failure)
+
+
+def pull_outputs(store: RunStorage, run_dir: Path) -> None:
+    """Driver after fit(): the stage's outputs from storage into run.dir."""
+    for name in OUTPUTS:
+        store.pull(run_dir / name)
+
+
+def _present(store: RunStorage, names) -> list[Path]:
+    return [store.local_root / n for n in names if (store.local_root / n).exists()]
