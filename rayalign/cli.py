@@ -3,6 +3,7 @@
     rayalign show CONFIG [key=value ...]       print the fully resolved config as YAML
     rayalign run CONFIG [key=value ...]        the iterative SPA loop (see `rayalign.loop`) [--resume]
     rayalign train CONFIG [key=value ...]      Ray Train update on preference pairs [--resume]
+    rayalign tune CONFIG [key=value ...]       Ray Tune sweep over tune.space, one train run per trial [--resume]
     rayalign generate CONFIG [key=value ...]   one stage of the loop: sample the prompts [--iteration N]
     rayalign judge CONFIG [key=value ...]      one stage: SPA self-judging of a samples file [--samples P]
     rayalign eval CONFIG [key=value ...]       one stage: model.policy vs a baseline [--baseline P]
@@ -59,6 +60,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     path, overrides = _split_config_and_overrides(args)
     return run_train(prepare_run_dir(load_config(path, overrides)), resume=args.resume)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from rayalign.config_loader import load_config, prepare_run_dir
+    from rayalign.tune import run_tune
+
+    path, overrides = _split_config_and_overrides(args)
+    return run_tune(prepare_run_dir(load_config(path, overrides)), resume=args.resume)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
@@ -119,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.set_defaults(handler=_cmd_train)
+
+    tune = commands.add_parser("tune", help="Ray Tune sweep over tune.space: each trial is a `train` run")
+    _add_config_arguments(tune)
+    tune.add_argument("--resume", action="store_true", help="continue a killed sweep; finished trials are kept")
+    tune.set_defaults(handler=_cmd_tune)
     _add_stage_commands(commands)
 
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)

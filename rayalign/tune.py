@@ -1,0 +1,249 @@
+"""`rayalign tune CONFIG [key=value ...] [--resume]`: a Ray Tune sweep whose trials are `rayalign train` runs.
+
+    driver: validate tune.space (no Ray yet) -> build the tiny model and warm the shared reference cache
+            once -> Tuner(run_trial).fit() -> RUN_DIR/tune/results.{csv,md}, plots, best.yaml
+    trial:  run_trial(params) -> run_train(trial config) with its own TorchTrainer, whose reports reach Tune
+            through TuneReportCallback
+
+Under Ray Train V2 `Tuner(TorchTrainer)` is rejected, so each trial is a function trainable that builds
+its TorchTrainer (`rayalign.train.run_train`); the trial actor itself holds 0.01 CPU and its training
+workers hold what `train.*` asks for. Layout: RUN_DIR/tune/trials/<trial>/ is a normal train run dir,
+RUN_DIR/tune/ref_cache/ the shared reference cache, RUN_DIR/tune/experiment/ Ray Tune's own state
+(`--resume` restores it with `Tuner.restore`; finished trials are kept, unfinished ones continue from their
+newest checkpoint). It does not pick the search algorithm (Tune's default: grid + random sampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+from rayalign.config import Config, ConfigError, TuneConfig
+from rayalign.config_loader import config_to_dict, dump_config, load_config
+from rayalign.io import atomic_write_text
+from rayalign.tune_space import Dimension, check_space, grid_size, parse_space, trial_config, value_of
+
+EXPERIMENT = "experiment"  # Ray Tune's state under RUN_DIR/tune/
+SWEEP_FILE = "sweep.yaml"  # the resolved sweep config; --resume must match it
+WARM_FILE = "prepared.json"  # written once the model is built and the reference cache is warm
+# Keys the reference cache's key depends on (rayalign.prepare.cache_key): trials that agree on these
+# share one cache entry, so the driver warms one entry per distinct combination of them.
+CACHE_SECTIONS = ("model", "data", "ref")
+CACHE_KEYS = ("loss.type", "loss.mallows_phi", "loss.logit_temperature", "train.padding_free")
+
+
+def _log(message: str) -> None:
+    print(f"rayalign tune: {message}", flush=True)
+
+
+def _local(path: str | None) -> str | None:
+    """An existing local path made absolute; hub ids, URIs and None unchanged."""
+    return str(Path(path).expanduser().absolute()) if path and Path(path).expanduser().exists() else path
+
+
+def sweep_base(config: Config) -> Config:
+    """What every trial starts from: the sweep's config with the shared reference cache, absolute local paths
+    (Ray Tune runs each trial in its own working directory) and no tune section."""
+    tune_dir = Path(config.run.dir) / "tune"
+    ref = dataclasses.replace(config.ref, cache_dir=_local(config.ref.cache_dir) or str(tune_dir / "ref_cache"))
+    data = dataclasses.replace(config.data, train_file=_local(config.data.train_file) or "",
+                               eval_file=_local(config.data.eval_file), prompts_file=_local(config.data.prompts_file))
+    model = dataclasses.replace(config.model, policy=_local(config.model.policy) or "",
+                                reference=_local(config.model.reference), tokenizer=_local(config.model.tokenizer))
+    return dataclasses.replace(config, model=model, data=data, ref=ref, tune=TuneConfig())
+
+
+def check_sweep(config: Config, dims: list[Dimension], trial_configs: list[Config]) -> None:
+    """Sweep-level rules every trial must meet, before any Ray work."""
+    from rayalign.objective import METRIC_NAMES
+
+    tune = config.tune
+    names = [f"eval/{name}" for name in METRIC_NAMES]
+    if tune.metric not in names:
+        raise ConfigError(f"tune.metric: {tune.metric!r} is not reported by training; use one of {', '.join(names)}")
+    for trial in [config, *trial_configs]:
+        if not (trial.data.eval_file or trial.data.eval_fraction > 0):
+            raise ConfigError("tune.metric: eval metrics need held-out pairs; set data.eval_fraction or "
+                              "data.eval_file")
+        if tune.scheduler == "asha" and trial.train.eval_every <= 0:
+            raise ConfigError("tune.scheduler: asha stops trials on intermediate evaluations; set "
+                              "train.eval_every > 0")
+    fixed = ("model.policy", "model.tokenizer", "data.train_file", "data.format")
+    swept = [d.key for d in dims if d.key in fixed]
+    if not config.model.policy and swept:
+        raise ConfigError(f"tune.space.{swept[0]}: with model.policy empty the sweep builds one tiny model from "
+                          "the data for all trials; set model.policy to sweep this key")
+
+
+def _cache_settings(config: Config) -> str:
+    tree = config_to_dict(config)
+    settings = {**{s: tree[s] for s in CACHE_SECTIONS}, **{k: value_of(config, k) for k in CACHE_KEYS}}
+    return json.dumps(settings, sort_keys=True)
+
+
+def warm_configs(base: Config, dims: list[Dimension]) -> list[Config]:
+    """One trial config per distinct cache setting among the values trials can take (ranges excepted)."""
+    relevant = [d for d in dims if d.kind in ("grid", "choice")
+                and (d.key.split(".")[0] in CACHE_SECTIONS or d.key in CACHE_KEYS)]
+    distinct: dict[str, Config] = {}
+    for values in itertools.product(*(d.values for d in relevant)):
+        trial = trial_config(base, dict(zip((d.key for d in relevant), values)))
+        distinct.setdefault(_cache_settings(trial), trial)
+    return list(distinct.values())
+
+
+def warm_up(base: Config, dims: list[Dimension], tune_dir: Path) -> Config:
+    """Build the tiny model (if model.policy is empty) and score the reference once per cache setting, in the
+    driver, so that concurrent trials read the cache instead of racing to compute it. Returns the base
+    config with model.policy set to the model every trial trains."""
+    from rayalign.train import run_train
+
+    marker = tune_dir / WARM_FILE
+    if marker.exists():  # --resume of the same sweep (checked): the model and the cache are there
+        policy = json.loads(marker.read_text())["model.policy"]
+        _log(f"the sweep's model and reference cache were prepared before ({marker}); trials read them")
+        return dataclasses.replace(base, model=dataclasses.replace(base.model, policy=policy))
+
+    def prepare(config: Config) -> None:
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(tune_dir)))
+        if run_train(config, prepare_only=True) != 0:
+            raise ConfigError(f"run.dir: preparing the sweep's data in {tune_dir} failed")
+
+    done = set()
+    if not base.model.policy:
+        prepare(base)  # rayalign.train builds the tiny model into RUN_DIR/tiny-model
+        model = tune_dir / "tiny-model"
+        base = dataclasses.replace(base, model=dataclasses.replace(base.model, policy=str(model)))
+        done.add(_cache_settings(base))  # what that pass scored: the built model is its reference
+        _log(f"every trial trains the tiny model built once from the data: {model}")
+    configs = warm_configs(base, dims)
+    for config in configs:
+        if _cache_settings(config) not in done:
+            prepare(config)
+    atomic_write_text(marker, json.dumps({"model.policy": base.model.policy, "settings": len(configs)}) + "\n")
+    ranged = [d.key for d in dims if d.kind not in ("grid", "choice") and d.key in CACHE_KEYS]
+    _log(f"reference cache warm for {len(configs)} setting(s) in {base.ref.cache_dir}; trials read it (their "
+         "logs say 'reference cache hit')" + (f"; {', '.join(ranged)} vary per trial: those score their own"
+                                               if ranged else ""))
+    return base
+
+
+def run_trial(params: dict, *, base: Config, trials_dir: str) -> None:
+    """Ray Tune function trainable: one `rayalign train` run in RUN_DIR/tune/trials/<trial name>/."""
+    import ray.data
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rayalign.checkpoint import latest_checkpoint
+    from rayalign.config_loader import prepare_run_dir
+    from rayalign.train import run_train
+
+    name = ray.tune.get_context().get_trial_name()
+    run_dir = Path(trials_dir) / name
+    final = run_dir / "final_metrics.json"  # written last, after final/ (rayalign.train_loop)
+    if final.exists():  # finished, but killed before Tune recorded it (it saves its state every >= 10 s)
+        print(f"rayalign tune: {name} already finished in {run_dir}; reporting its final metrics", flush=True)
+        ray.tune.report(json.loads(final.read_text()))
+        return
+    ray.data.DataContext.get_current().enable_progress_bars = False  # bars of many trials garble the table
+    config = trial_config(base, params)
+    config = prepare_run_dir(dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir))))
+    # A trial restored by --resume continues from its newest checkpoint (Tune itself keeps none).
+    resume = latest_checkpoint(config.run.dir) is not None
+    code = run_train(config, resume=resume, callbacks=(TuneReportCallback(),))
+    if code != 0:
+        raise RuntimeError(f"trial {name}: rayalign train exited with {code}; see {config.run.dir}")
+
+
+def trial_name(trial) -> str:
+    """Tune's trial name and directory name: `trial_<id>` (short, and stable across --resume)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _param_space(dims: list[Dimension]) -> dict:
+    from ray import tune
+
+    kinds = {"grid": tune.grid_search, "choice": tune.choice,
+             "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    return {d.key: kinds[d.kind](list(d.values)) for d in dims}
+
+
+def _concurrency(config: Config) -> int:
+    """tune.max_concurrent_trials, or (0) as many trials as the cluster's CPUs and GPUs fit at once."""
+    import ray
+
+    if config.tune.max_concurrent_trials:
+        return config.tune.max_concurrent_trials
+    train, total = config.train, ray.cluster_resources()
+    fits = int(total.get("CPU", 1) // (train.num_workers * train.cpus_per_worker))
+    if train.use_gpu:
+        fits = min(fits, int(total.get("GPU", 0) // train.num_workers))
+    return max(1, fits)
+
+
+def _tuner(config: Config, base: Config, dims: list[Dimension], resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    tune_dir = Path(config.run.dir) / "tune"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, trials_dir=str(tune_dir / "trials")), {"cpu": 0.01})
+    experiment = tune_dir / EXPERIMENT
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        done = sorted(p.parent.name for p in (tune_dir / "trials").glob("*/final_metrics.json"))
+        _log(f"resuming the sweep in {experiment}: {len(done)} finished trial(s) kept ({', '.join(done) or 'none'}); "
+             "unfinished and failed ones run, from their newest checkpoint")
+        return tune.Tuner.restore(str(experiment), trainable=trainable, restart_errored=True)
+    settings = config.tune
+    scheduler = None
+    if settings.scheduler == "asha":  # time is counted in reports, i.e. evaluations (train.eval_every)
+        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=settings.grace_period)
+    concurrent = _concurrency(config)
+    _log(f"{grid_size(dims, settings.num_samples)} trial(s), up to {concurrent} at a time; metric "
+         f"{settings.metric} ({settings.mode})")
+    return tune.Tuner(
+        trainable, param_space=_param_space(dims),
+        tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
+                                    scheduler=scheduler, max_concurrent_trials=concurrent,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(tune_dir)))
+
+
+def _check_existing(config: Config, tune_dir: Path, resume: bool) -> None:
+    """A run dir holds one sweep: a second start needs --resume, and --resume needs the same config."""
+    sweep_file = tune_dir / SWEEP_FILE
+    if not sweep_file.exists():
+        return
+    if not resume:
+        raise ConfigError(f"run.dir: {tune_dir.parent} already holds a sweep; pass --resume to continue it "
+                          "or choose a new run.dir")
+    old, new = config_to_dict(load_config(sweep_file)), config_to_dict(config)
+    changed = [f"{section}.{key}" for section in old for key in old[section] if old[section][key] != new[section][key]]
+    if changed:
+        raise ConfigError(f"{changed[0]}: differs from the sweep being resumed ({sweep_file}); Ray Tune cannot "
+                          f"change a sweep on --resume (changed: {', '.join(changed)})")
+
+
+def run_tune(config: Config, *, resume: bool = False) -> int:
+    """Run (or with `resume`, continue) the sweep; returns the process exit code."""
+    from rayalign.train import ensure_ray
+    from rayalign.tune_report import collect_trials, write_reports
+
+    tune_dir = Path(config.run.dir) / "tune"
+    dims = parse_space(config.tune.space)
+    base = sweep_base(config)
+    check_sweep(config, dims, check_space(base, dims))
+    _check_existing(config, tune_dir, resume)
+    atomic_write_text(tune_dir / SWEEP_FILE, dump_config(config))
+    ensure_ray()
+    base = warm_up(base, dims, tune_dir)
+    results = _tuner(config, base, dims, resume).fit()
+    trials = collect_trials(results, dims, tune_dir, config.tune.metric)
+    write_reports(tune_dir, trials, config.tune)
+    failed = [t.name for t in trials if t.status == "ERROR"]
+    if failed:
+        _log(f"error: {len(failed)} trial(s) failed: {', '.join(failed)}; `--resume` reruns them")
+        return 1
+    return 0
