@@ -23,7 +23,10 @@ class Generator:
     def __init__(self, model_path: str, config: GenerateConfig, tokenizer_path: str | None = None,
                  dtype: str = "float32"):
         from rayalign.samplers import build_sampler
+        from rayalign.storage import materialize
 
+        # A storage location (run.storage) becomes this node's cached copy; a local path or hub id stays.
+        model_path, tokenizer_path = materialize(model_path), tokenizer_path and materialize(tokenizer_path)
         self.sampler = build_sampler(config.backend, model_path, config, tokenizer_path=tokenizer_path, dtype=dtype)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -27,7 +27,9 @@ class Judge:
 
     def __init__(self, policy_path: str, sft_path: str, config: Config):
         from rayalign.models import load_model, load_tokenizer
+        from rayalign.storage import materialize
 
+        policy_path, sft_path = materialize(policy_path), materialize(sft_path)  # run.storage: node-local copies
         self.tokenizer = load_tokenizer(policy_path)
         self.policy = load_model(policy_path, dtype=config.model.dtype)
         self.sft = load_model(sft_path, dtype=config.model.dtype)

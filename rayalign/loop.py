@@ -10,7 +10,9 @@ Every stage writes its artifacts atomically, its completion marker last; a stage
 skipped (and logged as such), so `--resume` after a kill anywhere redoes no finished work (training resumes
 from its own checkpoints) and, with the HF backend, ends exactly where an uninterrupted run ends. This file
 reads like the script it is; the stages are in `generate`, `judge`, `train`, `evaluate`, and `stages` holds
-what the loop shares with the one-stage commands (`rayalign generate|judge|eval`).
+what the loop shares with the one-stage commands (`rayalign generate|judge|eval`). With `run.storage` every
+stage also publishes its outputs there, marker last, and `--resume` first mirrors storage into run.dir
+(`rayalign.storage`), so the stages may run on nodes that share no disk.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from rayalign.config import Config, ConfigError
 from rayalign.io import atomic_write_text
+from rayalign.storage import publish
 
 
 def _log(message: str) -> None:
@@ -54,6 +57,7 @@ def setup(config: Config, run_dir: Path) -> Plan:
         seed_pairs = str(data / "seed_pairs.jsonl")
         if not Path(seed_pairs).exists():
             _write_jsonl(Path(seed_pairs), sentiment.gold_pairs(config.loop.seed_pairs, seed=config.data.seed))
+            publish(config, seed_pairs)
     return Plan(sft_path, seed_pairs, *plan_prompts(config))
 
 
@@ -73,15 +77,19 @@ def build_task_sft(config: Config, run_dir: Path) -> Path:
     if not (tiny / "config.json").exists():
         with atomic_directory(tiny) as tmp:  # a kill mid-save must not leave a model that looks complete
             make_tiny_model(tmp, corpus=corpus, seed=config.train.seed)
+        publish(config, corpus, tiny)
     _log(f"SFT of the tiny model on {len(examples)} task examples")
-    return run_sft(str(tiny), examples, out, epochs=config.loop.sft_epochs, lr=config.loop.sft_lr,
-                   seed=config.train.seed, log=_log)
+    sft = run_sft(str(tiny), examples, out, epochs=config.loop.sft_epochs, lr=config.loop.sft_lr,
+                  seed=config.train.seed, log=_log)
+    publish(config, sft)  # run.storage: actors on other nodes load pi_SFT from there
+    return sft
 
 
 def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: str, data: str, epochs: int,
                     iteration: int) -> str:
     """Run the Ray Train stage into `run_dir` (resuming its checkpoints); returns the final model path."""
     from rayalign.judge import training_data
+    from rayalign.storage import RunStorage
     from rayalign.train import run_train
 
     final = run_dir / "final"
@@ -98,7 +106,7 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
         train=dataclasses.replace(config.train, epochs=epochs), run=dataclasses.replace(config.run, dir=str(run_dir)),
         # Self-refinement de-noises self-judged labels: iteration 0 trains on gold labels without it.
         spa=dataclasses.replace(config.spa, refine=config.spa.refine and iteration > 0, iteration=max(1, iteration)))
-    if run_train(stage, resume=True) != 0:
+    if run_train(stage, resume=True, storage=RunStorage.from_config(config)) != 0:
         raise RuntimeError(f"training failed in {run_dir}; fix the cause and rerun with --resume")
     return str(final)
 
@@ -134,10 +142,12 @@ def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name:
     is_eval = rows["prompt_id"] >= EVAL_PROMPT_ID
     write_eval(rows[is_eval], config, eval_path)
     if it_dir is None:
+        publish(config, eval_path)
         return None
     write_samples(rows[~is_eval], it_dir / "samples.parquet")
     counts = write_judged(rows[~is_eval], it_dir / "judged.parquet")
     atomic_write_text(marker, json.dumps(counts) + "\n")  # the pass's completion marker, written last
+    publish(config, eval_path, it_dir / "samples.parquet", it_dir / "judged.parquet", marker)  # marker last
     return counts
 
 
@@ -171,22 +181,25 @@ def _append_metrics(run_dir: Path, record: dict) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in [*lines, json.dumps(record)]))
 
 
-def _stage_seconds(run_dir: Path, iteration: int, started: float) -> float:
+def _stage_seconds(config: Config, run_dir: Path, iteration: int, started: float) -> float:
     """Wall time of an iteration, kept across a resume in iter-N/seconds."""
     path = run_dir / f"iter-{iteration}" / "seconds"
     if not path.exists():
         atomic_write_text(path, f"{time.perf_counter() - started:.1f}\n")
+        publish(config, path)
     return float(path.read_text())
 
 
 def run_loop(config: Config, *, resume: bool = False) -> int:
     """The whole iterative run; returns the exit code."""
     from rayalign.report import write_report
+    from rayalign.storage import start_run
     from rayalign.train import ensure_ray
 
     started, run_dir = time.perf_counter(), Path(config.run.dir)
     if (run_dir / "data").exists() and not resume:
         raise ConfigError(f"run.dir: {run_dir} already holds a run; pass --resume to continue it")
+    start_run(config, resume=resume)  # run.storage: a stored run needs --resume, which mirrors it into run_dir
     ensure_ray()
     plan = setup(config, run_dir)
     _log(f"setup done after {time.perf_counter() - started:.0f} s: pi_SFT {plan.sft_path}")
@@ -195,7 +208,7 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
     policy = train_iteration(config, run_dir / "iter-0" / "train", policy=plan.sft_path, reference=plan.sft_path,
                              data=plan.seed_pairs, epochs=config.loop.seed_epochs, iteration=0)
     pending = {"iteration": 0, "previous": "sft", "pairs": _count_rows(plan.seed_pairs), "judged_path": None,
-               "seconds": _stage_seconds(run_dir, 0, stage_start)}
+               "seconds": _stage_seconds(config, run_dir, 0, stage_start)}
     for i, prompts in enumerate(plan.prompt_sets, start=1):
         stage_start, it_dir = time.perf_counter(), run_dir / f"iter-{i}"
         counts = sample_model(config, run_dir, plan, model=policy, name=f"iter-{i - 1}", it_dir=it_dir,
@@ -207,11 +220,12 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
         policy = train_iteration(config, it_dir / "train", policy=policy, reference=policy,
                                  data=str(it_dir / "judged.parquet"), epochs=config.loop.iteration_epochs,
                                  iteration=i)
-        pending = {"iteration": i, "previous": f"iter-{i - 1}", "pairs": counts["pairs"],
-                   "judged_path": it_dir / "judged.parquet", "seconds": _stage_seconds(run_dir, i, stage_start)}
+        pending = {"iteration": i, "previous": f"iter-{i - 1}", "pairs": counts["pairs"], "judged_path":
+                   it_dir / "judged.parquet", "seconds": _stage_seconds(config, run_dir, i, stage_start)}
     sample_model(config, run_dir, plan, model=policy, name=f"iter-{pending['iteration']}")
     _finish_record(config, run_dir, name=f"iter-{pending['iteration']}", **pending)
     report = write_report(run_dir)
+    publish(config, *[p for p in (run_dir / "plots", report) if p.exists()])
     _log(f"done in {time.perf_counter() - started:.0f} s; report {report}; final model {policy}")
     return 0
 
@@ -221,6 +235,7 @@ def _finish_record(config: Config, run_dir: Path, *, name: str, iteration: int, 
     record = iteration_record(config, run_dir, iteration, name=name, previous=previous, pairs=pairs,
                               seconds=seconds, judged_path=judged_path)
     _append_metrics(run_dir, record)
+    publish(config, run_dir / "metrics.jsonl")
     _log(f"iteration {iteration}: {_summary(record)}")
 
 

@@ -47,8 +47,9 @@ class PairEncoder:
     def __init__(self, tokenizer_path: str, max_prompt_length: int, max_completion_length: int,
                  trust_remote_code: bool = False):
         from rayalign.models import load_tokenizer
+        from rayalign.storage import materialize
 
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(materialize(tokenizer_path), trust_remote_code=trust_remote_code)
         self.lengths = {"max_prompt_length": max_prompt_length, "max_completion_length": max_completion_length}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -66,7 +67,9 @@ class ReferenceScorer:
         import torch
 
         from rayalign.models import load_model
+        from rayalign.storage import materialize
 
+        reference_path = materialize(reference_path)  # run.storage: this node's cached copy
         torch.set_num_threads(max(1, int(os.environ.get("RAYALIGN_SCORER_THREADS", torch.get_num_threads()))))
         self.model = load_model(reference_path, trust_remote_code=config.model.trust_remote_code,
                                 dtype=config.model.dtype)
@@ -87,7 +90,12 @@ class ReferenceScorer:
 
 
 def fingerprint_model(path: str) -> str:
-    """Config content plus name, size and mtime of every file of a local model dir (a hub id: the id)."""
+    """Config content plus name, size and mtime of every file of a local model dir (a hub id: the id; a
+    run.storage location: its commit id)."""
+    if "://" in path:
+        from rayalign.storage import fingerprint
+
+        return fingerprint(path)
     local = Path(path)
     if not local.is_dir():
         return path

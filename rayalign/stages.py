@@ -68,7 +68,11 @@ def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: 
     """
     from rayalign.generate import generation_dataset
     from rayalign.judge import judge_dataset
+    from rayalign.storage import RunStorage
 
+    store = RunStorage.from_config(config)
+    if store:  # actors on other nodes read the models from run.storage
+        model, sft_path = store.remote(model), store.remote(sft_path)
     dataset = generation_dataset(prompts, model, config.generate, dtype=config.model.dtype)
     return judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config).to_pandas()
 
@@ -131,8 +135,15 @@ def _require_model(config: Config, field: str, why: str) -> str:
         raise ConfigError(f"{field}: {exc}") from None
 
 
+def _no_storage(config: Config, command: str) -> None:
+    if config.run.storage:
+        raise ConfigError(f"run.storage: not supported by `rayalign {command}` yet (its outputs stay in run.dir); "
+                          "`rayalign run` and `rayalign train` support it")
+
+
 def run_generate(config: Config, *, iteration: int | None = None) -> int:
     """Sample `generate.num_samples` completions per prompt with model.policy -> RUN_DIR/samples.parquet."""
+    _no_storage(config, "generate")
     from rayalign.generate import generation_dataset, write_samples
     from rayalign.train import ensure_ray
 
@@ -155,6 +166,7 @@ def run_generate(config: Config, *, iteration: int | None = None) -> int:
 
 def run_judge(config: Config, *, samples: str | None = None) -> int:
     """SPA self-judging of a samples file: model.policy vs model.reference -> RUN_DIR/judged.parquet."""
+    _no_storage(config, "judge")
     import ray
 
     from rayalign.judge import judge_dataset, write_judged
@@ -177,6 +189,7 @@ def run_judge(config: Config, *, samples: str | None = None) -> int:
 
 def run_eval(config: Config, *, baseline: str | None = None) -> int:
     """model.policy vs a baseline on the loop's held-out prompts -> RUN_DIR/eval/ and summary.json."""
+    _no_storage(config, "eval")
     from rayalign.evaluate import compare, kl_to_sft
     from rayalign.generate import generation_dataset
     from rayalign.train import ensure_ray

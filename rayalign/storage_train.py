@@ -36,10 +36,11 @@ def worker_paths(store: RunStorage, paths: dict, run_dir: Path) -> dict:
             "storage_dir": store.location(run_dir), "attempt": uuid.uuid4().hex}
 
 
-def ray_storage(store: RunStorage | None, run_dir: Path) -> dict:
+def ray_storage(paths: dict, run_dir: Path) -> dict:
     """RunConfig's storage arguments: Ray Train's run state in STORAGE/<stage>/ray, else RUN_DIR/ray."""
-    if store is None:
+    if not paths.get("storage_dir"):
         return {"storage_path": str(run_dir.resolve() / "ray")}
+    store = RunStorage(paths["storage_dir"], run_dir)
     return {"storage_path": store.fs_path(run_dir / "ray"), "storage_filesystem": store.fs}
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from rayalign.config import Config, ConfigError
 from rayalign.config_loader import config_to_dict
 from rayalign.io import atomic_write_text
+from rayalign.storage import RunStorage
+from rayalign.storage_train import pull_outputs, ray_storage, worker_paths
 
 
 def _log(message: str) -> None:
@@ -112,16 +114,19 @@ def _prepare(splits: dict[str, list[dict]], config: Config, paths: dict, tokeniz
     return out
 
 
-def _check_resume(run_dir: Path, resume: bool) -> None:
+def _check_resume(run_dir: Path, resume: bool, store=None) -> None:
     from rayalign.checkpoint import latest_checkpoint
+    from rayalign.storage_train import latest_stored_checkpoint
 
-    latest = latest_checkpoint(run_dir)
+    latest = latest_stored_checkpoint(store, run_dir) if store else latest_checkpoint(run_dir)
     if latest and not resume:
         raise ConfigError(f"run.dir: {run_dir} already has checkpoints (newest {latest.name}); "
                           "pass --resume to continue it or choose a new run.dir")
     if resume:
         _log(f"resuming from {latest}" if latest else "--resume: no complete checkpoint yet, starting fresh")
     (run_dir / "FAILED.json").unlink(missing_ok=True)
+    if store:
+        store.delete(run_dir / "FAILED.json")
 
 
 def _absolute(path: str) -> str:
@@ -129,19 +134,25 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().absolute()) if Path(path).expanduser().exists() else path
 
 
-def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), prepare_only: bool = False) -> int:
+def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), prepare_only: bool = False,
+              storage=None) -> int:
     """Run the training stage; returns the process exit code.
 
     `callbacks`: extra Ray Train callbacks (a Tune trial passes TuneReportCallback). `prepare_only`: stop
     after the prepared Parquet is written (`rayalign tune` builds the tiny model and warms the shared
-    reference cache once in its driver this way)."""
+    reference cache once in its driver this way). `storage`: the loop's `rayalign.storage.RunStorage`
+    (default: run.dir bound to run.storage, if set): workers then read and write through it."""
     from rayalign.data import load_rows
     from rayalign.models import load_tokenizer
 
     run_dir = Path(config.run.dir).expanduser().absolute()
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
     started = time.perf_counter()
-    _check_resume(run_dir, resume)
+    store = storage or RunStorage.from_config(config)
+    if store and config.train.engine == "deepspeed" and config.train.num_workers > 1:
+        raise ConfigError("run.storage: not supported with train.engine=deepspeed and several workers yet (every "
+                          "rank writes ZeRO checkpoints into one directory: that needs a disk shared by all nodes)")
+    _check_resume(run_dir, resume, store)
     if not config.data.train_file:
         raise ConfigError("data.train_file: set it to a preference file (see `rayalign data check`)")
     # A given tokenizer renders conversational rows with its chat template; the tiny model built from the
@@ -159,12 +170,16 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     train_rows, eval_rows = split_eval(rows, config, tokenizer)
     paths = {"policy_path": _absolute(policy_path), "tokenizer_path": _absolute(tokenizer_path),
              "reference_path": _absolute(config.model.reference or policy_path)}
+    if store:  # Ray Data actors and workers on other nodes read the models from run.storage
+        paths = {key: store.remote(path) for key, path in paths.items()}
     ensure_ray()
     _log(f"data and model ready after {time.perf_counter() - started:.0f} s")
     splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
     paths.update(_prepare(splits, config, paths, tokenizer, run_dir))
     if prepare_only:
         return 0
+    if store:
+        paths.update(worker_paths(store, paths, run_dir))
     _log(f"prepared after {time.perf_counter() - started:.0f} s; starting {config.train.num_workers} "
          f"{config.train.engine} worker(s)")
     paths["kill_worker_at"] = os.environ.get("RAYALIGN_KILL_WORKER_AT")  # fault drills (tests), else None
@@ -178,6 +193,8 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
               f"  newest complete checkpoint: {latest or 'none'}; rerun the same command with --resume to continue",
               file=sys.stderr)
         return 1
+    if store:  # rank 0 published them; run.dir stays the driver's working copy
+        pull_outputs(store, run_dir)
     failure = run_dir / "FAILED.json"
     if failure.exists():
         print(f"rayalign train: error: {json.loads(failure.read_text())['error']}", file=sys.stderr)
@@ -205,7 +222,7 @@ def _fit(config: Config, paths: dict, run_dir: Path, callbacks: tuple = ()) -> N
                                      resources_per_worker=resources),
         # A fresh Ray run name per attempt: resuming is ours (checkpoints/step-N), not Ray's run state.
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=str(run_dir.resolve() / "ray"),
+                             **ray_storage(paths, run_dir),
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              callbacks=list(callbacks)),
     )

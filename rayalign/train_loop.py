@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from rayalign import checkpoint as ckpt
+from rayalign import storage_train
 from rayalign.config import Config
 from rayalign.config_loader import build_config
 from rayalign.engine import build_engine
@@ -38,6 +39,7 @@ from rayalign.sams_select import STATE_FILE as SAMS_FILE
 from rayalign.sams_select import PairSelector, pair_margins
 from rayalign.spa_refine import SpaRefiner
 from rayalign.step import ENTROPY_KEYS, REF_KEYS, micro_batch_loss
+from rayalign.storage import localize
 
 FAILURE_FILE = "FAILED.json"
 HF_ARTIFACTS = ("optimizer.pt", "deepspeed", ckpt.STATE_FILE, SAMS_FILE)
@@ -88,6 +90,10 @@ class Worker:
         self.run_dir = Path(self.config.run.dir)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        # run.storage: inputs come from storage, outputs go to a node-local scratch run dir synced with it
+        self.store = storage_train.worker_storage(loop_config, rank=self.rank)
+        if self.store:
+            self.run_dir, loop_config = self.store.local_root, localize(loop_config)
         torch.manual_seed(self.config.train.seed)
         self.encoded, self.columns = _read_prepared(loop_config["train_path"])
         self.eval = _read_prepared(loop_config["eval_path"]) if loop_config.get("eval_path") else None
@@ -97,7 +103,8 @@ class Worker:
             self.mallows_c = mallows_scale(self.config.loss, unit)
             self.k = unit * self.mallows_c
         self.total = total_steps(len(self.encoded), self.config)
-        self.resume_from = ckpt.latest_checkpoint(self.run_dir)
+        self.resume_from = (storage_train.resume_checkpoint(self.store) if self.store
+                            else ckpt.latest_checkpoint(self.run_dir))
         self.start_step = ckpt.read_state(self.resume_from)["step"] if self.resume_from else 0
         weights = str(self.resume_from) if self.resume_from else loop_config["policy_path"]
         self.device = torch.device("cpu")
@@ -222,6 +229,8 @@ class Worker:
     def _fail(self, step: int, message: str) -> None:
         if self.rank == 0:
             atomic_write_text(self.run_dir / FAILURE_FILE, json.dumps({"step": step, "error": message}) + "\n")
+            if self.store:
+                storage_train.publish_failure(self.store, self.run_dir / FAILURE_FILE)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -261,6 +270,8 @@ class Worker:
         state = {"step": step, "epoch": epoch, "total_steps": self.total,
                  **({"spa_window": self.refiner.state_dict()} if self.refiner else {})}
         done = ckpt.commit(tmp, state, rank=self.rank, keep=self.config.train.keep_checkpoints)
+        if self.store and self.rank == 0:
+            storage_train.publish_checkpoint(self.store, done, keep=self.config.train.keep_checkpoints)
         if final and self.rank == 0:
             with atomic_directory(self.run_dir / "final") as out:
                 for item in done.iterdir():
@@ -293,6 +304,8 @@ class Worker:
         final_metrics = {"step": self.total, **(self.evaluate() if self.eval else {})}
         self.save(self.total, epoch, final=True)
         self.log.close(final_metrics)
+        if self.store and self.rank == 0:  # final/ last: the stage's completion marker in storage
+            storage_train.publish_outputs(self.store)
         ray.train.report(final_metrics)
 
 

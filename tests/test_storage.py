@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from rayalign.storage import MARKER, UNIT, RunStorage, join, materialize, open_uri
+from tests.conftest import MICRO_LOOP, REPO
 
 BUCKET = "rayalign-test"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -163,3 +165,89 @@ def test_remote_locations(storage_uri, tmp_path):
     assert store.remote(str(inside)) == store.location(inside) and store.exists(inside)
     uploaded = store.remote(str(outside))
     assert "/inputs/my-model-" in uploaded and Path(materialize(uploaded), "config.json").read_text() == "{}"
+
+
+RUN_ARTIFACTS = ("config.yaml", "data/seed_pairs.jsonl", "tiny-model", "sft", "eval/sft.parquet", "iter-0/seconds",
+                 "iter-0/train/prepared/train.parquet", "iter-0/train/metrics.jsonl", "iter-0/train/final",
+                 "eval/iter-0.parquet", "iter-1/samples.parquet", "iter-1/judged.parquet", "iter-1/judge_counts.json",
+                 "iter-1/train/final", "eval/iter-1.parquet", "metrics.jsonl", "plots", "report.md")
+STAGE_WORK = ("SFT of the tiny model", "generating", "evaluating", "training /")  # log lines of work done
+
+
+@pytest.fixture(scope="module")
+def three_nodes(s3_endpoint, tmp_path_factory):
+    """Head (the driver's node, no CPUs), a "gen" node and a "train" node; each node caches on "its" disk."""
+    import tempfile
+
+    import psutil
+    from ray.cluster_utils import Cluster
+
+    ray_tmp = tempfile.mkdtemp(prefix="ra-st-", dir="/tmp")  # short: Ray's unix socket paths stay < 100 chars
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAYALIGN_CACHE_DIR")}
+    # Ray's daemons and workers inherit these: the address file and sessions stay out of /tmp/ray, so no
+    # other `ray.init()` on this machine can attach to this cluster.
+    os.environ.update(RAY_TMPDIR=ray_tmp, RAYALIGN_CACHE_DIR=str(tmp_path_factory.mktemp("node-caches")))
+    cluster = None
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        gen = cluster.add_node(num_cpus=3, resources={"gen_node": 4})
+        train = cluster.add_node(num_cpus=2, resources={"train_node": 1})
+        cluster.wait_for_nodes()
+        yield cluster, gen.node_id, train.node_id
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+        for proc in psutil.process_iter(["cmdline"]):  # anything of this cluster that outlived shutdown()
+            if any(ray_tmp in part for part in proc.info["cmdline"] or ()):
+                proc.kill()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _run_loop(cluster, run_dir: Path, overrides: list[str], *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "rayalign.cli", "run", "configs/quickstart.yaml", f"run.dir={run_dir}",
+               *overrides, *extra]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result, time.perf_counter() - started
+
+
+def _cached(cache: Path, node_id: str) -> set[str]:
+    """Names of what a node materialized from storage (models, Parquet) or trained in (its scratch)."""
+    node = cache / node_id
+    return {p.name for p in node.glob("*/*")} | ({"train-scratch"} if (node / "train").is_dir() else set())
+
+
+def test_loop_on_three_nodes_shares_only_storage(three_nodes, s3_endpoint, tmp_path):
+    cluster, gen_node, train_node = three_nodes
+    storage = _s3_uri(s3_endpoint, f"loop-{tmp_path.name}")
+    overrides = [*MICRO_LOOP, f"run.storage={storage}", "generate.resources={gen_node: 1}",
+                 "judge.resources={gen_node: 1}", "ref.resources={gen_node: 1}",
+                 "train.resources_per_worker={train_node: 1}"]
+    first, first_seconds = _run_loop(cluster, tmp_path / "a", overrides)
+    store = RunStorage(storage, tmp_path / "a")
+    missing = [name for name in RUN_ARTIFACTS if not store.exists(tmp_path / "a" / name)]
+    assert not missing, f"not committed in storage: {missing}"
+    checkpoints = tmp_path / "a" / "iter-1" / "train" / "checkpoints"
+    assert store.committed_units(checkpoints) == ["step-1"] and not checkpoints.exists()  # written on another node
+
+    # Where the stages ran: generation and judging loaded pi_SFT and pi_0 from storage on the gen node,
+    # the Ray Train worker trained in its scratch on the train node; the driver's node loaded nothing.
+    cache = Path(os.environ["RAYALIGN_CACHE_DIR"])
+    assert {"sft", "final"} <= _cached(cache, gen_node) and "train-scratch" not in _cached(cache, gen_node)
+    assert {"train-scratch", "train.parquet"} <= _cached(cache, train_node)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([gen_node, train_node])
+
+    commits = {name: json.loads((tmp_path / "a" / name / MARKER).read_text())["id"]
+               for name in ("sft", "iter-0/train/final", "iter-1/train/final")}
+    second, second_seconds = _run_loop(cluster, tmp_path / "b", overrides, "--resume")  # an EMPTY run.dir
+    print(f"multi-node loop {first_seconds:.0f} s, resume from storage {second_seconds:.0f} s")
+    done = [line for line in second.stdout.splitlines() if any(work in line for work in STAGE_WORK)]
+    assert not done, f"the resume redid work: {done}"
+    assert second.stdout.count("skipped") >= 6
+    assert {name: json.loads((tmp_path / "b" / name / MARKER).read_text())["id"] for name in commits} == commits
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == (tmp_path / "a" / "metrics.jsonl").read_text()
+    assert (tmp_path / "b" / "report.md").is_file()
