@@ -190,11 +190,6 @@ def materialize(location: str) -> str:
     return str(target)
 
 
-def localize(loop_config: dict) -> dict:
-    """A Ray Train loop config whose storage `*_path` entries are materialized on this node."""
-    return {k: materialize(v) if k.endswith("_path") and isinstance(v, str) else v for k, v in loop_config.items()}
-
-
 def _excluded(key: str) -> bool:
     parts = key.split("/")
     return key in NOT_MIRRORED or any(p in NOT_MIRRORED_DIRS for p in parts[:-1]) or ".tmp-" in parts[-1]

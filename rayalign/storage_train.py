@@ -10,6 +10,7 @@ After `fit()` the driver pulls those into its run.dir. Without `run.storage` not
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from pathlib import Path
 
@@ -78,8 +79,10 @@ def publish_checkpoint(store: RunStorage, checkpoint: Path, *, keep: int) -> Non
 
 
 def publish_outputs(store: RunStorage) -> None:
-    """Rank 0 at the end: the logs, then final/ (the stage's completion marker) last."""
+    """Rank 0 at the end: the logs, then final/ (the stage's completion marker) last; then the scratch
+    (checkpoints and final/, now in storage) is removed from the node's disk."""
     store.publish(*_present(store, (*LOGS, "final")))
+    shutil.rmtree(store.local_root, ignore_errors=True)
 
 
 def publish_failure(store: RunStorage, failure: Path) -> None:

@@ -39,7 +39,7 @@ from rayalign.sams_select import STATE_FILE as SAMS_FILE
 from rayalign.sams_select import PairSelector, pair_margins
 from rayalign.spa_refine import SpaRefiner
 from rayalign.step import ENTROPY_KEYS, REF_KEYS, micro_batch_loss
-from rayalign.storage import localize
+from rayalign.storage import materialize
 
 FAILURE_FILE = "FAILED.json"
 HF_ARTIFACTS = ("optimizer.pt", "deepspeed", ckpt.STATE_FILE, SAMS_FILE)
@@ -90,13 +90,14 @@ class Worker:
         self.run_dir = Path(self.config.run.dir)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        # run.storage: inputs come from storage, outputs go to a node-local scratch run dir synced with it
+        # run.storage: inputs are storage locations (`materialize`: this node's copy; a local path stays);
+        # outputs go to a node-local scratch run dir that rank 0 publishes
         self.store = storage_train.worker_storage(loop_config, rank=self.rank)
         if self.store:
-            self.run_dir, loop_config = self.store.local_root, localize(loop_config)
+            self.run_dir = self.store.local_root
         torch.manual_seed(self.config.train.seed)
-        self.encoded, self.columns = _read_prepared(loop_config["train_path"])
-        self.eval = _read_prepared(loop_config["eval_path"]) if loop_config.get("eval_path") else None
+        self.encoded, self.columns = _read_prepared(materialize(loop_config["train_path"]))
+        self.eval = _read_prepared(materialize(loop_config["eval_path"])) if loop_config.get("eval_path") else None
         self.k = self.mallows_c = None
         if needs_dispersion(self.config.loss):  # c is fixed from the training pairs, eval included
             unit = unit_dispersion(self.columns)
@@ -106,21 +107,21 @@ class Worker:
         self.resume_from = (storage_train.resume_checkpoint(self.store) if self.store
                             else ckpt.latest_checkpoint(self.run_dir))
         self.start_step = ckpt.read_state(self.resume_from)["step"] if self.resume_from else 0
-        weights = str(self.resume_from) if self.resume_from else loop_config["policy_path"]
+        weights = str(self.resume_from) if self.resume_from else materialize(loop_config["policy_path"])
         self.device = torch.device("cpu")
         if self.config.train.use_gpu:
             import ray.train.torch
 
             self.device = ray.train.torch.get_device()
             torch.cuda.set_device(self.device)
-        self.tokenizer = load_tokenizer(loop_config["tokenizer_path"])
+        self.tokenizer = load_tokenizer(materialize(loop_config["tokenizer_path"]))
         self.policy = load_model(weights, dtype=self.config.model.dtype, device=self.device)
         self.policy.train()
         if self.config.train.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         needs_reference = not self.config.ref.cache or self.config.spa.refine
         self.reference = (None if not needs_reference
-                          else load_model(loop_config["reference_path"], dtype=self.config.model.dtype,
+                          else load_model(materialize(loop_config["reference_path"]), dtype=self.config.model.dtype,
                                           device=self.device))
         self.engine = build_engine(self.policy, self.config, self.total)
         self.refiner = SpaRefiner(self.config.spa, beta_total_steps=self.total) if self.config.spa.refine else None

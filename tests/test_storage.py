@@ -205,8 +205,9 @@ def three_nodes(s3_endpoint, tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _run_loop(cluster, run_dir: Path, overrides: list[str], *extra: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def _run_loop(cluster, run_dir: Path, overrides: list[str], *extra: str,
+              env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, "-m", "rayalign.cli", "run", "configs/quickstart.yaml", f"run.dir={run_dir}",
                *overrides, *extra]
     started = time.perf_counter()
@@ -216,9 +217,8 @@ def _run_loop(cluster, run_dir: Path, overrides: list[str], *extra: str) -> tupl
 
 
 def _cached(cache: Path, node_id: str) -> set[str]:
-    """Names of what a node materialized from storage (models, Parquet) or trained in (its scratch)."""
-    node = cache / node_id
-    return {p.name for p in node.glob("*/*")} | ({"train-scratch"} if (node / "train").is_dir() else set())
+    """Names of what a node materialized from storage (models, Parquet, checkpoints)."""
+    return {p.name for p in (cache / node_id).glob("*/*")}
 
 
 def test_loop_on_three_nodes_shares_only_storage(three_nodes, s3_endpoint, tmp_path):
@@ -226,19 +226,26 @@ def test_loop_on_three_nodes_shares_only_storage(three_nodes, s3_endpoint, tmp_p
     storage = _s3_uri(s3_endpoint, f"loop-{tmp_path.name}")
     overrides = [*MICRO_LOOP, f"run.storage={storage}", "generate.resources={gen_node: 1}",
                  "judge.resources={gen_node: 1}", "ref.resources={gen_node: 1}",
-                 "train.resources_per_worker={train_node: 1}"]
-    first, first_seconds = _run_loop(cluster, tmp_path / "a", overrides)
+                 "train.resources_per_worker={train_node: 1}", "train.save_every=1", "train.max_failures=1"]
+    # The training worker of iteration 0 (2 steps) is SIGKILLed before step 2: Ray Train restarts it, and it
+    # resumes from checkpoints/step-1 as stored (iteration 1 has one step: the drill does not fire there).
+    first, first_seconds = _run_loop(cluster, tmp_path / "a", overrides, env={"RAYALIGN_KILL_WORKER_AT": "2:0"})
     store = RunStorage(storage, tmp_path / "a")
     missing = [name for name in RUN_ARTIFACTS if not store.exists(tmp_path / "a" / name)]
     assert not missing, f"not committed in storage: {missing}"
     checkpoints = tmp_path / "a" / "iter-1" / "train" / "checkpoints"
     assert store.committed_units(checkpoints) == ["step-1"] and not checkpoints.exists()  # written on another node
 
-    # Where the stages ran: generation and judging loaded pi_SFT and pi_0 from storage on the gen node,
-    # the Ray Train worker trained in its scratch on the train node; the driver's node loaded nothing.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "iter-0/train/metrics.jsonl").open()]
+    assert steps == [1, 2]  # the restarted worker continued the stored log at the stored checkpoint
+
+    # Where the stages ran: generation and judging loaded pi_SFT and pi_0 from storage on the gen node; the
+    # Ray Train worker read its data, and after the restart its checkpoint, on the train node; the driver's
+    # node (the head) loaded nothing from storage.
     cache = Path(os.environ["RAYALIGN_CACHE_DIR"])
-    assert {"sft", "final"} <= _cached(cache, gen_node) and "train-scratch" not in _cached(cache, gen_node)
-    assert {"train-scratch", "train.parquet"} <= _cached(cache, train_node)
+    assert {"sft", "final"} <= _cached(cache, gen_node)
+    assert {"train.parquet", "step-1"} <= _cached(cache, train_node)
+    assert not {"train.parquet", "step-1"} & _cached(cache, gen_node)
     assert sorted(p.name for p in cache.iterdir()) == sorted([gen_node, train_node])
 
     commits = {name: json.loads((tmp_path / "a" / name / MARKER).read_text())["id"]
