@@ -125,5 +125,7 @@ class RunDirConfig:
     """Where a command writes: `run.dir` (a fresh `runs/<timestamp>` when unset)."""
 
     dir: str | None = None
-    storage: str | None = None  # a pyarrow-filesystem URI for multi-node runs
+    # The run's durable copy for multi-node runs: a local path (a shared mount) or a pyarrow filesystem URI,
+    # e.g. s3://bucket/runs/x; run.dir is then the driver's working copy (see rayalign.storage).
+    storage: str | None = None
     name: str = "rayalign"
