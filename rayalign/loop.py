@@ -100,13 +100,15 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     run_dir.mkdir(parents=True, exist_ok=True)
     # loop.rewards=gold relabels the judged samples; exo_rw/dpo_rw train on all K (DPO in iteration 0)
     config, data = training_data(config, data, iteration)
+    store = RunStorage.from_config(config)  # run.storage: the stage's outputs go to STORAGE/<its run dir>
     stage = dataclasses.replace(
         config, model=dataclasses.replace(config.model, policy=policy, reference=reference),
         data=dataclasses.replace(config.data, train_file=data, eval_file=None, eval_fraction=0.0, format=None),
-        train=dataclasses.replace(config.train, epochs=epochs), run=dataclasses.replace(config.run, dir=str(run_dir)),
+        train=dataclasses.replace(config.train, epochs=epochs),
+        run=dataclasses.replace(config.run, dir=str(run_dir), storage=store.location(run_dir) if store else None),
         # Self-refinement de-noises self-judged labels: iteration 0 trains on gold labels without it.
         spa=dataclasses.replace(config.spa, refine=config.spa.refine and iteration > 0, iteration=max(1, iteration)))
-    if run_train(stage, resume=True, storage=RunStorage.from_config(config)) != 0:
+    if run_train(stage, resume=True, storage=store) != 0:
         raise RuntimeError(f"training failed in {run_dir}; fix the cause and rerun with --resume")
     return str(final)
 

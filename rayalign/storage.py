@@ -90,7 +90,8 @@ def _download(fs, path: str, local: Path) -> None:
 def _upload(fs, local: Path, path: str) -> None:
     """One object: whole or absent (an object PUT; on a local filesystem a rename into place)."""
     target = path if not _is_local(fs) else f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if _is_local(fs):  # object stores need no parent "directories"
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with open(local, "rb") as src, fs.open_output_stream(target) as dst:
         shutil.copyfileobj(src, dst, 1 << 22)
     if target != path:
@@ -105,10 +106,12 @@ def _write_object(fs, path: str, data: bytes) -> None:
 
 
 def _read_marker(fs, path: str) -> dict | None:
+    """The unit's commit marker, None when there is none; other errors (network, permissions) propagate
+    rather than pass for "not committed"."""
     try:
         with fs.open_input_stream(f"{path}/{MARKER}") as handle:
             return json.loads(handle.read())
-    except (FileNotFoundError, OSError):
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -190,9 +193,11 @@ def materialize(location: str) -> str:
     return str(target)
 
 
-def _excluded(key: str) -> bool:
+def _excluded(key: str, *, is_dir: bool = False) -> bool:
+    """Not mirrored: config.yaml, anything in checkpoints/ or ray/, temporary files."""
     parts = key.split("/")
-    return key in NOT_MIRRORED or any(p in NOT_MIRRORED_DIRS for p in parts[:-1]) or ".tmp-" in parts[-1]
+    folders = parts if is_dir else parts[:-1]
+    return key in NOT_MIRRORED or any(p in NOT_MIRRORED_DIRS for p in folders) or ".tmp-" in parts[-1]
 
 
 class RunStorage:
@@ -317,7 +322,7 @@ class RunStorage:
         infos = self.fs.get_file_info(_fs().FileSelector(self.root, recursive=True, allow_not_found=True))
         keys = [i.path[len(self.root) + 1:] for i in infos if i.type == _fs().FileType.File]
         units = {k.rsplit("/", 1)[0] for k in keys if k.rsplit("/", 1)[-1] == UNIT and "/" in k}
-        kept_units = {u for u in units if not _excluded(u + "/x") and self.pull(self.local_root / u)}
+        kept_units = {u for u in units if not _excluded(u, is_dir=True) and self.pull(self.local_root / u)}
         plain = {k for k in keys if not _excluded(k) and not any(k.startswith(u + "/") for u in units)}
         for key in sorted(plain):
             self.pull(self.local_root / key)
