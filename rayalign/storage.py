@@ -305,6 +305,8 @@ class RunStorage:
         if is_uri(path) or not local.exists():
             return path
         local = local.absolute()
+        if _is_local(self.fs) and local.is_relative_to(self.root):  # already a location in a local storage
+            return str(local)
         try:
             key = self.key(local)
         except ValueError:

@@ -33,8 +33,8 @@ def worker_paths(store: RunStorage, paths: dict, run_dir: Path) -> dict:
     """Publish the prepared Parquet; the workers' storage locations of their inputs and their stage."""
     prepared = {k: v for k, v in paths.items() if k in ("train_path", "eval_path")}
     store.publish(*prepared.values())
-    return {**{k: store.remote(v) for k, v in paths.items() if k.endswith("_path")},
-            "storage_dir": store.location(run_dir), "attempt": uuid.uuid4().hex}
+    return {**{k: store.remote(v) for k, v in prepared.items()}, "storage_dir": store.location(run_dir),
+            "attempt": uuid.uuid4().hex}
 
 
 def ray_storage(paths: dict, run_dir: Path) -> dict:

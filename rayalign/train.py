@@ -120,7 +120,8 @@ def _check_resume(run_dir: Path, resume: bool, store=None) -> None:
 
     latest = latest_stored_checkpoint(store, run_dir) if store else latest_checkpoint(run_dir)
     if latest and not resume:
-        raise ConfigError(f"run.dir: {run_dir} already has checkpoints (newest {latest.name}); "
+        where = f"run.storage: {store.location(run_dir)}" if store else f"run.dir: {run_dir}"
+        raise ConfigError(f"{where} already has checkpoints (newest {latest.name}); "
                           "pass --resume to continue it or choose a new run.dir")
     if resume:
         _log(f"resuming from {latest}" if latest else "--resume: no complete checkpoint yet, starting fresh")

@@ -165,6 +165,7 @@ def test_remote_locations(storage_uri, tmp_path):
     assert store.remote(str(inside)) == store.location(inside) and store.exists(inside)
     uploaded = store.remote(str(outside))
     assert "/inputs/my-model-" in uploaded and Path(materialize(uploaded), "config.json").read_text() == "{}"
+    assert store.remote(uploaded) == uploaded  # a location stays one (no second upload)
 
 
 RUN_ARTIFACTS = ("config.yaml", "data/seed_pairs.jsonl", "tiny-model", "sft", "eval/sft.parquet", "iter-0/seconds",
