@@ -10,6 +10,7 @@ run.dir on the same storage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -200,7 +201,8 @@ def three_nodes(s3_endpoint, tmp_path_factory):
             cluster.shutdown()
         for proc in psutil.process_iter(["cmdline"]):  # anything of this cluster that outlived shutdown()
             if any(ray_tmp in part for part in proc.info["cmdline"] or ()):
-                proc.kill()
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         shutil.rmtree(ray_tmp, ignore_errors=True)
