@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 from pathlib import Path
 
 from rayalign.config import Config, ConfigError, TuneConfig
@@ -226,9 +227,32 @@ def _check_existing(config: Config, tune_dir: Path, resume: bool) -> None:
                           f"change a sweep on --resume (changed: {', '.join(changed)})")
 
 
+def _init_ray() -> None:
+    """Start (or join) Ray for the sweep.
+
+    A local instance gets an explicit dashboard port, exported to every worker as RAY_API_SERVER_ADDRESS:
+    when Tune stops a trial early its TorchTrainer controller dies with it, and Ray Train's detached
+    PlacementGroupCleaner frees the trial's worker resources only if the state API finds this cluster,
+    which its auto-detection cannot when other Ray instances run on the same machine (the trials after
+    it would wait for CPUs forever)."""
+    import socket
+
+    import ray
+
+    from rayalign.train import ensure_ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        ensure_ray()
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(log_to_driver=True, configure_logging=False, dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
 def run_tune(config: Config, *, resume: bool = False) -> int:
     """Run (or with `resume`, continue) the sweep; returns the process exit code."""
-    from rayalign.train import ensure_ray
     from rayalign.tune_report import collect_trials, write_reports
 
     tune_dir = Path(config.run.dir) / "tune"
@@ -237,7 +261,7 @@ def run_tune(config: Config, *, resume: bool = False) -> int:
     check_sweep(config, dims, check_space(base, dims))
     _check_existing(config, tune_dir, resume)
     atomic_write_text(tune_dir / SWEEP_FILE, dump_config(config))
-    ensure_ray()
+    _init_ray()
     base = warm_up(base, dims, tune_dir)
     results = _tuner(config, base, dims, resume).fit()
     trials = collect_trials(results, dims, tune_dir, config.tune.metric)
