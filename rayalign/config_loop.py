@@ -74,20 +74,23 @@ class SamsConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Ray Tune sweep: `space` maps dotted config keys to {grid|choice|uniform|loguniform: ...}."""
+    """Ray Tune sweep (`rayalign tune`): `space` maps dotted config keys to {grid|choice|uniform|loguniform: ...}
+    (parsed and checked against the rest of the config by `rayalign.tune_space`)."""
 
     space: dict[str, Any] = field(default_factory=dict)
-    metric: str = "eval/rewards/accuracies"
+    metric: str = "eval/rewards/accuracies"  # any eval/* metric training reports
     mode: str = "max"
-    num_samples: int = 1
-    scheduler: str = "none"
-    grace_period: int = 1
-    max_concurrent_trials: int = 0  # 0: as many as resources allow
+    num_samples: int = 1  # samples of the space (each repeats the whole grid)
+    scheduler: str = "none"  # asha: stop weak trials early on their evaluations (train.eval_every)
+    grace_period: int = 1  # ASHA: evaluations every trial gets before it can be stopped
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs (and GPUs) fit trials' train workers
 
     def __post_init__(self):
         _one_of(self.mode, "tune.mode", ("max", "min"))
         _one_of(self.scheduler, "tune.scheduler", ("none", "asha"))
         _positive(self.num_samples, "tune.num_samples")
+        _positive(self.grace_period, "tune.grace_period")
+        _require(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0 (0: as many as fit)")
 
 
 @dataclass(frozen=True)
