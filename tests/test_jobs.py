@@ -10,6 +10,7 @@ every process it starts inherits; teardown kills exactly those processes (never 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -58,15 +59,25 @@ def test_submit_command_line():
     assert spec["env_vars"] == {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
                                 "EXTRA": "1"}
     assert json.loads(argv[argv.index("--metadata-json") + 1])["rayalign_run"] == "/shared/runs/q1"
+
+
+def test_submit_refusals_and_storage_runs(capsys):
+    """In-process (one Ray import for all): what must fail before anything is uploaded, and a storage run."""
+    spec = importlib.util.spec_from_file_location("jobs_submit", REPO / "jobs" / "submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
     # The run must outlive the job's temporary working dir; the config must travel with it.
-    for args, message in ((("run.dir=runs/x",), "is relative"), ((), "set run.dir="),
-                          (("run.dir=/a", "lose.beta=1"), "did you mean loss.beta")):
-        refused = _dry_run("run", "configs/quickstart.yaml", *args)
-        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
-    assert "outside this checkout" in _dry_run("train", "/etc/hostname", "run.dir=/a").stderr
-    stored = shlex.split(_dry_run("tune", "configs/tune_mallows.yaml", "run.storage=s3://b/runs/sweep-1/",
-                                  "--pip", "jobs/requirements.txt").stdout)
-    assert stored[stored.index("--submission-id") + 1] == "rayalign-tune-sweep-1"
+    for args, message in ((("run", "configs/quickstart.yaml", "run.dir=runs/x"), "is relative"),
+                          (("run", "configs/quickstart.yaml"), "set run.dir="),
+                          (("run", "configs/quickstart.yaml", "run.dir=/a", "lose.beta=1"), "did you mean loss.beta"),
+                          (("train", "/etc/hostname", "run.dir=/a"), "outside this checkout")):
+        assert submit.main([*args, "--dry-run"]) == 2
+        assert message in capsys.readouterr().err
+    assert submit.main(["tune", "configs/tune_mallows.yaml", "run.storage=s3://b/runs/sweep-1/", "--dry-run",
+                        "--pip", "jobs/requirements.txt"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv[argv.index("--submission-id") + 1] == "rayalign-tune-sweep-1"
+    assert json.loads(argv[argv.index("--runtime-env-json") + 1])["pip"]["packages"][0].startswith("torch")
 
 
 def test_requirements_file_is_the_projects_dependencies_without_ray():
@@ -132,13 +143,13 @@ def _tear_down(temp_dir: Path, tag: str) -> None:
     assert not survivors, f"processes of the test's Ray head survived: {survivors}"
 
 
-def _wait_for(predicate, timeout: float, what: str):
+def _wait_for(predicate, timeout: float, what: str, details=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := predicate():
             return value
         time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
 
 
 def _job_report(client, job_id: str) -> str:
@@ -175,7 +186,7 @@ def test_job_stopped_after_iteration_0_resumes_without_redoing_it(tmp_path, monk
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
         job_id = "rayalign-run-quick"
         _wait_for(lambda: (run_dir / "iter-0/train/final").is_dir() or client.get_job_status(job_id).is_terminal(),
-                  900, "iteration 0's training to finish")
+                  900, "iteration 0's training to finish", lambda: _job_report(client, job_id))
         assert client.get_job_status(job_id) == JobStatus.RUNNING, _job_report(client, job_id)
         stopped_after, running = time.perf_counter() - started, _work_processes(tag)  # all must go
         stop = subprocess.run([str(Path(venv_bin) / "ray"), "job", "stop", job_id, "--address", address], env=env,
@@ -183,6 +194,7 @@ def test_job_stopped_after_iteration_0_resumes_without_redoing_it(tmp_path, monk
         assert stop.returncode == 0 and client.get_job_status(job_id) == JobStatus.STOPPED, stop.stdout + stop.stderr
         assert any("rayalign.cli run" in c for c in running.values()), f"not the job's processes: {running}"
         _wait_for(lambda: not _work_processes(tag), 60, f"the stopped job's processes to exit: {_work_processes(tag)}")
+        _wait_for(lambda: not _live_placement_groups(), 60, "the stopped job's placement groups to be removed")
         kept = _inode_and_mtime(run_dir)
         unresumed = subprocess.run(job, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert unresumed.returncode == 2 and "pass --resume" in unresumed.stderr, unresumed.stderr
@@ -201,6 +213,13 @@ def test_job_stopped_after_iteration_0_resumes_without_redoing_it(tmp_path, monk
               f"{stopped_after:.0f} s: {sorted(set(c.split(' ')[0] for c in running.values()))}")
     finally:
         _tear_down(temp_dir, tag)
+
+
+def _live_placement_groups() -> list:
+    """Placement groups not REMOVED (Ray Train's workers hold theirs): via the state API at RAY_API_SERVER_ADDRESS."""
+    from ray.util.state import list_placement_groups
+
+    return [pg for pg in list_placement_groups(raise_on_missing_output=False) if pg.state != "REMOVED"]
 
 
 def _client(cls, address: str):
