@@ -94,18 +94,25 @@ def _free_port() -> int:
 
 
 def _start_head(temp_dir: Path, env: dict) -> str:
-    """`ray start --head` on loopback, dashboard included, every port explicit; returns the dashboard URL."""
-    dashboard = _free_port()
-    ports = {flag: _free_port() for flag in ("port", "ray-client-server-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                            "metrics-export-port")}
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--temp-dir={temp_dir}",
-               "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--object-store-memory={300 * 2**20}",
-               "--disable-usage-stats", *[f"--{flag}={port}" for flag, port in ports.items()]]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return f"http://127.0.0.1:{dashboard}"
+    """`ray start --head` on loopback, dashboard included, every port explicit; returns the dashboard URL.
+
+    Under heavy load the raylet can miss Ray's startup deadline ("timed out during startup"): one retry,
+    on fresh ports, after killing what the failed attempt left."""
+    for _attempt in (1, 2):
+        dashboard = _free_port()
+        ports = {flag: _free_port() for flag in ("port", "ray-client-server-port", "dashboard-agent-listen-port",
+                                                "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                                "metrics-export-port")}
+        command = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--temp-dir={temp_dir}",
+                   "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                   f"--object-store-memory={300 * 2**20}", "--disable-usage-stats",
+                   *[f"--{flag}={port}" for flag, port in ports.items()]]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        if result.returncode == 0:
+            return f"http://127.0.0.1:{dashboard}"
+        _kill(env[MARKER])
+    raise AssertionError(f"ray start failed twice:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
 
 
 def _processes(key: str, value: str) -> dict[int, str]:
@@ -127,8 +134,8 @@ def _work_processes(tag: str) -> dict[int, str]:
     return {pid: c for pid, c in _processes(JOB_MARKER, tag).items() if not c.startswith(RAY_OWN)}
 
 
-def _tear_down(temp_dir: Path, tag: str) -> None:
-    """Kill exactly this cluster's processes (SIGTERM, then SIGKILL) and check none survive."""
+def _kill(tag: str) -> dict[int, str]:
+    """SIGTERM, then SIGKILL, exactly the processes of this test's cluster; returns the survivors."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in _processes(MARKER, tag):
             try:
@@ -138,7 +145,11 @@ def _tear_down(temp_dir: Path, tag: str) -> None:
         deadline = time.monotonic() + 10
         while _processes(MARKER, tag) and time.monotonic() < deadline:
             time.sleep(0.5)
-    survivors = _processes(MARKER, tag)
+    return _processes(MARKER, tag)
+
+
+def _tear_down(temp_dir: Path, tag: str) -> None:
+    survivors = _kill(tag)
     shutil.rmtree(temp_dir, ignore_errors=True)
     assert not survivors, f"processes of the test's Ray head survived: {survivors}"
 
