@@ -65,7 +65,7 @@ def collate_pairs(encoded: list[dict], *, pad_token_id: int) -> dict[str, torch.
         batch[f"{side}_input_ids"] = pad_rows(ids, length, pad_token_id)
         batch[f"{side}_attention_mask"] = pad_rows([[1] * len(row) for row in ids], length, 0)
         batch[f"{side}_completion_mask"] = pad_rows(completion, length, 0)
-    if "belief_len" in encoded[0]:
+    if "target" in encoded[0]:  # GDPO rows, or the DPO baseline on them (its eval reads the levels)
         return collate_gdpo(encoded, batch)
     return batch
 
@@ -75,11 +75,19 @@ def belief_prefix(level: int, text: str) -> str:
     return f"{level}<{text}"
 
 
+LEVEL_TARGET = "level_target"  # a DPO-baseline pair's p*: not trained on, read by the eval's alignment gap
+
+
 def gdpo_rows_as_pairs(rows: list[dict]) -> list[dict]:
-    """The DPO baseline on GDPO data: whole completions, the rejected one stating the other belief."""
+    """The DPO baseline on GDPO data: whole completions, the rejected one stating the other belief.
+
+    Each pair keeps its row's target as `level_target`, so the baseline's eval reports the same alignment
+    gap as GDPO's (`encode_levels`); the DPO loss never reads it.
+    """
     return [{"prompt": r["prompt"],
              "chosen": belief_prefix(r["belief"], r["belief_text"]) + ">" + r["chosen"],
-             "rejected": belief_prefix(r["rejected_belief"], r["rejected_belief_text"]) + ">" + r["rejected"]}
+             "rejected": belief_prefix(r["rejected_belief"], r["rejected_belief_text"]) + ">" + r["rejected"],
+             LEVEL_TARGET: r["target"]}
             for r in rows]
 
 
@@ -114,24 +122,44 @@ def encode_gdpo(tokenizer: Any, row: dict, *, max_prompt_length: int, max_comple
     return {**pair, "belief_len": len(prefix), "level_ids": level_ids, "target": list(row["target"])}
 
 
+def encode_levels(tokenizer: Any, row: dict, **lengths: int) -> dict:
+    """A DPO-baseline pair of `gdpo_rows_as_pairs`: `encode_pair`, plus the level digits' ids and its
+    `level_target` as `target`, for the alignment gap; both completions must start with a digit's token."""
+    level_ids = [_single_token(tokenizer, str(level), "the level digit") for level in range(len(row[LEVEL_TARGET]))]
+    pair = encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], **lengths)
+    for side in ("chosen", "rejected"):
+        if pair[f"{side}_ids"][0] not in level_ids:
+            raise ValueError(f"the {side} completion {row[side][:20]!r}... does not start with a level digit's "
+                             f"token {level_ids} (got {pair[f'{side}_ids'][0]})")
+    return {**pair, "level_ids": level_ids, "target": list(row[LEVEL_TARGET])}
+
+
 def encode_row(tokenizer: Any, row: dict, **lengths: int) -> dict:
-    """`encode_gdpo` for GDPO rows (they carry a `target`), `encode_pair` for plain pairs, and
-    `rayalign.group_batching.encode_group` for K-sample groups (`completions`)."""
+    """`encode_gdpo` for GDPO rows (they carry a `target`), `encode_levels` for the DPO baseline on them,
+    `encode_pair` for plain pairs, and `rayalign.group_batching.encode_group` for K-sample groups."""
     if row.get("completions") is not None:
         from rayalign.group_batching import encode_group
 
         return encode_group(tokenizer, row, **lengths)
     if row.get("target") is not None:
         return encode_gdpo(tokenizer, row, **lengths)
+    if row.get(LEVEL_TARGET) is not None:
+        return encode_levels(tokenizer, row, **lengths)
     return encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], **lengths)
 
 
 def collate_gdpo(encoded: list[dict], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Add GDPO's tensors to a `collate_pairs` batch; the completion masks then cover only '>' + answer.
 
-    `chosen_belief_mask` (B, T) marks the belief prefix tokens, `level_position` (B,) the input position
-    of the first completion token (the level digit), `level_ids` (B, L) and `target_probs` (B, L).
+    `level_position` (B,) is the input position of the first completion token (the level digit),
+    `level_ids` (B, L), `target_probs` (B, L); for GDPO rows (not the DPO baseline's pairs, which train on
+    whole completions) also `chosen_belief_mask` (B, T), marking the belief prefix tokens.
     """
+    batch["level_position"] = torch.tensor([len(e["prompt_ids"]) for e in encoded])
+    batch["level_ids"] = torch.tensor([list(e["level_ids"]) for e in encoded])
+    batch["target_probs"] = torch.tensor([list(e["target"]) for e in encoded], dtype=torch.float64)
+    if "belief_len" not in encoded[0]:
+        return batch
     belief = torch.zeros_like(batch["chosen_completion_mask"])
     for i, e in enumerate(encoded):
         start = len(e["prompt_ids"])
@@ -139,7 +167,4 @@ def collate_gdpo(encoded: list[dict], batch: dict[str, torch.Tensor]) -> dict[st
         for side in ("chosen", "rejected"):
             batch[f"{side}_completion_mask"][i, start:start + e["belief_len"]] = 0
     batch["chosen_belief_mask"] = belief
-    batch["level_position"] = torch.tensor([len(e["prompt_ids"]) for e in encoded])
-    batch["level_ids"] = torch.tensor([list(e["level_ids"]) for e in encoded])
-    batch["target_probs"] = torch.tensor([list(e["target"]) for e in encoded], dtype=torch.float64)
     return batch

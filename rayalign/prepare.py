@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from rayalign.batching import collate_pairs, encode_row
+from rayalign.batching import LEVEL_TARGET, collate_pairs, encode_row
 from rayalign.config import Config
 from rayalign.group_batching import encoded_group_rows
 from rayalign.objective import needs_dispersion
@@ -53,7 +53,7 @@ class PairEncoder:
         self.lengths = {"max_prompt_length": max_prompt_length, "max_completion_length": max_completion_length}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        fields = [c for c in ("prompt", "chosen", "rejected", *GDPO_TEXT, *GROUP_TEXT) if c in batch]
+        fields = [c for c in ("prompt", "chosen", "rejected", *GDPO_TEXT, LEVEL_TARGET, *GROUP_TEXT) if c in batch]
         rows = [dict(zip(fields, values)) for values in zip(*(batch[c] for c in fields))]
         out = pd.DataFrame([encode_row(self.tokenizer, row, **self.lengths) for row in rows])
         out.insert(0, "pair_index", batch["pair_index"].to_numpy())
@@ -159,6 +159,8 @@ def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, tokenizer_pa
 
     rows = [(name, r) for name, split_rows in splits.items() for r in split_rows]
     fields = ["prompt", "chosen", "rejected", *(GDPO_TEXT if rows and rows[0][1].get("target") else ())]
+    if rows and rows[0][1].get(LEVEL_TARGET) is not None:  # the DPO baseline on GDPO rows: p* for the eval's gap
+        fields.append(LEVEL_TARGET)
     if rows and "completions" in rows[0][1]:
         fields = ["prompt", *GROUP_TEXT]
     frame = pd.DataFrame({"pair_index": range(len(rows)), **{f: [r[f] for _, r in rows] for f in fields}})

@@ -18,6 +18,7 @@ import torch
 from rayalign.batching import pad_rows
 from rayalign.config import Config
 from rayalign.core.logprobs import concatenated_forward, sequence_logps, sequence_mean_entropy, token_logps
+from rayalign.core.metrics import js_distance
 from rayalign.objective import pair_loss, uses_mean_logps
 
 PAIR_KEYS = tuple(f"{side}_{kind}" for side in ("chosen", "rejected")
@@ -74,6 +75,10 @@ def _packed_scores(model, batch, *, temperature: float, want_entropy: bool) -> S
     lengths = torch.zeros(count, **like).index_add(0, segment[:-1], mask.to(per_token.dtype))
     means = sums / lengths.clamp(min=1)
     scores = SequenceScores(*sums.chunk(2), *means.chunk(2), vocab_size=int(logits.shape[-1]))
+    if "level_ids" in batch:  # the DPO baseline on GDPO rows: chosen row i starts at its packed offset
+        chosen_lengths = batch["chosen_attention_mask"].sum(dim=1)
+        starts = chosen_lengths.cumsum(0) - chosen_lengths
+        scores.level_logps = level_logps(logits[starts + batch["level_position"] - 1], batch["level_ids"])
     if want_entropy:
         with torch.no_grad():
             logp = torch.log_softmax(logits.to(per_token.dtype), dim=-1)
@@ -101,8 +106,12 @@ def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperatu
                             result.rejected_logps / rejected_count, vocab_size=int(result.logits.shape[-1]))
     if want_entropy:
         scores.chosen_entropy, scores.rejected_entropy = sequence_mean_entropy(result.logits, result.mask).chunk(2)
+    if "level_ids" in batch:  # GDPO rows, or the DPO baseline on them: the level digit's distribution
+        # the digit at input position P is predicted by aligned position P - 1; chosen rows come first
+        rows = torch.arange(batch["level_ids"].shape[0], device=result.logits.device)
+        scores.level_logps = level_logps(result.logits[rows, batch["level_position"] - 1], batch["level_ids"])
     if "chosen_belief_mask" in batch:
-        scores.level_logps, scores.belief_mean_logps = gdpo_terms(result.logits, result.labels, batch)
+        scores.belief_mean_logps = belief_mean_logps(result.logits, result.labels, batch)
     if want_context:
         from rayalign.core.sams import context_features
 
@@ -112,21 +121,29 @@ def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperatu
     return scores
 
 
-def gdpo_terms(logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """GDPO's (B, L) level-digit log-probs at the first completion position and (B,) belief mean log-prob.
+def level_logps(first_completion_logits: torch.Tensor, level_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) full-vocabulary log-probs of the L level digits from the (B, V) logits that predict the first
+    completion token: GDPO's q (ALGORITHMS.md §3), and the alignment gap's belief distribution."""
+    logits = first_completion_logits.to(torch.promote_types(first_completion_logits.dtype, torch.float32))
+    return torch.log_softmax(logits, -1).gather(-1, level_ids)
 
-    `logits`/`labels` are the aligned (2B, T-1) outputs of `concatenated_forward`, chosen rows first; the
-    level digit at input position P is predicted by aligned position P - 1.
-    """
+
+def belief_mean_logps(logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> torch.Tensor:
+    """GDPO's (B,) mean log-prob of the chosen rows' belief prefix, from the aligned (2B, T-1) outputs of
+    `concatenated_forward` (chosen rows first)."""
     size = batch["chosen_input_ids"].shape[0]
-    rows = torch.arange(size, device=logits.device)
-    at_first_completion = logits[rows, batch["level_position"] - 1]
-    level_logps = torch.log_softmax(at_first_completion.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-    level_logps = level_logps.gather(-1, batch["level_ids"])
     belief_mask = batch["chosen_belief_mask"][:, 1:]
-    belief_mean = sequence_logps(logits[:size, :belief_mask.shape[1]], labels[:size, :belief_mask.shape[1]],
-                                 belief_mask, average=True)
-    return level_logps, belief_mean
+    return sequence_logps(logits[:size, :belief_mask.shape[1]], labels[:size, :belief_mask.shape[1]],
+                          belief_mask, average=True)
+
+
+def belief_gap_sums(level_logps: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """(count, sum of alignment gaps) in float64, summable across micro-batches and workers: the JS distance
+    between each row's target p* (B, L) and the softmax of its L level-digit log-probs (B, L), i.e. the
+    full-vocabulary digit probabilities renormalised over the digits (ALGORITHMS.md §3, measure (a))."""
+    with torch.no_grad():
+        gaps = js_distance(target_probs.double(), torch.softmax(level_logps.double(), dim=-1))
+        return torch.stack([torch.tensor(float(gaps.numel()), dtype=torch.float64, device=gaps.device), gaps.sum()])
 
 
 @torch.no_grad()
@@ -190,6 +207,7 @@ class MicroBatchOutput:
     refine_margins: torch.Tensor | None = None  # SPA: (B,) confidence margins, for the threshold window
     relabelled: int = 0  # SPA: pairs given a soft label
     context: torch.Tensor | None = None  # SamS: (B, L, D) context of the pairs, when asked
+    level_logps: torch.Tensor | None = None  # GDPO-format rows: (B, L) level-digit log-probs, detached
 
 
 def micro_batch_loss(
@@ -233,7 +251,7 @@ def micro_batch_loss(
     relabelled = int((label_smoothing > 0).sum()) if margins is not None else 0
     return MicroBatchOutput(losses, scores.chosen.detach(), scores.rejected.detach(),
                             ref["ref_chosen_logps"], ref["ref_rejected_logps"], tokens, margins, relabelled,
-                            scores.context)
+                            scores.context, None if scores.level_logps is None else scores.level_logps.detach())
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ from rayalign.prepare import encoded_rows
 from rayalign.sams_select import STATE_FILE as SAMS_FILE
 from rayalign.sams_select import PairSelector, pair_margins
 from rayalign.spa_refine import SpaRefiner
-from rayalign.step import ENTROPY_KEYS, REF_KEYS, micro_batch_loss
+from rayalign.step import ENTROPY_KEYS, REF_KEYS, belief_gap_sums, micro_batch_loss
 from rayalign.storage import materialize
 
 FAILURE_FILE = "FAILED.json"
@@ -235,11 +235,12 @@ class Worker:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out loss, reward accuracy and margins, each worker scoring an equal-length shard."""
+        """Held-out loss, reward accuracy and margins, each worker scoring an equal-length shard; on GDPO-format
+        rows (loss.type gdpo, or the DPO baseline on them) also the alignment gap `eval/gdpo/js_gap`."""
         encoded, columns = self.eval
         shard = list(range(self.rank, len(encoded), self.world))
         per_worker, size = math.ceil(len(encoded) / self.world), self.config.ref.batch_size
-        sums = torch.zeros(8, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(10, dtype=torch.float64, device=self.device)  # 8 pair metrics, then the gap's 2
         self.engine.module.eval()
         for start in range(0, per_worker, size):
             chunk = shard[start:start + size]
@@ -250,11 +251,17 @@ class Worker:
             with self._autocast():
                 out = micro_batch_loss(self.engine.module, batch, self.config, reference=self.reference,
                                        neg_log_dispersion=k)
-            sums += bool(chunk) * pair_metric_sums(out.losses, out.policy_chosen_logps, out.policy_rejected_logps,
-                                                   out.ref_chosen_logps, out.ref_rejected_logps,
-                                                   beta=self.config.loss.beta)
+            sums[:8] += bool(chunk) * pair_metric_sums(out.losses, out.policy_chosen_logps,
+                                                       out.policy_rejected_logps, out.ref_chosen_logps,
+                                                       out.ref_rejected_logps, beta=self.config.loss.beta)
+            if out.level_logps is not None:
+                sums[8:] += bool(chunk) * belief_gap_sums(out.level_logps, batch["target_probs"])
         self.engine.module.train()
-        return metrics_from_sums(_all_reduce(sums).cpu(), prefix="eval/")
+        sums = _all_reduce(sums).cpu()
+        metrics = metrics_from_sums(sums[:8], prefix="eval/")
+        if sums[8] > 0:
+            metrics["eval/gdpo/js_gap"] = float(sums[9] / sums[8])
+        return metrics
 
     def _eval_k(self, columns: dict, index: torch.Tensor) -> torch.Tensor:
         return unit_dispersion({k: v[index] for k, v in columns.items()}) * self.mallows_c
