@@ -25,6 +25,7 @@ PAIR_KEYS = tuple(f"{side}_{kind}" for side in ("chosen", "rejected")
                   for kind in ("input_ids", "attention_mask", "completion_mask"))
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_mean_logps", "ref_rejected_mean_logps")
 ENTROPY_KEYS = ("ref_chosen_entropy", "ref_rejected_entropy", "ref_vocab_size")
+GAP_METRIC = "gdpo/js_gap"  # GDPO's alignment gap (`belief_gap_sums`); the eval logs it as eval/gdpo/js_gap
 
 
 @dataclass

@@ -38,7 +38,7 @@ from rayalign.prepare import encoded_rows
 from rayalign.sams_select import STATE_FILE as SAMS_FILE
 from rayalign.sams_select import PairSelector, pair_margins
 from rayalign.spa_refine import SpaRefiner
-from rayalign.step import ENTROPY_KEYS, REF_KEYS, belief_gap_sums, micro_batch_loss
+from rayalign.step import ENTROPY_KEYS, GAP_METRIC, REF_KEYS, belief_gap_sums, micro_batch_loss
 from rayalign.storage import materialize
 
 FAILURE_FILE = "FAILED.json"
@@ -260,7 +260,7 @@ class Worker:
         sums = _all_reduce(sums).cpu()
         metrics = metrics_from_sums(sums[:8], prefix="eval/")
         if sums[8] > 0:
-            metrics["eval/gdpo/js_gap"] = float(sums[9] / sums[8])
+            metrics[f"eval/{GAP_METRIC}"] = float(sums[9] / sums[8])
         return metrics
 
     def _eval_k(self, columns: dict, index: torch.Tensor) -> torch.Tensor:
