@@ -84,10 +84,13 @@ def _cache_settings(config: Config) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
+def _affects_cache(key: str) -> bool:
+    return key.split(".")[0] in CACHE_SECTIONS or key in CACHE_KEYS
+
+
 def warm_configs(base: Config, dims: list[Dimension]) -> list[Config]:
     """One trial config per distinct cache setting among the values trials can take (ranges excepted)."""
-    relevant = [d for d in dims if d.kind in ("grid", "choice")
-                and (d.key.split(".")[0] in CACHE_SECTIONS or d.key in CACHE_KEYS)]
+    relevant = [d for d in dims if d.kind in ("grid", "choice") and _affects_cache(d.key)]
     distinct: dict[str, Config] = {}
     for values in itertools.product(*(d.values for d in relevant)):
         trial = trial_config(base, dict(zip((d.key for d in relevant), values)))
@@ -124,7 +127,7 @@ def warm_up(base: Config, dims: list[Dimension], tune_dir: Path) -> Config:
         if _cache_settings(config) not in done:
             prepare(config)
     atomic_write_text(marker, json.dumps({"model.policy": base.model.policy, "settings": len(configs)}) + "\n")
-    ranged = [d.key for d in dims if d.kind not in ("grid", "choice") and d.key in CACHE_KEYS]
+    ranged = [d.key for d in dims if d.kind not in ("grid", "choice") and _affects_cache(d.key)]
     _log(f"reference cache warm for {len(configs)} setting(s) in {base.ref.cache_dir}; trials read it (their "
          "logs say 'reference cache hit')" + (f"; {', '.join(ranged)} vary per trial: those score their own"
                                                if ranged else ""))

@@ -7,7 +7,8 @@
 
 Metrics are read from each trial's own run dir (`metrics.jsonl`, `final_metrics.json`), which a resumed
 trial keeps as one uninterrupted run; Ray Tune supplies only each trial's name and whether it failed.
-Statuses: TERMINATED (trained to the end), STOPPED (stopped early by the scheduler), ERROR.
+Statuses: TERMINATED (trained to the end), STOPPED (ended early: the scheduler stopped it, or the sweep was
+interrupted; `final` is then its last evaluation), ERROR.
 Every file is written atomically. Nothing here trains or starts Ray.
 """
 
@@ -149,8 +150,16 @@ def plot_trials(trials: list[TrialRecord], tune: TuneConfig, tune_dir: Path) -> 
     import matplotlib.pyplot as plt
 
     order = ranked(trials, tune.mode)[::-1]
+    finals = [t.final for t in order if not math.isnan(t.final)]
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * len(order)))
     ax.barh([_label(t) for t in order], [0.0 if math.isnan(t.final) else t.final for t in order])
+    for y, trial in enumerate(order):
+        ax.annotate(_cell(trial.final), (0 if math.isnan(trial.final) else trial.final, y), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    if finals:  # zoom on the spread: trials often differ in the second decimal
+        low, high = min(finals), max(finals)
+        pad = max(high - low, abs(high) * 0.02, 1e-6)
+        ax.set_xlim(low - pad, high + pad)
     ax.set_xlabel(f"final {tune.metric}")
     ax.set_title(f"{len(trials)} trials ({tune.mode} is best)")
     paths = [tune_dir / "final_metric.png", tune_dir / "learning_curves.png"]

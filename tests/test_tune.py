@@ -1,10 +1,12 @@
 """`rayalign tune`: the search-space rules (pure, no Ray) and one reduced `configs/tune_mallows.yaml` sweep.
 
 The sweep is the shipped config with small overrides: 32 synthesized pairs, the tiny model built from them,
-3 steps per trial, DPO vs MallowsPO-theta (2 trials, one at a time). It is killed by SIGKILL to its whole
-process group as soon as the first trial has finished, then resumed with `--resume`: the resumed sweep
-must keep the finished trial untouched, run the other, and write every output. One sweep covers both the
-outputs and the resume, because each trial costs a TorchTrainer start (~20 s here).
+3 steps per trial, DPO vs MallowsPO-theta (2 trials, side by side). Its whole process group is SIGKILLed as
+soon as both trials have trained to the end, before the driver writes any output (and usually before Tune
+has recorded the second trial as finished), then `--resume` must restore the sweep, train nothing again,
+rescore nothing, and write every output. One sweep covers the outputs and the resume because each trial
+costs a TorchTrainer start (~20 s here); a trial interrupted mid-training continuing from its checkpoint
+is `rayalign train --resume`, tested in tests/test_train_ray.py.
 """
 
 from __future__ import annotations
@@ -113,8 +115,8 @@ def test_ranked_puts_the_best_first_and_missing_metrics_last(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- the sweep
-REDUCED = ("data.eval_fraction=0.25", "data.max_completion_length=48", "optim.lr=1e-3", "optim.warmup_steps=0",
-           "train.global_batch_size=8", "train.eval_every=2", "train.save_every=2", "tune.max_concurrent_trials=1",
+REDUCED = ("data.eval_fraction=0.25", "data.max_completion_length=48", "optim.lr=1e-3", "optim.warmup_ratio=0",
+           "train.global_batch_size=8", "train.eval_every=2", "train.save_every=2",
            "tune.space={loss.type: {grid: [dpo, mallows_theta]}}")
 
 
@@ -135,7 +137,7 @@ def _wait_for(predicate, timeout: float, what: str):
     while time.monotonic() < deadline:
         if value := predicate():
             return value
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
@@ -150,14 +152,16 @@ def _reap(tag: str) -> None:
         _wait_for(lambda: not _tagged_processes(tag), 30, "killed Ray processes to exit")
 
 
-def _run_until_first_trial_finishes(command: list[str], env: dict, trials: Path) -> str:
+def _run_until_trials_finish(command: list[str], env: dict, trials: Path, count: int) -> str:
+    """Run the sweep in its own session; SIGKILL its process group once `count` trials have trained to the end
+    (before Tune has recorded the last of them: it saves its state at most every 10 s)."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env=env, start_new_session=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     try:
-        _wait_for(lambda: list(trials.glob("*/final_metrics.json")) or proc.poll() is not None, 600,
-                  "the first trial to finish")
+        _wait_for(lambda: len(list(trials.glob("*/final_metrics.json"))) == count or proc.poll() is not None, 600,
+                  f"{count} trials to finish")
         assert proc.poll() is None, "".join(lines)[-4000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -187,18 +191,21 @@ def test_reduced_sweep_killed_and_resumed(pairs_file, tmp_path):
                f"data.train_file={pairs_file}", *REDUCED]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", TAG: tag}
     started = time.perf_counter()
-    first_log = _run_until_first_trial_finishes(command, env, trials)
+    first_log = _run_until_trials_finish(command, env, trials, count=2)
     _reap(tag)
     killed_after = time.perf_counter() - started
-    (finished,) = [p.parent for p in trials.glob("*/final_metrics.json")]
-    kept = [finished / name for name in ("config.yaml", "metrics.jsonl", "final_metrics.json",
-                                         "final/model.safetensors")]
+    kept = [trial / name for trial in sorted(trials.iterdir())
+            for name in ("config.yaml", "metrics.jsonl", "final_metrics.json", "final/model.safetensors")]
     cache = sorted((tune_dir / "ref_cache").glob("*.parquet"))
     before = _stamp(kept + cache)
     assert "Trial status:" in first_log, first_log[-3000:]  # Tune's progress table reaches our output
-    # The driver scored the reference once per loss family (MallowsPO also needs entropies) before any trial.
-    misses = [line for line in first_log.splitlines() if "reference cache miss" in line]
+    # The driver scored the reference once per loss family (MallowsPO also needs entropies), before any
+    # trial; each trial then read the cache.
+    lines = first_log.splitlines()
+    misses = [line for line in lines if "reference cache miss" in line]
+    hits = [line for line in lines if "run_trial" in line and "reference cache hit" in line]
     assert len(cache) == 2 and len(misses) == 2 and not any("run_trial" in line for line in misses), misses
+    assert len(hits) == 2 and {Path(h.split("hit: ")[1].split(" ")[0]) for h in hits} == set(cache), hits
     assert "rayalign tune: reference cache warm for 2 setting(s)" in first_log
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
@@ -206,9 +213,10 @@ def test_reduced_sweep_killed_and_resumed(pairs_file, tmp_path):
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-5000:]
     _reap(tag)
-    assert f"resuming the sweep in {tune_dir / 'experiment'}: 1 finished trial(s) kept ({finished.name})" in log
-    assert "were prepared before" in log and "reference cache miss" not in log, log[-5000:]
-    assert _stamp(kept + cache) == before, "--resume touched the finished trial or rescored the reference"
+    assert f"resuming the sweep in {tune_dir / 'experiment'}: 2 finished trial(s) kept" in log, log[-5000:]
+    assert "were prepared before" in log and "reference cache hit" not in log and "cache miss" not in log, log
+    assert "starting 1 ddp worker" not in log, "--resume trained a finished trial again"
+    assert _stamp(kept + cache) == before, "--resume touched a finished trial or rescored the reference"
     _check_outputs(tune_dir)
     print(f"sweep: killed after {killed_after:.0f} s, resumed and finished at {total:.0f} s")
 
@@ -225,7 +233,7 @@ def _check_outputs(tune_dir: Path) -> None:
         assert row["status"] == "TERMINATED", row
         assert 0.0 <= float(row[f"final {metric}"]) <= 1.0 and 0.0 <= float(row[f"best {metric}"]) <= 1.0, row
         steps = [json.loads(line)["step"] for line in (Path(row["trial dir"]) / "metrics.jsonl").open()]
-        assert steps == [1, 2, 3], steps  # 24 training pairs / 8 per step, once: no step trained twice
+        assert steps == [1, 2, 3], steps  # 24 training pairs / 8 per step, once
     table = [line for line in (tune_dir / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
     finals = [float(line.split("|")[4]) for line in table]
     assert len(finals) == 2 and finals == sorted(finals, reverse=True), table
