@@ -59,9 +59,11 @@ def sweep_base(config: Config) -> Config:
 def check_sweep(config: Config, dims: list[Dimension], trial_configs: list[Config]) -> None:
     """Sweep-level rules every trial must meet, before any Ray work."""
     from rayalign.objective import METRIC_NAMES
+    from rayalign.step import GAP_METRIC
 
     tune = config.tune
-    names = [f"eval/{name}" for name in METRIC_NAMES]
+    # The GDPO gap is reported only for eval rows in the GDPO belief format (a trial without it fails in Tune).
+    names = [f"eval/{name}" for name in (*METRIC_NAMES, GAP_METRIC)]
     if tune.metric not in names:
         raise ConfigError(f"tune.metric: {tune.metric!r} is not reported by training; use one of {', '.join(names)}")
     for trial in [config, *trial_configs]:

@@ -53,6 +53,15 @@ def test_the_shipped_sweep_is_the_papers_12_trial_grid():
     assert (config.tune.metric, config.tune.mode) == ("eval/rewards/accuracies", "max")
 
 
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("tune_*.yaml")))
+def test_every_shipped_sweep_passes_the_checks_made_before_ray(path):
+    from rayalign.tune import check_sweep, sweep_base
+
+    config = load_config(REPO / "configs" / path, ["run.dir=unused"])
+    dims = parse_space(config.tune.space)
+    check_sweep(config, dims, check_space(sweep_base(config), dims))
+
+
 def test_a_trial_config_is_built_like_command_line_overrides():
     base = load_config(REPO / CONFIG)
     params = {"loss.type": "mallows_theta", "loss.beta": 0.05, "optim.lr": "1e-6"}  # YAML 1.1 leaves 1e-6 a string
