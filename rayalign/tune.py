@@ -10,7 +10,9 @@ its TorchTrainer (`rayalign.train.run_train`); the trial actor itself holds 0.01
 workers hold what `train.*` asks for. Layout: RUN_DIR/tune/trials/<trial>/ is a normal train run dir,
 RUN_DIR/tune/ref_cache/ the shared reference cache, RUN_DIR/tune/experiment/ Ray Tune's own state
 (`--resume` restores it with `Tuner.restore`; finished trials are kept, unfinished ones continue from their
-newest checkpoint). It does not pick the search algorithm (Tune's default: grid + random sampling).
+newest checkpoint). Trial actors run on the driver's node, where those are; with run.storage each trial
+trains in its own location there (STORAGE/tune/trials/<trial>) and the summary files are published to it.
+It does not pick the search algorithm (Tune's default: grid + random sampling).
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ CACHE_KEYS = ("loss.type", "loss.mallows_phi", "loss.logit_temperature", "train.
 
 def _log(message: str) -> None:
     print(f"rayalign tune: {message}", flush=True)
+
+
+def _with_run(config: Config, run_dir: Path, key: str) -> Config:
+    """`config` running in `run_dir`; with run.storage, in its own location there (`key`, mirroring RUN_DIR),
+    so that trials never share one storage root."""
+    from rayalign.storage import join
+
+    storage = join(config.run.storage, key) if config.run.storage else None
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir), storage=storage))
 
 
 def _local(path: str | None) -> str | None:
@@ -113,8 +124,7 @@ def warm_up(base: Config, dims: list[Dimension], tune_dir: Path) -> Config:
         return dataclasses.replace(base, model=dataclasses.replace(base.model, policy=policy))
 
     def prepare(config: Config) -> None:
-        config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(tune_dir)))
-        if run_train(config, prepare_only=True) != 0:
+        if run_train(_with_run(config, tune_dir, "tune"), prepare_only=True) != 0:
             raise ConfigError(f"run.dir: preparing the sweep's data in {tune_dir} failed")
 
     done = set()
@@ -154,8 +164,7 @@ def run_trial(params: dict, *, base: Config, trials_dir: str) -> None:
         ray.tune.report(json.loads(final.read_text()))
         return
     ray.data.DataContext.get_current().enable_progress_bars = False  # bars of many trials garble the table
-    config = trial_config(base, params)
-    config = prepare_run_dir(dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir))))
+    config = prepare_run_dir(_with_run(trial_config(base, params), run_dir, f"tune/trials/{name}"))
     # A trial restored by --resume continues from its newest checkpoint (Tune itself keeps none).
     resume = latest_checkpoint(config.run.dir) is not None
     code = run_train(config, resume=resume, callbacks=(TuneReportCallback(),))
@@ -190,12 +199,16 @@ def _concurrency(config: Config) -> int:
 
 
 def _tuner(config: Config, base: Config, dims: list[Dimension], resume: bool):
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     tune_dir = Path(config.run.dir) / "tune"
+    # A trial actor only drives its TorchTrainer: a sliver of a CPU (0 is rejected), on the driver's node,
+    # where RUN_DIR, the shared cache and the built model are (its training workers go anywhere).
+    resources = {"cpu": 0.01, f"node:{ray.util.get_node_ip_address()}": 0.001}
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, trials_dir=str(tune_dir / "trials")), {"cpu": 0.01})
+        tune.with_parameters(run_trial, base=base, trials_dir=str(tune_dir / "trials")), resources)
     experiment = tune_dir / EXPERIMENT
     if resume and tune.Tuner.can_restore(str(experiment)):
         done = sorted(p.parent.name for p in (tune_dir / "trials").glob("*/final_metrics.json"))
@@ -258,6 +271,7 @@ def _init_ray() -> None:
 
 def run_tune(config: Config, *, resume: bool = False) -> int:
     """Run (or with `resume`, continue) the sweep; returns the process exit code."""
+    from rayalign.storage import publish
     from rayalign.tune_report import collect_trials, write_reports
 
     tune_dir = Path(config.run.dir) / "tune"
@@ -270,9 +284,13 @@ def run_tune(config: Config, *, resume: bool = False) -> int:
     base = warm_up(base, dims, tune_dir)
     results = _tuner(config, base, dims, resume).fit()
     trials = collect_trials(results, dims, tune_dir, config.tune.metric)
-    write_reports(tune_dir, trials, config.tune)
+    publish(config, *write_reports(tune_dir, trials, config.tune))  # to run.storage, if set
     failed = [t.name for t in trials if t.status == "ERROR"]
     if failed:
         _log(f"error: {len(failed)} trial(s) failed: {', '.join(failed)}; `--resume` reruns them")
+        return 1
+    unfinished = [t.name for t in trials if t.status == "STOPPED"]
+    if unfinished and config.tune.scheduler == "none":  # nothing stops trials early: the sweep was interrupted
+        _log(f"{len(unfinished)} trial(s) did not finish: {', '.join(unfinished)}; `--resume` continues them")
         return 1
     return 0

@@ -180,24 +180,25 @@ def plot_trials(trials: list[TrialRecord], tune: TuneConfig, tune_dir: Path) -> 
 
 
 def best_config(trial: TrialRecord) -> Config:
-    """The best trial's config with run.dir unset, so `rayalign train best.yaml` starts a fresh run dir."""
+    """The best trial's config with run.dir and run.storage unset (they were the trial's own), so that
+    `rayalign train best.yaml` starts a fresh run dir."""
     config = load_config(trial.run_dir / "config.yaml")
-    return dataclasses.replace(config, run=dataclasses.replace(config.run, dir=None))
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, dir=None, storage=None))
 
 
-def write_reports(tune_dir: Path, trials: list[TrialRecord], tune: TuneConfig) -> TrialRecord | None:
-    """Write every output file; returns the best trial (None when no trial has the metric)."""
-    atomic_write_text(tune_dir / "results.csv", results_csv(trials, tune))
-    atomic_write_text(tune_dir / "results.md", results_markdown(trials, tune))
-    plot_trials(trials, tune, tune_dir)
+def write_reports(tune_dir: Path, trials: list[TrialRecord], tune: TuneConfig) -> list[Path]:
+    """Write every output file; returns their paths (no best.yaml when no trial has the metric)."""
+    paths = [atomic_write_text(tune_dir / "results.csv", results_csv(trials, tune)),
+             atomic_write_text(tune_dir / "results.md", results_markdown(trials, tune)),
+             *plot_trials(trials, tune, tune_dir)]
     best = ranked(trials, tune.mode)[0] if trials else None
     if best is None or math.isnan(best.final):
         print("rayalign tune: no trial reported the metric; no best.yaml", flush=True)
-        return None
+        return paths
     header = (f"# The best trial of the sweep in {tune_dir.parent}: {best.name}, final {tune.metric} "
-              f"{best.final:.4f} ({tune.mode}).\n# A complete config (trained in {best.run_dir}); run.dir is "
-              "unset:\n#   rayalign train best.yaml run.dir=runs/best\n")
-    atomic_write_text(tune_dir / "best.yaml", header + dump_config(best_config(best)))
+              f"{best.final:.4f} ({tune.mode}).\n# A complete config (trained in {best.run_dir}); run.dir and "
+              "run.storage are unset:\n#   rayalign train best.yaml run.dir=runs/best\n")
+    paths.append(atomic_write_text(tune_dir / "best.yaml", header + dump_config(best_config(best))))
     print(f"rayalign tune: best {best.name} ({_label(best)}): final {tune.metric} {best.final:.4f}; wrote "
-          f"results.csv, results.md, final_metric.png, learning_curves.png and best.yaml in {tune_dir}", flush=True)
-    return best
+          f"{', '.join(p.name for p in paths)} in {tune_dir}", flush=True)
+    return paths

@@ -252,5 +252,5 @@ def _check_outputs(tune_dir: Path) -> None:
     best = max(rows, key=lambda r: float(r[f"final {metric}"]))
     trial = load_config(Path(best["trial dir"]) / "config.yaml")
     assert load_config(tune_dir / "best.yaml") == dataclasses.replace(
-        trial, run=dataclasses.replace(trial.run, dir=None))
+        trial, run=dataclasses.replace(trial.run, dir=None, storage=None))
     assert trial.model.policy == str(tune_dir / "tiny-model") and trial.ref.cache_dir == str(tune_dir / "ref_cache")
