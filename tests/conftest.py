@@ -31,6 +31,17 @@ MICRO_LOOP = ("loop.iterations=1", "loop.prompts_per_iteration=16", "loop.eval_p
               "generate.max_new_tokens=16")
 
 
+def wait_for(predicate, timeout: float, what: str, details=lambda: "", poll: float = 0.5):
+    """Poll `predicate` until it returns something truthy (returned) or fail after `timeout` seconds,
+    naming `what` and adding `details()` (e.g. a job's log) to the message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path to a Hugging Face directory holding the default tiny model; treat it as read-only."""

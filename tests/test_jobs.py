@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MICRO_LOOP, REPO
+from tests.conftest import wait_for as _wait_for
 
 SUBMIT = str(REPO / "jobs" / "submit.sh")
 MARKER = "RAYALIGN_TEST_JOBS"  # in the head's environment: inherited by every process of that cluster
@@ -153,14 +154,6 @@ def _tear_down(temp_dir: Path, tag: str) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
     assert not survivors, f"processes of the test's Ray head survived: {survivors}"
 
-
-def _wait_for(predicate, timeout: float, what: str, details=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
 
 
 def _job_report(client, job_id: str) -> str:

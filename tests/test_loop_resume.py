@@ -17,13 +17,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.conftest import wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 TAG = "RAYALIGN_TEST_RUN_TAG"  # inherited by the driver's Ray daemons and workers: finds leaked processes
@@ -46,14 +46,6 @@ def _tagged_processes(tag: str) -> dict[int, str]:
             continue
     return found
 
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _kill_run_in_iteration_2_generation(command: list[str], env: dict, tag: str) -> str:

@@ -30,6 +30,7 @@ from rayalign.config import ConfigError
 from rayalign.config_loader import load_config
 from rayalign.tune_space import check_space, grid_size, parse_space, trial_config
 from tests.conftest import REPO
+from tests.conftest import wait_for as _wait_for
 
 CONFIG = "configs/tune_mallows.yaml"
 TAG = "RAYALIGN_TEST_RUN_TAG"  # inherited by the sweep's Ray daemons and workers: finds leaked processes
@@ -140,14 +141,6 @@ def _tagged_processes(tag: str) -> list[int]:
             continue
     return found
 
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _reap(tag: str) -> None:
