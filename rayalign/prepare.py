@@ -108,15 +108,20 @@ def fingerprint_model(path: str) -> str:
     return digest.hexdigest()
 
 
+def scoring_settings(config: Config) -> dict:
+    """The config values the cached reference columns depend on (besides the models and the data); a
+    sweep (`rayalign.tune`) warms one cache entry per distinct value of this."""
+    return {"dtype": config.model.dtype, "max_prompt_length": config.data.max_prompt_length,
+            "max_completion_length": config.data.max_completion_length,
+            "temperature": config.loss.logit_temperature, "padding_free": config.train.padding_free,
+            "entropy": needs_dispersion(config.loss)}
+
+
 def cache_key(frame: pd.DataFrame, config: Config, *, reference_path: str, tokenizer_path: str) -> str:
     """Hash of (reference model, data, tokenization and scoring settings): all the cached values depend on."""
     digest = hashlib.sha256()
     settings = {"version": CACHE_VERSION, "model": fingerprint_model(reference_path),
-                "tokenizer": fingerprint_model(tokenizer_path), "dtype": config.model.dtype,
-                "max_prompt_length": config.data.max_prompt_length,
-                "max_completion_length": config.data.max_completion_length,
-                "temperature": config.loss.logit_temperature, "padding_free": config.train.padding_free,
-                "entropy": needs_dispersion(config.loss)}
+                "tokenizer": fingerprint_model(tokenizer_path), **scoring_settings(config)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for column in ("prompt", "chosen", "rejected", *GDPO_TEXT, "completions"):  # rewards: no effect on the cache
         for value in frame[column] if column in frame else ():

@@ -26,13 +26,13 @@ from pathlib import Path
 from rayalign.config import Config, ConfigError, TuneConfig
 from rayalign.config_loader import config_to_dict, dump_config, load_config
 from rayalign.io import atomic_write_text
-from rayalign.tune_space import Dimension, check_space, grid_size, parse_space, trial_config, value_of
+from rayalign.tune_space import Dimension, check_space, grid_size, parse_space, trial_config
 
 EXPERIMENT = "experiment"  # Ray Tune's state under RUN_DIR/tune/
 SWEEP_FILE = "sweep.yaml"  # the resolved sweep config; --resume must match it
 WARM_FILE = "prepared.json"  # written once the model is built and the reference cache is warm
-# Keys the reference cache's key depends on (rayalign.prepare.cache_key): trials that agree on these
-# share one cache entry, so the driver warms one entry per distinct combination of them.
+# Swept keys that can change the reference cache's key (`rayalign.prepare.scoring_settings` decides exactly
+# which trials share an entry): the driver warms one entry per distinct setting among their values.
 CACHE_SECTIONS = ("model", "data", "ref")
 CACHE_KEYS = ("loss.type", "loss.mallows_phi", "loss.logit_temperature", "train.padding_free")
 
@@ -92,9 +92,10 @@ def check_sweep(config: Config, dims: list[Dimension], trial_configs: list[Confi
 
 
 def _cache_settings(config: Config) -> str:
+    from rayalign.prepare import scoring_settings
+
     tree = config_to_dict(config)
-    settings = {**{s: tree[s] for s in CACHE_SECTIONS}, **{k: value_of(config, k) for k in CACHE_KEYS}}
-    return json.dumps(settings, sort_keys=True)
+    return json.dumps({**{s: tree[s] for s in CACHE_SECTIONS}, **scoring_settings(config)}, sort_keys=True)
 
 
 def _affects_cache(key: str) -> bool:
