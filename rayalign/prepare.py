@@ -38,7 +38,7 @@ def encoded_rows(frame: pd.DataFrame) -> list[dict]:
         return encoded_group_rows(frame)
     keys = [k for k in (*ID_COLUMNS, *GDPO_COLUMNS) if k in frame]
     return [{k: (list(row[k]) if k != "belief_len" else int(row[k])) for k in keys} for _, row in frame.iterrows()]
-CACHE_VERSION = 1  # bump when the scoring code changes what it computes
+CACHE_VERSION = 2  # bump when the encoding or scoring code changes what an entry holds (2: token ids too)
 
 
 class PairEncoder:
@@ -172,18 +172,19 @@ def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, tokenizer_pa
     key = cache_key(frame, config, reference_path=reference_path, tokenizer_path=tokenizer_path)
     path = cache_dir / f"{key}.parquet"
     hit = config.ref.cache and path.is_file()
-    score = config.ref.cache and not hit
     if hit:
-        log(f"reference cache hit: {path} ({len(frame)} pairs, no reference forward needed)")
-    elif score:
-        log(f"reference cache miss: scoring {len(frame)} pairs with {config.ref.num_actors} actor(s) -> {path}")
-    out = _run_pipeline(frame, config, tokenizer_path=tokenizer_path,
-                        reference_path=reference_path if score else None, pad_token_id=pad_token_id)
-    if score:
+        # The key covers the tokenizer and the length limits too, so the entry holds the token ids as well:
+        # a hit (every Tune trial after the warm-up) runs no Ray Data pass at all.
+        log(f"reference cache hit: {path} ({len(frame)} pairs, no tokenization or reference forward needed)")
+        out = pd.read_parquet(path).sort_values("pair_index").reset_index(drop=True)
+    else:
+        if config.ref.cache:
+            log(f"reference cache miss: scoring {len(frame)} pairs with {config.ref.num_actors} actor(s) -> {path}")
+        out = _run_pipeline(frame, config, tokenizer_path=tokenizer_path,
+                            reference_path=reference_path if config.ref.cache else None, pad_token_id=pad_token_id)
+    if config.ref.cache and not hit:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_rows_parquet(out[["pair_index", *[c for c in out if c.startswith("ref_")]]].to_dict("records"), path)
-    if hit:
-        out = out.merge(pd.read_parquet(path), on="pair_index", how="left", validate="one_to_one")
+        write_rows_parquet(out.to_dict("records"), path)  # encoder output: ids, flags, ref_* columns
     split_of = [name for name, _ in rows]
     frames = {name: out[[s == name for s in split_of]].reset_index(drop=True) for name in splits}
     return PreparedPairs(frames, int(out["prompt_truncated"].sum()), int(out["completion_truncated"].sum()),
