@@ -46,36 +46,38 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from rayalign.config_loader import load_config, prepare_run_dir
-    from rayalign.loop import run_loop
+def _prepared(args: argparse.Namespace):
+    """The resolved config, once every check passed and run.dir holds its config.yaml (`rayalign.run_dir`)."""
+    from rayalign.config_loader import load_config
+    from rayalign.run_dir import prepare_run_dir
 
     path, overrides = _split_config_and_overrides(args)
-    return run_loop(prepare_run_dir(load_config(path, overrides)), resume=args.resume)
+    return prepare_run_dir(load_config(path, overrides), command=args.command,
+                           resume=getattr(args, "resume", False), accept_changes=getattr(args, "accept_changes", False))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rayalign.loop import run_loop
+
+    return run_loop(_prepared(args), resume=args.resume)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rayalign.config_loader import load_config, prepare_run_dir
     from rayalign.train import run_train
 
-    path, overrides = _split_config_and_overrides(args)
-    return run_train(prepare_run_dir(load_config(path, overrides)), resume=args.resume)
+    return run_train(_prepared(args), resume=args.resume)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from rayalign.config_loader import load_config, prepare_run_dir
     from rayalign.tune import run_tune
 
-    path, overrides = _split_config_and_overrides(args)
-    return run_tune(prepare_run_dir(load_config(path, overrides)), resume=args.resume)
+    return run_tune(_prepared(args), resume=args.resume)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
     from rayalign import stages
-    from rayalign.config_loader import load_config, prepare_run_dir
 
-    path, overrides = _split_config_and_overrides(args)
-    config = prepare_run_dir(load_config(path, overrides))
+    config = _prepared(args)
     if args.command == "generate":
         return stages.run_generate(config, iteration=args.iteration)
     if args.command == "judge":
@@ -133,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(tune)
     tune.add_argument("--resume", action="store_true", help="continue a killed sweep; finished trials are kept")
     tune.set_defaults(handler=_cmd_tune)
+    for resumable in (run, train):  # a sweep cannot change on --resume (Ray Tune restores its own state)
+        resumable.add_argument("--accept-changes", action="store_true",
+                               help="with --resume: continue with settings that differ from the run's config.yaml "
+                               "(kept as config.N.yaml)")
     _add_stage_commands(commands)
 
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)

@@ -4,7 +4,7 @@ Precedence: dataclass defaults < YAML < command-line overrides. Every value goes
 type-directed parser (`coerce`), so `train.num_workers=2` on the command line and `num_workers: 2` in
 YAML become the same int. Unknown keys fail with the closest valid key suggested.
 
-It does not run anything and does not create directories except in `prepare_run_dir`.
+It does not run anything; `prepare_run_dir` (creating run.dir, after its checks) lives in `rayalign.run_dir`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any
 import yaml
 
 from rayalign.config import Config, ConfigError
-from rayalign.io import atomic_write_text, new_run_dir
 
 
 def section_types() -> dict[str, type]:
@@ -194,14 +193,11 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
 
 
-def prepare_run_dir(config: Config, root: str | Path = "runs") -> Config:
-    """Create `run.dir` (a fresh timestamped one under `root` when unset) and write `config.yaml` there.
+def prepare_run_dir(config: Config, root: str | Path = "runs", **checks) -> Config:
+    """Check, then create `run.dir` and write `config.yaml` there (see `rayalign.run_dir.prepare_run_dir`).
 
     Returns the config with `run.dir` filled in, so what is written is exactly what the command runs.
     """
-    # Absolute: Ray Train workers run in their own working directory, where a relative path means nothing.
-    run_dir = (Path(config.run.dir) if config.run.dir else new_run_dir(root)).expanduser().absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
-    atomic_write_text(run_dir / "config.yaml", dump_config(config))
-    return config
+    from rayalign.run_dir import prepare_run_dir as prepare
+
+    return prepare(config, root, **checks)

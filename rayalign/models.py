@@ -8,8 +8,10 @@
   train mode itself.
 - `load_policy_and_reference` loads both (the reference defaults to the policy's weights) and freezes the
   reference.
-- A name that looks like a local path but does not exist fails with a ValueError naming it, instead of a
-  confusing hub lookup. `trust_remote_code` is off unless asked for.
+- A name that looks like a local path but does not exist fails with a `ModelNotFoundError` (a ValueError)
+  naming it, instead of a confusing hub lookup; so does a hub id that cannot be found (offline: not in the
+  local cache). `check_model_name` runs those checks before anything loads, naming the config key.
+  `trust_remote_code` is off unless asked for.
 
 The tiny offline test model lives in `rayalign.tiny` and is re-exported here. This module does not
 download on its own (set HF_HUB_OFFLINE=1 to forbid it), train, or import ray/vllm/deepspeed;
@@ -36,6 +38,15 @@ if TYPE_CHECKING:
 PAD_TOKEN_IF_NO_EOS = "<|pad|>"
 DTYPES = ("float32", "bfloat16")
 PADDING_SIDES = ("left", "right")
+
+
+# huggingface_hub's errors for "no such repo here" (by name: importing the hub just to compare is not worth it)
+_HUB_NOT_FOUND = ("LocalEntryNotFoundError", "RepositoryNotFoundError", "HFValidationError", "GatedRepoError",
+                  "RevisionNotFoundError")
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that is neither an existing local path nor a hub id that can be loaded: a user mistake."""
 
 
 class PolicyAndReference(NamedTuple):
@@ -67,9 +78,57 @@ def resolve_name_or_path(name_or_path: str | os.PathLike) -> str:
     if expanded.exists():
         return str(expanded)
     if looks_local(name_or_path):
-        raise ValueError(f"model path {os.fspath(name_or_path)!r} does not exist (resolved to "
-                         f"{str(expanded)!r}); give an existing local directory or a Hugging Face hub id")
+        raise ModelNotFoundError(f"model path {os.fspath(name_or_path)!r} does not exist (resolved to "
+                                 f"{str(expanded)!r}); give an existing local directory or a Hugging Face hub id")
     return os.fspath(name_or_path)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _not_found(name: str) -> ModelNotFoundError:
+    where = "a hub id in the local cache (HF_HUB_OFFLINE=1)" if _offline() else "a hub id that can be found"
+    return ModelNotFoundError(f"{name!r} is neither an existing local path nor {where}; check the spelling")
+
+
+def check_model_name(name: str, key: str, *, model: bool = True) -> None:
+    """Raise ModelNotFoundError naming `key` when `name` cannot be a model: a missing local path, a local
+    directory without config.json (`model`: a model, not only a tokenizer), or offline an uncached hub id.
+    Online, a hub id is not looked up here (that needs the network); loading reports it."""
+    if "://" in name:  # a storage location, read by the stages themselves
+        return
+    try:
+        path = Path(resolve_name_or_path(name))
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"{key}: {exc}") from None
+    if path.exists():
+        if model and path.is_dir() and not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{key}: {name} holds no Hugging Face model (no config.json)")
+        return
+    if _offline():
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(name, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001  (not cached, or not even a valid id: the same advice)
+            if type(exc).__name__ not in (*_HUB_NOT_FOUND, "ValueError"):
+                raise
+            raise ModelNotFoundError(f"{key}: {_not_found(name)}") from None
+
+
+def _from_pretrained(load, path: str, **kwargs):
+    """`load(path, ...)`, turning transformers' "no such repo" OSError into a one-line ModelNotFoundError."""
+    try:
+        return load(path, **kwargs)
+    except OSError as exc:
+        cause, names = exc, set()
+        while cause is not None:
+            names.add(type(cause).__name__)
+            cause = cause.__cause__ or cause.__context__
+        if names & set(_HUB_NOT_FOUND):
+            raise _not_found(path) from exc
+        raise
 
 
 def load_tokenizer(
@@ -86,8 +145,8 @@ def load_tokenizer(
         raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
     path = resolve_name_or_path(name_or_path)
     # padding_side as a from_pretrained kwarg, so it is also what save_pretrained writes back.
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                              padding_side=padding_side)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code,
+                                 padding_side=padding_side)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -135,8 +194,8 @@ def load_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     path = resolve_name_or_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                 dtype=getattr(torch, dtype))
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, trust_remote_code=trust_remote_code,
+                             dtype=getattr(torch, dtype))
     if tokenizer is not None:
         resize_for_tokenizer(model, tokenizer)
     if device is not None:
