@@ -9,8 +9,10 @@ and `run.dir` is the driver's working copy, laid out the same (`RUN_DIR/a/b` <->
     training   Ray Train workers read their inputs from storage, write into a node-local scratch run dir
                and rank 0 publishes metrics, checkpoints/step-N and final/ (last: the stage's marker);
                Ray Train's own run state goes to STORAGE/.../ray (RunConfig storage_filesystem)
-    --resume   `start_run` makes run.dir a mirror of storage's committed state first, so a machine with
-               an empty run.dir continues where the run stopped
+    --resume   `rayalign.storage_resume.start_run` makes run.dir a mirror of storage's committed state
+               first, so a machine with an empty run.dir continues where the run stopped. It never deletes:
+               a storage holding no run while run.dir holds one is refused (a mistyped location); local
+               files a stored run lacks or holds differently are moved to RUN_DIR.local-<timestamp>
 
 Object stores have no atomic rename, hence a commit protocol for directories ("units": models,
 checkpoints, plots): `_UNIT` is written first (it marks the prefix as a unit), then the files, then
@@ -42,7 +44,9 @@ from urllib.parse import urlsplit, urlunsplit
 UNIT = "_UNIT"
 MARKER = "_COMMITTED.json"
 NOT_MIRRORED = ("config.yaml",)  # the driver writes its own before syncing
-NOT_MIRRORED_DIRS = ("checkpoints", "ray")  # read by training from storage itself, or Ray Train's state
+# read by training from storage itself, Ray Train's state, the driver's reference cache (keyed by content)
+NOT_MIRRORED_DIRS = ("checkpoints", "ray", "ref_cache")
+TEMPORARY = (".tmp-", ".pull-", ".old-")  # siblings that atomic writes rename into place (io, _atomic_local)
 
 
 def _fs():
@@ -194,10 +198,11 @@ def materialize(location: str) -> str:
 
 
 def _excluded(key: str, *, is_dir: bool = False) -> bool:
-    """Not mirrored: config.yaml, anything in checkpoints/ or ray/, temporary files."""
+    """Not mirrored: config.yaml, anything in checkpoints/, ray/ or ref_cache/, temporary files and folders."""
     parts = key.split("/")
     folders = parts if is_dir else parts[:-1]
-    return key in NOT_MIRRORED or any(p in NOT_MIRRORED_DIRS for p in folders) or ".tmp-" in parts[-1]
+    return (key in NOT_MIRRORED or any(p in NOT_MIRRORED_DIRS for p in folders)
+            or any(p.startswith(".") and any(t in p for t in TEMPORARY) for p in parts) or ".tmp-" in parts[-1])
 
 
 class RunStorage:
@@ -315,49 +320,9 @@ class RunStorage:
             self._publish(local, key)
         return join(self.uri, key)
 
-    def mirror(self) -> None:
-        """Make run.dir a copy of storage's committed state: pull what differs, delete what storage lacks.
-
-        Storage is the truth: a stage whose outputs the driver wrote but never published is redone.
-        Skips config.yaml, checkpoints/ and Ray Train's ray/ (training reads those from storage itself).
-        """
-        infos = self.fs.get_file_info(_fs().FileSelector(self.root, recursive=True, allow_not_found=True))
-        keys = [i.path[len(self.root) + 1:] for i in infos if i.type == _fs().FileType.File]
-        units = {k.rsplit("/", 1)[0] for k in keys if k.rsplit("/", 1)[-1] == UNIT and "/" in k}
-        kept_units = {u for u in units if not _excluded(u, is_dir=True) and self.pull(self.local_root / u)}
-        plain = {k for k in keys if not _excluded(k) and not any(k.startswith(u + "/") for u in units)}
-        for key in sorted(plain):
-            self.pull(self.local_root / key)
-        for file in sorted(self.local_root.rglob("*")):
-            key = file.relative_to(self.local_root).as_posix()
-            if (file.is_file() and not _excluded(key) and key not in plain
-                    and not any(key.startswith(u + "/") for u in kept_units)):
-                file.unlink()
-        for folder in sorted((p for p in self.local_root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            if not any(folder.iterdir()):
-                folder.rmdir()  # an empty final/ would read as a finished stage
-
 
 def publish(config, *paths: str | Path) -> None:
     """Publish `paths` (in this order) to run.storage; nothing without run.storage."""
     store = RunStorage.from_config(config)
     if store:
         store.publish(*paths)
-
-
-def start_run(config, *, resume: bool) -> RunStorage | None:
-    """The loop's storage: refuse to overwrite a stored run, mirror it into run.dir on --resume."""
-    from rayalign.config import ConfigError
-
-    store = RunStorage.from_config(config)
-    if store is None:
-        return None
-    config_file = store.local_root / "config.yaml"
-    if store.exists(config_file) and not resume:
-        raise ConfigError(f"run.storage: {config.run.storage} already holds a run; pass --resume to continue it")
-    if resume:
-        store.mirror()
-        print(f"rayalign run: mirrored the committed state of {config.run.storage} into {store.local_root}",
-              flush=True)
-    store.publish(config_file)
-    return store

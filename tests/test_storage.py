@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from rayalign.storage import MARKER, UNIT, RunStorage, join, materialize, open_uri
+from rayalign.storage_resume import mirror
 from tests.conftest import MICRO_LOOP, REPO
 
 BUCKET = "rayalign-test"
@@ -133,11 +134,13 @@ def test_uncommitted_unit_is_never_read_and_mirror_follows_storage(storage_uri, 
     local = tmp_path / "resumed"  # a working copy ahead of storage, with a stale final/ and a stray file
     _unit(local / "iter-0" / "final", {"model.bin": "local"})
     _unit(local, {"iter-1.json": "unpublished", "config.yaml": "mine", "iter-0/train/checkpoints/x": "kept"})
-    RunStorage(storage_uri, local).mirror()
+    moved, aside = mirror(RunStorage(storage_uri, local))
     found = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     assert found == ["config.yaml", "data/_COMMITTED.json", "data/a.jsonl", "iter-0.json",
                      "iter-0/train/checkpoints/x", "sft/_COMMITTED.json", "sft/config.json"]
     assert not (local / "iter-0" / "final").exists()  # an empty final/ would read as a finished stage
+    assert moved == ["iter-0/final", "iter-1.json"]  # never deleted: moved aside (rayalign.storage_resume)
+    assert (aside / "iter-0" / "final" / "model.bin").read_text() == "local"
 
 
 def test_materialize_caches_per_node_once(s3_endpoint, tmp_path, monkeypatch):
