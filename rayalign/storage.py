@@ -19,19 +19,19 @@ checkpoints, plots): `_UNIT` is written first (it marks the prefix as a unit), t
 `_COMMITTED.json` (a fresh id and the file list). Readers trust only units with that marker and read only
 the files it lists; republishing deletes the marker first. A single file is one object, whole or absent.
 The node cache is keyed by location + commit id (files: + size and mtime) and filled under a file lock
-into a temporary sibling that is renamed into place, so concurrent actors on a node download once.
+into a temporary sibling that is renamed into place, so concurrent actors on a node download once; it is
+bounded by `run.cache_max_gb`, evicting least recently used entries no process holds (`storage_cache`).
 Credentials come from the filesystem's usual sources (for S3: AWS_* variables, instance profiles); URIs
 may carry pyarrow's options, e.g. s3://bucket/run?endpoint_override=127.0.0.1:9000&scheme=http.
 
-Without `run.storage` none of this runs. It does not evict the node cache (it lives in
-RAYALIGN_CACHE_DIR, default <tmp>/rayalign-cache) and does not support DeepSpeed with several workers
+Without `run.storage` none of this runs. The node cache lives in RAYALIGN_CACHE_DIR (default
+<tmp>/rayalign-cache). It does not support DeepSpeed with several workers
 (ZeRO checkpoints are written by every rank into one directory; `rayalign.train` says so).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -40,6 +40,8 @@ import tempfile
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from rayalign import storage_cache
 
 UNIT = "_UNIT"
 MARKER = "_COMMITTED.json"
@@ -184,16 +186,22 @@ def materialize(location: str) -> str:
             raise FileNotFoundError(f"{location}: an unfinished upload (no {MARKER}); not reading it")
         return location if not is_uri(location) else path
     key = fingerprint(location)
-    target = node_cache_dir() / _hash(key) / (path.rstrip("/").rsplit("/", 1)[-1] or "root")
-    if target.exists():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the first actor downloads; the others wait, then reuse it
-        if not target.exists():
-            marker = _read_marker(fs, path)
-            with _atomic_local(target) as tmp:
-                _copy_unit(fs, path, marker, tmp) if marker else _download(fs, path, tmp)
+    node = node_cache_dir()
+    entry = node / _hash(key)
+    target = entry / (path.rstrip("/").rsplit("/", 1)[-1] or "root")
+    storage_cache.hold(entry)  # in use by this process from now on: never evicted under it
+    if not target.exists():
+        fd = storage_cache.fill_lock(entry)  # the first actor downloads; the others wait, then reuse it
+        try:
+            if not target.exists():
+                marker = _read_marker(fs, path)
+                with _atomic_local(target) as tmp:
+                    _copy_unit(fs, path, marker, tmp) if marker else _download(fs, path, tmp)
+        finally:
+            os.close(fd)
+        storage_cache.touch(entry)
+        storage_cache.evict(node)  # the node's entries back within RAYALIGN_CACHE_MAX_GB, oldest first
+    storage_cache.touch(entry)
     return str(target)
 
 
@@ -216,7 +224,12 @@ class RunStorage:
 
     @classmethod
     def from_config(cls, config) -> RunStorage | None:
-        return cls(config.run.storage, config.run.dir) if config.run.storage else None
+        """run.dir bound to run.storage (None without it); exports run.cache_max_gb to the Ray workers
+        this driver starts (`rayalign.storage_cache`)."""
+        if not config.run.storage:
+            return None
+        storage_cache.export_bound(config.run.cache_max_gb)
+        return cls(config.run.storage, config.run.dir)
 
     def key(self, local: str | Path) -> str:
         """`local`'s path relative to run.dir; ValueError outside it."""

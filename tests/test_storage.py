@@ -161,6 +161,33 @@ def test_materialize_caches_per_node_once(s3_endpoint, tmp_path, monkeypatch):
     assert materialize(str(run / "model")) == str(run / "model")  # local paths (or a shared mount): as is
 
 
+def test_materialize_keeps_the_node_cache_within_its_bound(s3_endpoint, tmp_path, monkeypatch):
+    from rayalign import storage_cache
+
+    monkeypatch.setenv("RAYALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(storage_cache.ENV, str(2500 / 2**30))  # room for two of the 1000-byte models
+    run = tmp_path / "run"
+    store = RunStorage(_s3_uri(s3_endpoint, f"bound-{tmp_path.name}"), run)
+    locations = {}
+    for name in ("a", "b", "c"):
+        store.publish(_unit(run / name, {"w.bin": name * 1000}))
+        locations[name] = store.location(run / name)
+    node = tmp_path / "cache" / "local"
+    try:
+        for name in ("a", "b"):
+            materialize(locations[name])
+            storage_cache.release_all()  # the actors that loaded them are gone
+        materialize(locations["a"])  # a used again: b is now the least recently used
+        storage_cache.release_all()
+        held = Path(materialize(locations["c"]))  # this process holds c (as a live actor would)
+        assert sorted(p.name for p in node.glob("*/*") if not p.name.startswith(".")) == ["a", "c"]
+        assert (held / "w.bin").read_text() == "c" * 1000
+        materialize(locations["b"])  # c is in use: a goes, c stays although older than b
+        assert sorted(p.name for p in node.glob("*/*") if not p.name.startswith(".")) == ["b", "c"]
+    finally:
+        storage_cache.release_all()
+
+
 def test_remote_locations(storage_uri, tmp_path):
     store = RunStorage(storage_uri, tmp_path / "run")
     outside = _unit(tmp_path / "my-model", {"config.json": "{}"})
