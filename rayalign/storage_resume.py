@@ -125,7 +125,7 @@ def _remove_empty_folders(root: Path) -> None:
 
 
 def _examples(keys: list[str], limit: int = 3) -> str:
-    shown = ", ".join(keys[:limit])
+    shown = ", ".join(sorted(keys, key=lambda k: "final" not in k.split("/"))[:limit])  # models first
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
@@ -142,7 +142,7 @@ def resume_from_storage(store: RunStorage, location: str) -> None:
     if differing and not holds_run:
         raise ConfigError(
             f"run.storage: {location} holds no run, but run.dir {store.local_root} does ({_examples(differing)}); "
-            "nothing was changed: check run.storage (mistyped?), or resume without run.storage")
+            "nothing in it was moved or deleted: check run.storage (mistyped?), or resume without run.storage")
     moved, aside = mirror(store)
     if aside:
         print(f"rayalign run: run.dir {store.local_root} held {len(moved)} file(s) or folder(s) that {location} "
