@@ -131,4 +131,10 @@ class RunDirConfig:
     # The run's durable copy for multi-node runs: a local path (a shared mount) or a pyarrow filesystem URI,
     # e.g. s3://bucket/runs/x; run.dir is then the driver's working copy (see rayalign.storage).
     storage: str | None = None
+    # Bound of each node's cache of storage copies (models, data, checkpoints), least recently used evicted
+    # first, entries in use never; 0: unbounded (see rayalign.storage_cache).
+    cache_max_gb: float = 50.0
     name: str = "rayalign"
+
+    def __post_init__(self):
+        _require(self.cache_max_gb >= 0, "run.cache_max_gb", f"must be >= 0 (0: unbounded); got {self.cache_max_gb}")

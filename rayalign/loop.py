@@ -195,7 +195,7 @@ def _stage_seconds(config: Config, run_dir: Path, iteration: int, started: float
 def run_loop(config: Config, *, resume: bool = False) -> int:
     """The whole iterative run; returns the exit code."""
     from rayalign.report import write_report
-    from rayalign.storage import start_run
+    from rayalign.storage_resume import start_run
     from rayalign.train import ensure_ray
 
     started, run_dir = time.perf_counter(), Path(config.run.dir)

@@ -9,27 +9,29 @@ and `run.dir` is the driver's working copy, laid out the same (`RUN_DIR/a/b` <->
     training   Ray Train workers read their inputs from storage, write into a node-local scratch run dir
                and rank 0 publishes metrics, checkpoints/step-N and final/ (last: the stage's marker);
                Ray Train's own run state goes to STORAGE/.../ray (RunConfig storage_filesystem)
-    --resume   `start_run` makes run.dir a mirror of storage's committed state first, so a machine with
-               an empty run.dir continues where the run stopped
+    --resume   `rayalign.storage_resume.start_run` makes run.dir a mirror of storage's committed state
+               first, so a machine with an empty run.dir continues where the run stopped. It never deletes:
+               a storage holding no run while run.dir holds one is refused (a mistyped location); local
+               files a stored run lacks or holds differently are moved to RUN_DIR.local-<timestamp>
 
 Object stores have no atomic rename, hence a commit protocol for directories ("units": models,
 checkpoints, plots): `_UNIT` is written first (it marks the prefix as a unit), then the files, then
 `_COMMITTED.json` (a fresh id and the file list). Readers trust only units with that marker and read only
 the files it lists; republishing deletes the marker first. A single file is one object, whole or absent.
 The node cache is keyed by location + commit id (files: + size and mtime) and filled under a file lock
-into a temporary sibling that is renamed into place, so concurrent actors on a node download once.
+into a temporary sibling that is renamed into place, so concurrent actors on a node download once; it is
+bounded by `run.cache_max_gb`, evicting least recently used entries no process holds (`storage_cache`).
 Credentials come from the filesystem's usual sources (for S3: AWS_* variables, instance profiles); URIs
 may carry pyarrow's options, e.g. s3://bucket/run?endpoint_override=127.0.0.1:9000&scheme=http.
 
-Without `run.storage` none of this runs. It does not evict the node cache (it lives in
-RAYALIGN_CACHE_DIR, default <tmp>/rayalign-cache) and does not support DeepSpeed with several workers
+Without `run.storage` none of this runs. The node cache lives in RAYALIGN_CACHE_DIR (default
+<tmp>/rayalign-cache). It does not support DeepSpeed with several workers
 (ZeRO checkpoints are written by every rank into one directory; `rayalign.train` says so).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -39,10 +41,14 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from rayalign import storage_cache
+
 UNIT = "_UNIT"
 MARKER = "_COMMITTED.json"
 NOT_MIRRORED = ("config.yaml",)  # the driver writes its own before syncing
-NOT_MIRRORED_DIRS = ("checkpoints", "ray")  # read by training from storage itself, or Ray Train's state
+# read by training from storage itself, Ray Train's state, the driver's reference cache (keyed by content)
+NOT_MIRRORED_DIRS = ("checkpoints", "ray", "ref_cache")
+TEMPORARY = (".tmp-", ".pull-", ".old-")  # siblings that atomic writes rename into place (io, _atomic_local)
 
 
 def _fs():
@@ -180,24 +186,31 @@ def materialize(location: str) -> str:
             raise FileNotFoundError(f"{location}: an unfinished upload (no {MARKER}); not reading it")
         return location if not is_uri(location) else path
     key = fingerprint(location)
-    target = node_cache_dir() / _hash(key) / (path.rstrip("/").rsplit("/", 1)[-1] or "root")
-    if target.exists():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the first actor downloads; the others wait, then reuse it
-        if not target.exists():
-            marker = _read_marker(fs, path)
-            with _atomic_local(target) as tmp:
-                _copy_unit(fs, path, marker, tmp) if marker else _download(fs, path, tmp)
+    node = node_cache_dir()
+    entry = node / _hash(key)
+    target = entry / (path.rstrip("/").rsplit("/", 1)[-1] or "root")
+    storage_cache.hold(entry)  # in use by this process from now on: never evicted under it
+    if not target.exists():
+        fd = storage_cache.fill_lock(entry)  # the first actor downloads; the others wait, then reuse it
+        try:
+            if not target.exists():
+                marker = _read_marker(fs, path)
+                with _atomic_local(target) as tmp:
+                    _copy_unit(fs, path, marker, tmp) if marker else _download(fs, path, tmp)
+        finally:
+            os.close(fd)
+        storage_cache.touch(entry)
+        storage_cache.evict(node)  # the node's entries back within RAYALIGN_CACHE_MAX_GB, oldest first
+    storage_cache.touch(entry)
     return str(target)
 
 
 def _excluded(key: str, *, is_dir: bool = False) -> bool:
-    """Not mirrored: config.yaml, anything in checkpoints/ or ray/, temporary files."""
+    """Not mirrored: config.yaml, anything in checkpoints/, ray/ or ref_cache/, temporary files and folders."""
     parts = key.split("/")
     folders = parts if is_dir else parts[:-1]
-    return key in NOT_MIRRORED or any(p in NOT_MIRRORED_DIRS for p in folders) or ".tmp-" in parts[-1]
+    return (key in NOT_MIRRORED or any(p in NOT_MIRRORED_DIRS for p in folders)
+            or any(p.startswith(".") and any(t in p for t in TEMPORARY) for p in parts) or ".tmp-" in parts[-1])
 
 
 class RunStorage:
@@ -211,7 +224,12 @@ class RunStorage:
 
     @classmethod
     def from_config(cls, config) -> RunStorage | None:
-        return cls(config.run.storage, config.run.dir) if config.run.storage else None
+        """run.dir bound to run.storage (None without it); exports run.cache_max_gb to the Ray workers
+        this driver starts (`rayalign.storage_cache`)."""
+        if not config.run.storage:
+            return None
+        storage_cache.export_bound(config.run.cache_max_gb)
+        return cls(config.run.storage, config.run.dir)
 
     def key(self, local: str | Path) -> str:
         """`local`'s path relative to run.dir; ValueError outside it."""
@@ -315,49 +333,9 @@ class RunStorage:
             self._publish(local, key)
         return join(self.uri, key)
 
-    def mirror(self) -> None:
-        """Make run.dir a copy of storage's committed state: pull what differs, delete what storage lacks.
-
-        Storage is the truth: a stage whose outputs the driver wrote but never published is redone.
-        Skips config.yaml, checkpoints/ and Ray Train's ray/ (training reads those from storage itself).
-        """
-        infos = self.fs.get_file_info(_fs().FileSelector(self.root, recursive=True, allow_not_found=True))
-        keys = [i.path[len(self.root) + 1:] for i in infos if i.type == _fs().FileType.File]
-        units = {k.rsplit("/", 1)[0] for k in keys if k.rsplit("/", 1)[-1] == UNIT and "/" in k}
-        kept_units = {u for u in units if not _excluded(u, is_dir=True) and self.pull(self.local_root / u)}
-        plain = {k for k in keys if not _excluded(k) and not any(k.startswith(u + "/") for u in units)}
-        for key in sorted(plain):
-            self.pull(self.local_root / key)
-        for file in sorted(self.local_root.rglob("*")):
-            key = file.relative_to(self.local_root).as_posix()
-            if (file.is_file() and not _excluded(key) and key not in plain
-                    and not any(key.startswith(u + "/") for u in kept_units)):
-                file.unlink()
-        for folder in sorted((p for p in self.local_root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            if not any(folder.iterdir()):
-                folder.rmdir()  # an empty final/ would read as a finished stage
-
 
 def publish(config, *paths: str | Path) -> None:
     """Publish `paths` (in this order) to run.storage; nothing without run.storage."""
     store = RunStorage.from_config(config)
     if store:
         store.publish(*paths)
-
-
-def start_run(config, *, resume: bool) -> RunStorage | None:
-    """The loop's storage: refuse to overwrite a stored run, mirror it into run.dir on --resume."""
-    from rayalign.config import ConfigError
-
-    store = RunStorage.from_config(config)
-    if store is None:
-        return None
-    config_file = store.local_root / "config.yaml"
-    if store.exists(config_file) and not resume:
-        raise ConfigError(f"run.storage: {config.run.storage} already holds a run; pass --resume to continue it")
-    if resume:
-        store.mirror()
-        print(f"rayalign run: mirrored the committed state of {config.run.storage} into {store.local_root}",
-              flush=True)
-    store.publish(config_file)
-    return store

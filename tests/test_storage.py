@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from rayalign.storage import MARKER, UNIT, RunStorage, join, materialize, open_uri
+from rayalign.storage_resume import mirror
 from tests.conftest import MICRO_LOOP, REPO
 
 BUCKET = "rayalign-test"
@@ -133,11 +134,13 @@ def test_uncommitted_unit_is_never_read_and_mirror_follows_storage(storage_uri, 
     local = tmp_path / "resumed"  # a working copy ahead of storage, with a stale final/ and a stray file
     _unit(local / "iter-0" / "final", {"model.bin": "local"})
     _unit(local, {"iter-1.json": "unpublished", "config.yaml": "mine", "iter-0/train/checkpoints/x": "kept"})
-    RunStorage(storage_uri, local).mirror()
+    moved, aside = mirror(RunStorage(storage_uri, local))
     found = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     assert found == ["config.yaml", "data/_COMMITTED.json", "data/a.jsonl", "iter-0.json",
                      "iter-0/train/checkpoints/x", "sft/_COMMITTED.json", "sft/config.json"]
     assert not (local / "iter-0" / "final").exists()  # an empty final/ would read as a finished stage
+    assert moved == ["iter-0/final", "iter-1.json"]  # never deleted: moved aside (rayalign.storage_resume)
+    assert (aside / "iter-0" / "final" / "model.bin").read_text() == "local"
 
 
 def test_materialize_caches_per_node_once(s3_endpoint, tmp_path, monkeypatch):
@@ -156,6 +159,33 @@ def test_materialize_caches_per_node_once(s3_endpoint, tmp_path, monkeypatch):
     store.publish(run / "model")
     assert json.loads((Path(materialize(location)) / "config.json").read_text()) == {"n": 2}
     assert materialize(str(run / "model")) == str(run / "model")  # local paths (or a shared mount): as is
+
+
+def test_materialize_keeps_the_node_cache_within_its_bound(s3_endpoint, tmp_path, monkeypatch):
+    from rayalign import storage_cache
+
+    monkeypatch.setenv("RAYALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(storage_cache.ENV, str(2500 / 2**30))  # room for two of the 1000-byte models
+    run = tmp_path / "run"
+    store = RunStorage(_s3_uri(s3_endpoint, f"bound-{tmp_path.name}"), run)
+    locations = {}
+    for name in ("a", "b", "c"):
+        store.publish(_unit(run / name, {"w.bin": name * 1000}))
+        locations[name] = store.location(run / name)
+    node = tmp_path / "cache" / "local"
+    try:
+        for name in ("a", "b"):
+            materialize(locations[name])
+            storage_cache.release_all()  # the actors that loaded them are gone
+        materialize(locations["a"])  # a used again: b is now the least recently used
+        storage_cache.release_all()
+        held = Path(materialize(locations["c"]))  # this process holds c (as a live actor would)
+        assert sorted(p.name for p in node.glob("*/*") if not p.name.startswith(".")) == ["a", "c"]
+        assert (held / "w.bin").read_text() == "c" * 1000
+        materialize(locations["b"])  # c is in use: a goes, c stays although older than b
+        assert sorted(p.name for p in node.glob("*/*") if not p.name.startswith(".")) == ["b", "c"]
+    finally:
+        storage_cache.release_all()
 
 
 def test_remote_locations(storage_uri, tmp_path):
