@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rayalign.config import Config, ConfigError
 from rayalign.io import atomic_write_text
+from rayalign.metrics_log import read_jsonl
 from rayalign.storage import publish
 
 
@@ -169,8 +170,7 @@ def iteration_record(config: Config, run_dir: Path, iteration: int, *, name: str
         record.update(compare(rows(name), {"sft": rows("sft"), "prev": rows(previous)}))
         record["judge_accuracy"] = (judge_accuracy(pd.read_parquet(judged_path), gold_reward)
                                     if judged_path else None)
-    train_steps = [json.loads(line) for line in (run_dir / f"iter-{iteration}" / "train" / "metrics.jsonl")
-                   .read_text().splitlines()]
+    train_steps = read_jsonl(run_dir / f"iter-{iteration}" / "train" / "metrics.jsonl")
     record.update(train_loss=train_steps[-1]["loss"], train_margin=train_steps[-1]["rewards/margins"],
                   seconds=round(seconds, 1))
     return record
@@ -178,9 +178,8 @@ def iteration_record(config: Config, run_dir: Path, iteration: int, *, name: str
 
 def _append_metrics(run_dir: Path, record: dict) -> None:
     path = run_dir / "metrics.jsonl"
-    lines = [line for line in (path.read_text().splitlines() if path.exists() else [])
-             if json.loads(line)["iteration"] != record["iteration"]]
-    atomic_write_text(path, "".join(line + "\n" for line in [*lines, json.dumps(record)]))
+    kept = [r for r in (read_jsonl(path) if path.exists() else []) if r["iteration"] != record["iteration"]]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in [*kept, record]))
 
 
 def _stage_seconds(config: Config, run_dir: Path, iteration: int, started: float) -> float:

@@ -3,14 +3,42 @@
 Only one process (training rank 0) writes; the others hold a disabled log. On resume the lines after the
 checkpoint's step are dropped from `metrics.jsonl` (they describe work that is being redone), so the file
 always reads as one uninterrupted run. It computes nothing.
+
+`read_jsonl` is the one reader of these append-only logs (also the loop's per-iteration `metrics.jsonl`):
+a kill during an append can leave a partial last line, which is dropped with one line on stderr; a
+broken line anywhere else is not a torn append, and fails naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from rayalign.data.errors import WHOLE, DataValidationError, RowError
 from rayalign.io import atomic_write_text
+
+
+class CorruptLogError(DataValidationError):
+    """A line other than the last of a JSON-lines log is not JSON (the CLI prints it as one data error)."""
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log, tolerating a torn (partial) last line; see the module docstring."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(numbered):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if position < len(numbered) - 1:
+                raise CorruptLogError([RowError(str(path), number, WHOLE, f"not valid JSON ({exc.msg}); only "
+                                                "a partial last line is tolerated: repair or remove it")]) from None
+            print(f"rayalign: {path}:{number}: dropped a partial last line (an interrupted append): "
+                  f"{line[:80]!r}", file=sys.stderr, flush=True)
+    return records
 
 
 class MetricsLog:
@@ -31,8 +59,8 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        kept = [record for record in read_jsonl(self.path) if record["step"] <= step]
+        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, metrics: dict) -> None:
         if not self.enabled:

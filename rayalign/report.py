@@ -7,17 +7,13 @@ computation beyond reading the logs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rayalign.io import atomic_write_text
+from rayalign.metrics_log import read_jsonl
 
 COLUMNS = ("iteration", "pairs", "win_rate_vs_sft", "win_rate_vs_prev", "gold_reward_mean", "judge_accuracy",
            "kl_to_ref", "train_loss", "seconds")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def _fmt(value) -> str:
@@ -54,7 +50,7 @@ def _plot(run_dir: Path, records: list[dict]) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in records:
         log = run_dir / f"iter-{r['iteration']}" / "train" / "metrics.jsonl"
-        steps = _read_jsonl(log) if log.exists() else []
+        steps = read_jsonl(log) if log.exists() else []
         axes[0].plot([s["step"] for s in steps], [s["loss"] for s in steps], label=f"iter {r['iteration']}")
         axes[1].plot([s["step"] for s in steps], [s["rewards/margins"] for s in steps], label=f"iter {r['iteration']}")
     axes[0].set(title="training loss", xlabel="step")
@@ -69,7 +65,7 @@ def _plot(run_dir: Path, records: list[dict]) -> list[Path]:
 
 
 def write_report(run_dir: Path) -> Path:
-    records = _read_jsonl(run_dir / "metrics.jsonl")
+    records = read_jsonl(run_dir / "metrics.jsonl")
     plots = _plot(run_dir, records)
     lines = ["# rayalign run report", "", f"Run directory: `{run_dir}`", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

@@ -26,6 +26,7 @@ from typing import Any
 from rayalign.config import Config, TuneConfig
 from rayalign.config_loader import dump_config, load_config
 from rayalign.io import atomic_write_text
+from rayalign.metrics_log import read_jsonl
 from rayalign.tune_space import Dimension, value_of
 
 
@@ -53,8 +54,7 @@ def read_curve(run_dir: Path, metric: str) -> tuple[tuple[int, float], ...]:
     """The metric at every evaluation of a train run dir, in step order; the final evaluation last."""
     points: dict[int, float] = {}
     log = run_dir / "metrics.jsonl"
-    for line in log.read_text().splitlines() if log.exists() else ():
-        record = json.loads(line)
+    for record in read_jsonl(log) if log.exists() else ():  # a killed trial may have a torn last line
         if metric in record:
             points[record["step"]] = record[metric]
     final = run_dir / "final_metrics.json"
