@@ -25,7 +25,7 @@ from pathlib import Path
 from rayalign.config import Config, ConfigError
 from rayalign.io import atomic_write_text
 from rayalign.metrics_log import read_jsonl
-from rayalign.storage import publish
+from rayalign.stage_storage import StageStorage
 
 
 def _log(message: str) -> None:
@@ -58,7 +58,7 @@ def setup(config: Config, run_dir: Path) -> Plan:
         seed_pairs = str(data / "seed_pairs.jsonl")
         if not Path(seed_pairs).exists():
             _write_jsonl(Path(seed_pairs), sentiment.gold_pairs(config.loop.seed_pairs, seed=config.data.seed))
-            publish(config, seed_pairs)
+            StageStorage(config).commit(seed_pairs)
     return Plan(sft_path, seed_pairs, *plan_prompts(config))
 
 
@@ -78,11 +78,11 @@ def build_task_sft(config: Config, run_dir: Path) -> Path:
     if not (tiny / "config.json").exists():
         with atomic_directory(tiny) as tmp:  # a kill mid-save must not leave a model that looks complete
             make_tiny_model(tmp, corpus=corpus, seed=config.train.seed)
-        publish(config, corpus, tiny)
+        StageStorage(config).commit(corpus, tiny)
     _log(f"SFT of the tiny model on {len(examples)} task examples")
     sft = run_sft(str(tiny), examples, out, epochs=config.loop.sft_epochs, lr=config.loop.sft_lr,
                   seed=config.train.seed, log=_log)
-    publish(config, sft)  # run.storage: actors on other nodes load pi_SFT from there
+    StageStorage(config).commit(sft)  # run.storage: actors on other nodes load pi_SFT from there
     return sft
 
 
@@ -90,7 +90,6 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
                     iteration: int) -> str:
     """Run the Ray Train stage into `run_dir` (resuming its checkpoints); returns the final model path."""
     from rayalign.judge import training_data
-    from rayalign.storage import RunStorage
     from rayalign.train import run_train
 
     final = run_dir / "final"
@@ -101,12 +100,12 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     run_dir.mkdir(parents=True, exist_ok=True)
     # loop.rewards=gold relabels the judged samples; exo_rw/dpo_rw train on all K (DPO in iteration 0)
     config, data = training_data(config, data, iteration)
-    store = RunStorage.from_config(config)  # run.storage: the stage's outputs go to STORAGE/<its run dir>
+    location, store = StageStorage(config).training(run_dir)  # run.storage: outputs go to STORAGE/<its run dir>
     stage = dataclasses.replace(
         config, model=dataclasses.replace(config.model, policy=policy, reference=reference),
         data=dataclasses.replace(config.data, train_file=data, eval_file=None, eval_fraction=0.0, format=None),
         train=dataclasses.replace(config.train, epochs=epochs),
-        run=dataclasses.replace(config.run, dir=str(run_dir), storage=store.location(run_dir) if store else None),
+        run=dataclasses.replace(config.run, dir=str(run_dir), storage=location),
         # Self-refinement de-noises self-judged labels: iteration 0 trains on gold labels without it.
         spa=dataclasses.replace(config.spa, refine=config.spa.refine and iteration > 0, iteration=max(1, iteration)))
     if run_train(stage, resume=True, storage=store) != 0:
@@ -145,12 +144,12 @@ def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name:
     is_eval = rows["prompt_id"] >= EVAL_PROMPT_ID
     write_eval(rows[is_eval], config, eval_path)
     if it_dir is None:
-        publish(config, eval_path)
+        StageStorage(config).commit(eval_path)
         return None
     write_samples(rows[~is_eval], it_dir / "samples.parquet")
     counts = write_judged(rows[~is_eval], it_dir / "judged.parquet")
     atomic_write_text(marker, json.dumps(counts) + "\n")  # the pass's completion marker, written last
-    publish(config, eval_path, it_dir / "samples.parquet", it_dir / "judged.parquet", marker)  # marker last
+    StageStorage(config).commit(eval_path, it_dir / "samples.parquet", it_dir / "judged.parquet", marker)  # last
     return counts
 
 
@@ -187,7 +186,7 @@ def _stage_seconds(config: Config, run_dir: Path, iteration: int, started: float
     path = run_dir / f"iter-{iteration}" / "seconds"
     if not path.exists():
         atomic_write_text(path, f"{time.perf_counter() - started:.1f}\n")
-        publish(config, path)
+        StageStorage(config).commit(path)
     return float(path.read_text())
 
 
@@ -226,7 +225,7 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
     sample_model(config, run_dir, plan, model=policy, name=f"iter-{pending['iteration']}")
     _finish_record(config, run_dir, name=f"iter-{pending['iteration']}", **pending)
     report = write_report(run_dir)
-    publish(config, *[p for p in (run_dir / "plots", report) if p.exists()])
+    StageStorage(config).commit(*[p for p in (run_dir / "plots", report) if p.exists()])
     _log(f"done in {time.perf_counter() - started:.0f} s; report {report}; final model {policy}")
     return 0
 
@@ -236,7 +235,7 @@ def _finish_record(config: Config, run_dir: Path, *, name: str, iteration: int, 
     record = iteration_record(config, run_dir, iteration, name=name, previous=previous, pairs=pairs,
                               seconds=seconds, judged_path=judged_path)
     _append_metrics(run_dir, record)
-    publish(config, run_dir / "metrics.jsonl")
+    StageStorage(config).commit(run_dir / "metrics.jsonl")
     _log(f"iteration {iteration}: {_summary(record)}")
 
 

@@ -68,11 +68,9 @@ def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: 
     """
     from rayalign.generate import generation_dataset
     from rayalign.judge import judge_dataset
-    from rayalign.storage import RunStorage
+    from rayalign.stage_storage import StageStorage
 
-    store = RunStorage.from_config(config)
-    if store:  # actors on other nodes read the models from run.storage
-        model, sft_path = store.remote(model), store.remote(sft_path)
+    model, sft_path = StageStorage(config).inputs(model, sft_path)  # run.storage: actors on any node read them
     dataset = generation_dataset(prompts, model, config.generate, dtype=config.model.dtype)
     return judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config).to_pandas()
 

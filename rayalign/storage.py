@@ -332,10 +332,3 @@ class RunStorage:
         if _read_marker(self.fs, self._path(key)) is None and not self._is_file(key):
             self._publish(local, key)
         return join(self.uri, key)
-
-
-def publish(config, *paths: str | Path) -> None:
-    """Publish `paths` (in this order) to run.storage; nothing without run.storage."""
-    store = RunStorage.from_config(config)
-    if store:
-        store.publish(*paths)

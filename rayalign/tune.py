@@ -272,7 +272,7 @@ def _init_ray() -> None:
 
 def run_tune(config: Config, *, resume: bool = False) -> int:
     """Run (or with `resume`, continue) the sweep; returns the process exit code."""
-    from rayalign.storage import publish
+    from rayalign.stage_storage import StageStorage
     from rayalign.tune_report import collect_trials, write_reports
 
     tune_dir = Path(config.run.dir) / "tune"
@@ -285,7 +285,7 @@ def run_tune(config: Config, *, resume: bool = False) -> int:
     base = warm_up(base, dims, tune_dir)
     results = _tuner(config, base, dims, resume).fit()
     trials = collect_trials(results, dims, tune_dir, config.tune.metric)
-    publish(config, *write_reports(tune_dir, trials, config.tune))  # to run.storage, if set
+    StageStorage(config).commit(*write_reports(tune_dir, trials, config.tune))  # to run.storage, if set
     failed = [t.name for t in trials if t.status == "ERROR"]
     if failed:
         _log(f"error: {len(failed)} trial(s) failed: {', '.join(failed)}; `--resume` reruns them")
