@@ -212,15 +212,19 @@ class TrainConfig:
     padding_free: bool = False
     gradient_checkpointing: bool = False
     eval_every: int = 0  # optimizer steps; 0: only at the end
-    save_every: int = 0  # optimizer steps; 0: only at the end
+    # Checkpoints (what `--resume` and a Ray Train restart continue from) are written at the end of every
+    # epoch, every `save_every` optimizer steps (0: off) and after `save_every_minutes` of training since
+    # the last one (0: off; rank 0's clock, so all ranks save at the same step), and at the end.
+    save_every: int = 0
+    save_every_minutes: float = 10.0
     keep_checkpoints: int = 2  # newest complete step-N directories kept; 0 keeps all
-    max_failures: int = 0  # Ray Train restarts of the worker group after a worker dies
+    max_failures: int = 3  # Ray Train restarts of the worker group after a worker dies (0: none)
 
     def __post_init__(self):
         _positive(self.num_workers, "train.num_workers")
         _positive(self.cpus_per_worker, "train.cpus_per_worker")
         _check_resources(self.resources_per_worker, "train.resources_per_worker")
-        for key in ("eval_every", "save_every", "keep_checkpoints", "max_failures"):
+        for key in ("eval_every", "save_every", "save_every_minutes", "keep_checkpoints", "max_failures"):
             _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
         _one_of(self.engine, "train.engine", ("ddp", "deepspeed"))
         _one_of(self.zero_stage, "train.zero_stage", (1, 2, 3))

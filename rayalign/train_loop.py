@@ -67,13 +67,20 @@ def worker_chunks(indices: list[int], *, splits: int, rank: int, per_worker: int
 
 
 def _maybe_inject_fault(spec: str | None, step: int, rank: int, run_dir: Path) -> None:
-    """Fault drill: spec "STEP:RANK" (from RAYALIGN_KILL_WORKER_AT on the driver) SIGKILLs that worker
-    process just before that step, once per run directory (a marker file prevents repeats)."""
-    if not spec or tuple(map(int, spec.split(":"))) != (step, rank):
-        return
-    marker = run_dir / f".killed-step{step}-rank{rank}"
-    if not marker.exists():
+    """Fault drills: spec "STEP:RANK[,STEP:RANK...]" (from RAYALIGN_KILL_WORKER_AT on the driver) SIGKILLs
+    that worker process just before that step; "STEP:RANK:stall" hangs it there instead (a test then kills
+    the whole command at a known point). Each fires once per run directory (a marker file prevents repeats)."""
+    for item in filter(None, (spec or "").split(",")):
+        parts = item.split(":")
+        if tuple(map(int, parts[:2])) != (step, rank):
+            continue
+        stall = parts[2:] == ["stall"]
+        marker = run_dir / f".{'stalled' if stall else 'killed'}-step{step}-rank{rank}"
+        if marker.exists():
+            continue
         marker.touch()
+        while stall:
+            time.sleep(60)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -104,6 +111,7 @@ class Worker:
             self.mallows_c = mallows_scale(self.config.loss, unit)
             self.k = unit * self.mallows_c
         self.total = total_steps(len(self.encoded), self.config)
+        self.steps_per_epoch = math.ceil(len(self.encoded) / self.config.train.global_batch_size)
         self.resume_from = (storage_train.resume_checkpoint(self.store) if self.store
                             else ckpt.latest_checkpoint(self.run_dir))
         self.start_step = ckpt.read_state(self.resume_from)["step"] if self.resume_from else 0
@@ -280,6 +288,7 @@ class Worker:
         done = ckpt.commit(tmp, state, rank=self.rank, keep=self.config.train.keep_checkpoints)
         if self.store and self.rank == 0:
             storage_train.publish_checkpoint(self.store, done, keep=self.config.train.keep_checkpoints)
+        self.saved_at = time.monotonic()
         if final and self.rank == 0:
             with atomic_directory(self.run_dir / "final") as out:
                 for item in done.iterdir():
@@ -289,10 +298,25 @@ class Worker:
     def _due(self, every: int, step: int) -> bool:
         return every > 0 and step % every == 0 and step < self.total
 
+    def _checkpoint_due(self, step: int) -> bool:
+        """After optimizer step `step` (not the last: the final save follows): at an epoch end, every
+        train.save_every steps, or once train.save_every_minutes of training passed since the last save."""
+        train = self.config.train
+        if step >= self.total:
+            return False
+        if step % self.steps_per_epoch == 0 or self._due(train.save_every, step):
+            return True
+        if train.save_every_minutes <= 0:
+            return False
+        # Saving is collective (DeepSpeed, the barriers): rank 0's clock decides, the all-reduce shares it.
+        late = self.rank == 0 and time.monotonic() - self.saved_at >= 60 * train.save_every_minutes
+        return bool(_all_reduce(torch.tensor([float(late)], device=self.device)).item())
+
     def run(self) -> None:
         import ray.train
 
         epoch = ckpt.read_state(self.resume_from)["epoch"] if self.resume_from else 0
+        self.saved_at = time.monotonic()
         for step, (epoch, indices) in enumerate(step_batches(len(self.encoded), self.config)):
             if step >= self.total:
                 break
@@ -307,7 +331,7 @@ class Worker:
             self.log.write(metrics)
             if "eval/loss" in metrics:  # Tune's schedulers read these; every step would flood the driver log
                 ray.train.report(metrics)
-            if self._due(self.config.train.save_every, step + 1):
+            if self._checkpoint_due(step + 1):
                 self.save(step + 1, epoch, final=False)
         final_metrics = {"step": self.total, **(self.evaluate() if self.eval else {})}
         self.save(self.total, epoch, final=True)
