@@ -20,10 +20,8 @@ from rayalign.config_loop import (  # noqa: F401 (re-exported)
     SpaConfig,
     TuneConfig,
 )
-
-LOSS_TYPES = (
-    "dpo", "ipo", "hinge", "exo_pref", "exo_rw", "dpo_rw", "mallows_theta", "mallows_phi", "gdpo",
-)
+from rayalign.data_kind import BELIEFS
+from rayalign.loss_registry import LOSS_TYPES, LOSSES, SOFT_LABEL_LOSSES, needs_dispersion  # noqa: F401 (re-exported)
 
 
 def _check_resources(resources: dict, key: str) -> None:
@@ -149,9 +147,10 @@ class LossConfig:
         _positive(self.beta_r, "loss.beta_r")
         _positive(self.logit_temperature, "loss.logit_temperature")
         if self.label_smoothing is not None:
-            low_ok = self.label_smoothing > 0 if self.type == "exo_pref" else self.label_smoothing >= 0
+            positive = LOSSES[self.type].smoothing_positive
+            low_ok = self.label_smoothing > 0 if positive else self.label_smoothing >= 0
             _require(low_ok and self.label_smoothing < 0.5, "loss.label_smoothing",
-                     f"must be in {'(0' if self.type == 'exo_pref' else '[0'}, 0.5); got {self.label_smoothing}")
+                     f"must be in {'(0' if positive else '[0'}, 0.5); got {self.label_smoothing}")
         if isinstance(self.mallows_scale, str):
             _require(self.mallows_scale == "auto", "loss.mallows_scale",
                      f"must be a number > 0 or 'auto'; got {self.mallows_scale!r}")
@@ -264,20 +263,21 @@ class Config:
     run: RunDirConfig = field(default_factory=RunDirConfig)
 
     def __post_init__(self):
+        loss = LOSSES[self.loss.type]
         if self.spa.refine:
-            _require(self.loss.type == "dpo", "spa.refine", f"applies on top of loss.type=dpo; got {self.loss.type}")
-        if self.loss.type in ("mallows_theta", "mallows_phi") and not self.ref.cache:
-            needs = self.loss.type == "mallows_theta" or self.loss.mallows_phi == "entropy"
-            _require(not needs, "ref.cache", "MallowsPO's dispersion comes from the cached reference entropies; "
-                     "keep ref.cache=true (or set a numeric loss.mallows_phi)")
+            _require(loss.per_example_smoothing, "spa.refine",
+                     f"applies on top of loss.type={'/'.join(SOFT_LABEL_LOSSES)}; got {self.loss.type}")
+        if needs_dispersion(self.loss) and not self.ref.cache:
+            raise ConfigError("ref.cache: MallowsPO's dispersion comes from the cached reference entropies; "
+                              "keep ref.cache=true (or set a numeric loss.mallows_phi)")
         if self.spa.refine:
             _require(not self.train.padding_free, "train.padding_free",
                      "SPA self-refinement mixes padded per-token logits; set it false")
-        if self.loss.type == "gdpo":
+        if loss.data == BELIEFS:
             _require(not self.train.padding_free, "train.padding_free",
                      "GDPO reads the level digit at the first completion position of padded rows; set it false")
         if self.sams.enabled:
-            _require(self.loss.type not in ("exo_rw", "dpo_rw"), "sams.enabled",
+            _require(not loss.is_group, "sams.enabled",
                      f"needs a pairwise loss; loss.type={self.loss.type} trains on K-sample groups")
             # Selection needs every local pair's loss before any backward: accumulation would save nothing.
             _require(self.train.gradient_accumulation_steps == 1, "train.gradient_accumulation_steps",

@@ -1,8 +1,9 @@
 """From a `LossConfig` and a batch's log-probs to the per-example loss and TRL-named metrics.
 
-The training stages call `pair_loss` with whatever they computed; the math itself lives in
-`rayalign.core.losses`. This is the one place that maps config names to loss keyword arguments, so
-every trainer (the in-process oracle, Ray Train) applies the same defaults. It does no forward pass.
+The training stages call `pair_loss` / `group_loss` with whatever they computed; the math itself lives in
+`rayalign.core.losses` and which function a `loss.type` is, with its keyword arguments, in the one table
+`rayalign.loss_registry.LOSSES`. This binds the table's rows to the functions and builds their arguments,
+so every trainer (the in-process oracle, Ray Train) applies the same defaults. It does no forward pass.
 """
 
 from __future__ import annotations
@@ -14,21 +15,26 @@ import torch
 from rayalign.config import ConfigError, LossConfig
 from rayalign.core import losses as L
 from rayalign.core.metrics import reward_accuracy
+from rayalign.data_kind import BELIEFS
+from rayalign.loss_registry import (  # noqa: F401 (re-exported: the trainers import them from here)
+    GROUP_LOSSES,
+    LOSSES,
+    PAIR_LOSSES,
+    SOFT_LABEL_LOSSES,
+    THETA,
+    LossSpec,
+    needs_dispersion,
+    uses_mean_logps,
+)
 
-EXO_DEFAULT_SMOOTHING = 1e-3  # the EXO paper and TRL (ALGORITHMS.md §4)
-PAIR_LOSSES = ("dpo", "ipo", "hinge", "exo_pref", "mallows_theta", "mallows_phi", "gdpo")
-GROUP_LOSSES = ("exo_rw", "dpo_rw")  # on K-sample groups: `group_loss`, `rayalign.group_step`
-IN_PROCESS_LOSSES = PAIR_LOSSES + GROUP_LOSSES
+
+def loss_function(loss_type: str):
+    """The `rayalign.core.losses` function of a `loss.type` (its row's `function`)."""
+    return getattr(L, LOSSES[loss_type].function)
 
 
-def uses_mean_logps(loss_type: str) -> bool:
-    """IPO is defined on per-token mean log-probs (as in TRL); every other loss on sums."""
-    return loss_type == "ipo"
-
-
-def needs_dispersion(config: LossConfig) -> bool:
-    """Whether the loss needs MallowsPO's neg-log dispersion from the reference entropies."""
-    return config.type == "mallows_theta" or (config.type == "mallows_phi" and config.mallows_phi == "entropy")
+def _options(spec: LossSpec, config: LossConfig) -> dict:
+    return {keyword: getattr(config, field) for keyword, field in spec.options}
 
 
 def mallows_scale(config: LossConfig, unit_neg_log_dispersion: torch.Tensor) -> float:
@@ -36,6 +42,37 @@ def mallows_scale(config: LossConfig, unit_neg_log_dispersion: torch.Tensor) -> 
     if config.mallows_scale == "auto":
         return 1.0 / float(unit_neg_log_dispersion.mean())
     return float(config.mallows_scale)
+
+
+def _smoothing(spec: LossSpec, config: LossConfig, per_example: torch.Tensor | None) -> dict:
+    if per_example is not None and not spec.per_example_smoothing:
+        raise ConfigError(f"loss.type: per-example label smoothing needs loss.type={'/'.join(SOFT_LABEL_LOSSES)}, "
+                          f"got {spec.name}")
+    if spec.label_smoothing is None:
+        return {}
+    if per_example is not None:
+        return {"label_smoothing": per_example}
+    return {"label_smoothing": spec.label_smoothing if config.label_smoothing is None else config.label_smoothing}
+
+
+def _dispersion(spec: LossSpec, config: LossConfig, neg_log_dispersion: torch.Tensor | None) -> dict:
+    if spec.dispersion is None:
+        return {}
+    if needs_dispersion(config) and neg_log_dispersion is None:
+        raise ValueError(f"loss.type={spec.name} needs neg_log_dispersion from the reference entropies")
+    if spec.dispersion == THETA:
+        return {"neg_log_dispersion": neg_log_dispersion}
+    phi = torch.exp(-neg_log_dispersion) if config.mallows_phi == "entropy" else float(config.mallows_phi)
+    return {"phi": phi}
+
+
+def _beliefs(spec: LossSpec, gdpo: dict[str, torch.Tensor] | None) -> dict:
+    if spec.data != BELIEFS:
+        return {}
+    if gdpo is None:
+        raise ValueError(f"loss.type={spec.name} needs level_logps, target_probs and belief_mean_logps")
+    return {"level_logps": gdpo["level_logps"], "target_probs": gdpo["target_probs"].to(gdpo["level_logps"].dtype),
+            "belief_mean_logps": gdpo["belief_mean_logps"]}
 
 
 def pair_loss(
@@ -51,54 +88,30 @@ def pair_loss(
 ) -> L.LossOutput:
     """Per-example loss (B,) of the configured pairwise loss.
 
-    `label_smoothing` (B,) replaces the config's epsilon for DPO (SPA's soft labels);
-    `neg_log_dispersion` (B,) is k = -c ln H for the MallowsPO losses; `gdpo` holds GDPO's
-    `level_logps` (B, L), `target_probs` (B, L) and `belief_mean_logps` (B,).
+    `label_smoothing` (B,) replaces the config's epsilon for the losses that take per-example soft labels
+    (DPO: SPA's self-refinement); `neg_log_dispersion` (B,) is k = -c ln H for the MallowsPO losses; `gdpo`
+    holds GDPO's `level_logps` (B, L), `target_probs` (B, L) and `belief_mean_logps` (B,).
     """
-    args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    beta, kind = config.beta, config.type
-    if kind == "dpo":
-        eps = label_smoothing if label_smoothing is not None else (config.label_smoothing or 0.0)
-        return L.dpo_loss(*args, beta=beta, label_smoothing=eps)
-    if label_smoothing is not None:
-        raise ConfigError(f"loss.type: per-example label smoothing needs loss.type=dpo, got {kind}")
-    if kind == "ipo":
-        return L.ipo_loss(*args, beta=beta)
-    if kind == "hinge":
-        return L.hinge_loss(*args, beta=beta)
-    if kind == "exo_pref":
-        eps = config.label_smoothing if config.label_smoothing is not None else EXO_DEFAULT_SMOOTHING
-        return L.exo_pref_loss(*args, beta=beta, label_smoothing=eps)
-    if kind in ("mallows_theta", "mallows_phi") and needs_dispersion(config) and neg_log_dispersion is None:
-        raise ValueError(f"loss.type={kind} needs neg_log_dispersion from the reference entropies")
-    if kind == "mallows_theta":
-        eps = config.label_smoothing or 0.0
-        return L.mallows_theta_loss(*args, beta=beta, neg_log_dispersion=neg_log_dispersion, label_smoothing=eps)
-    if kind == "mallows_phi":
-        phi = torch.exp(-neg_log_dispersion) if config.mallows_phi == "entropy" else float(config.mallows_phi)
-        return L.mallows_phi_loss(*args, beta=beta, phi=phi)
-    if kind == "gdpo":
-        if gdpo is None:
-            raise ValueError("loss.type=gdpo needs level_logps, target_probs and belief_mean_logps")
-        target = gdpo["target_probs"].to(gdpo["level_logps"].dtype)
-        return L.gdpo_loss(*args, beta=beta, level_logps=gdpo["level_logps"], target_probs=target,
-                           belief_mean_logps=gdpo["belief_mean_logps"],
-                           calibration_weight=config.gdpo_calibration_weight,
-                           belief_nll_weight=config.gdpo_belief_nll_weight)
-    raise ConfigError(f"loss.type: {kind} is not a pairwise loss on (chosen, rejected) log-probs; "
-                      f"the pairwise losses are {', '.join(PAIR_LOSSES)}")
+    spec = LOSSES[config.type]
+    if spec.is_group:
+        raise ConfigError(f"loss.type: {config.type} is not a pairwise loss on (chosen, rejected) log-probs; "
+                          f"the pairwise losses are {', '.join(PAIR_LOSSES)}")
+    kwargs = {**_options(spec, config), **_smoothing(spec, config, label_smoothing),
+              **_dispersion(spec, config, neg_log_dispersion), **_beliefs(spec, gdpo)}
+    return loss_function(config.type)(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                      ref_rejected_logps, **kwargs)
 
 
 def group_loss(config: LossConfig, policy_logps: torch.Tensor, ref_logps: torch.Tensor,
                rewards: torch.Tensor) -> L.GroupLossOutput:
-    """Per-group loss (B,) of EXO-rw or DPO-rw on (B, K) log-probs and rewards (ALGORITHMS.md §4).
+    """Per-group loss (B,) of a K-sample loss (EXO-rw, DPO-rw) on (B, K) log-probs and rewards (ALGORITHMS.md §4).
 
     `loss.beta` is beta_pi and `loss.beta_r` the reward temperature.
     """
-    losses = {"exo_rw": L.exo_rw_loss, "dpo_rw": L.dpo_rw_loss}
-    if config.type not in losses:
+    spec = LOSSES[config.type]
+    if not spec.is_group:
         raise ConfigError(f"loss.type: {config.type} is not a K-sample loss; those are {', '.join(GROUP_LOSSES)}")
-    return losses[config.type](policy_logps, ref_logps, rewards, beta_pi=config.beta, beta_r=config.beta_r)
+    return loss_function(config.type)(policy_logps, ref_logps, rewards, **_options(spec, config))
 
 
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

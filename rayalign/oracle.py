@@ -19,15 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from rayalign.batching import collate_pairs, encode_row
-from rayalign.config import Config, ConfigError
+from rayalign.config import Config
 from rayalign.core.losses import mallows_neg_log_dispersion
 from rayalign.group_batching import GROUP_REF_KEY
-from rayalign.objective import (
-    IN_PROCESS_LOSSES,
-    mallows_scale,
-    needs_dispersion,
-    pair_metrics,
-)
+from rayalign.objective import mallows_scale, needs_dispersion, pair_metrics
 from rayalign.optim import build_optimizer, build_scheduler
 from rayalign.step import REF_KEYS, micro_batch_loss, reference_scores
 
@@ -101,9 +96,6 @@ def train_pairs(
     *, on_step: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train `policy` in place on preference `rows`; returns one TRL-named metrics dict per step."""
-    if config.loss.type not in IN_PROCESS_LOSSES:
-        raise ConfigError(f"loss.type: the in-process trainer runs {', '.join(IN_PROCESS_LOSSES)}; "
-                          f"{config.loss.type} needs the Ray Train stage")
     encoded = encode_pairs(rows, tokenizer, config).items
     pad = tokenizer.pad_token_id
     columns = reference_columns(reference, encoded, pad_token_id=pad, config=config)

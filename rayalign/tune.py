@@ -26,6 +26,7 @@ from pathlib import Path
 from rayalign.config import Config, ConfigError, TuneConfig
 from rayalign.config_loader import config_to_dict, dump_config, load_config
 from rayalign.io import atomic_write_text
+from rayalign.loss_registry import DISPERSION_KEYS
 from rayalign.tune_space import Dimension, check_space, grid_size, parse_space, trial_config
 
 EXPERIMENT = "experiment"  # Ray Tune's state under RUN_DIR/tune/
@@ -34,7 +35,7 @@ WARM_FILE = "prepared.json"  # written once the model is built and the reference
 # Swept keys that can change the reference cache's key (`rayalign.prepare.scoring_settings` decides exactly
 # which trials share an entry): the driver warms one entry per distinct setting among their values.
 CACHE_SECTIONS = ("model", "data", "ref")
-CACHE_KEYS = ("loss.type", "loss.mallows_phi", "loss.logit_temperature", "train.padding_free")
+CACHE_KEYS = (*DISPERSION_KEYS, "loss.logit_temperature", "train.padding_free")
 
 
 def _log(message: str) -> None:

@@ -7,7 +7,8 @@ K-sample losses return `GroupLossOutput(losses, rewards)` with rewards β_π·Δ
 Hyper-parameters are keyword-only. Everything stays finite for log-probs of ±1e4 and β·margins of ±1e3.
 
 Not here: computing log-probs from logits (`logprobs.py`), reductions, SPA's judging and thresholds
-(`spa.py`), SamS selection (`sams.py`), and any configuration handling.
+(`spa.py`), SamS selection (`sams.py`), and any configuration handling: which function a `loss.type` is,
+and which keyword arguments it gets, is the table `rayalign.loss_registry.LOSSES`.
 """
 
 import math
@@ -361,20 +362,3 @@ def gdpo_loss(
     losses = calibration_weight * calibration - belief_nll_weight * belief_mean_logps + pair.losses
     return LossOutput(losses, pair.chosen_rewards, pair.rejected_rewards)
 
-
-# Config names (spec §7) -> loss function. Pairwise losses take the four (B,) log-prob tensors;
-# `mallows_theta`, `mallows_phi` and `gdpo` need their extra keyword arguments from the trainer.
-PAIRWISE_LOSSES = {
-    "dpo": dpo_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-    "exo_pref": exo_pref_loss,
-    "mallows_theta": mallows_theta_loss,
-    "mallows_phi": mallows_phi_loss,
-    "gdpo": gdpo_loss,
-}
-# K-sample losses take (B, K) policy and reference log-probs and (B, K) rewards.
-GROUP_LOSSES = {
-    "exo_rw": exo_rw_loss,
-    "dpo_rw": dpo_rw_loss,
-}
