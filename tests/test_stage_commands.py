@@ -90,7 +90,7 @@ def test_generate_judge_eval_reproduce_the_loop(quickstart_run, ray_address, tmp
     assert {k: summary[k] for k in expected} == pytest.approx(expected, abs=1e-5)
 
 
-def test_stage_commands_reject_bad_input_naming_it(tmp_path, capsys):
+def test_stage_commands_reject_bad_input_naming_it(tmp_path, tiny_model_dir, capsys):
     """Errors surface before Ray starts: exit 2, one line naming the field or file, no traceback.
 
     One case runs as a subprocess (the real exit status); the others call the same `main` in-process,
@@ -101,7 +101,7 @@ def test_stage_commands_reject_bad_input_naming_it(tmp_path, capsys):
     pd.DataFrame({"prompt_id": [0, 1], "sample_index": [0, 0], "prompt": ["a", "b"], "text": ["x", "y"]}) \
         .to_parquet(one_each)
     common = ("configs/quickstart.yaml", f"run.dir={tmp_path}")
-    models = (f"model.policy={tmp_path}", f"model.reference={tmp_path}")
+    models = (f"model.policy={tiny_model_dir}", f"model.reference={tiny_model_dir}")
     result = rayalign("judge", *common, *models, "--samples", str(missing))
     assert result.returncode == 2 and f"--samples: {missing} does not exist" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
@@ -111,6 +111,8 @@ def test_stage_commands_reject_bad_input_naming_it(tmp_path, capsys):
         "--iteration: must be in 1..3": ("generate", *common, *models, "--iteration", "4"),
         f"model.policy: model path '{tmp_path}/absent' does not exist": ("eval", *common,
                                                                         f"model.policy={tmp_path}/absent"),
+        f"model.policy: {tmp_path} holds no Hugging Face model (no config.json)": ("eval", *common,
+                                                                                    f"model.policy={tmp_path}"),
     }
     for message, args in cases.items():
         assert main(list(args)) == 2, args
