@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rayalign.checkpoint import load_tensors
 from rayalign.config import Config
 from rayalign.optim import build_optimizer, build_scheduler
 
@@ -71,7 +72,7 @@ class DDPEngine:
 
     def load(self, directory: Path) -> None:
         """Restore optimizer and schedule; the weights were loaded into the model before it was built."""
-        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+        state = load_tensors(directory / "optimizer.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -128,6 +129,8 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")  # collective
 
     def load(self, directory: Path) -> None:
+        # DeepSpeed's own reader unpickles fully (weights_only=False): read its files through ours instead.
+        self.engine.checkpoint_engine.load = _deepspeed_safe_load
         self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
 
     def full_state_dict(self, scratch: Path) -> dict[str, torch.Tensor] | None:
@@ -141,6 +144,16 @@ class DeepSpeedEngine:
         if dist.get_rank() != 0:
             return None
         return get_fp32_state_dict_from_zero_checkpoint(str(scratch), tag="export")
+
+
+def _deepspeed_safe_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint files with weights_only=True; its optimizer files also hold these plain records."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return load_tensors(path, map_location=map_location,
+                        allowed=(LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address))
 
 
 def build_engine(model: torch.nn.Module, config: Config, total_steps: int) -> DDPEngine | DeepSpeedEngine:

@@ -4,7 +4,8 @@ A hook on one weight turns its gradient into inf/nan (the loss stays finite): `s
 non-finite norm (the trainer stops the run on it, like a non-finite loss) and leave the weights, the
 optimizer state and the schedule untouched; a later finite step is applied normally. DDP runs in this
 process; DeepSpeed (ZeRO 1-3 on gloo, one rank) in a subprocess, so that its process group and global
-state stay out of the rest of the suite.
+state stay out of the rest of the suite; there the engine's checkpoint also round-trips through our
+weights_only reader (DeepSpeed's own unpickles fully), and a crafted optimizer file is refused.
 """
 
 from __future__ import annotations
@@ -53,7 +54,13 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     import torch
     import deepspeed
     from rayalign.config import Config, OptimConfig, TrainConfig
+    from pathlib import Path
+    from rayalign.checkpoint import UnsafeCheckpointError
     from rayalign.engine import DeepSpeedEngine
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("touch pwned",)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     for stage in (1, 2, 3):
@@ -77,12 +84,34 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
         engine.backward(engine.module(torch.ones(2, 4)).sum())
         assert math.isfinite(engine.step()), stage
         assert not torch.equal(weights()[0], before[0]), f"stage {stage}: the finite step was not applied"
+
+        # Its checkpoint loads through our weights_only reader, exactly; a crafted file is refused.
+        directory = Path(f"stage{stage}")
+        directory.mkdir()
+        engine.save(directory, rank=0)
+        torch.manual_seed(1)
+        other = torch.nn.Linear(4, 2)
+        resumed = DeepSpeedEngine(other, config, total_steps=4)
+        resumed.load(directory)
+        for e in (engine, resumed):
+            e.backward(e.module(torch.full((2, 4), 0.5)).sum())
+            e.step()
+        with deepspeed.zero.GatheredParameters(list(other.parameters())):
+            assert all(torch.equal(a, b.detach()) for a, b in zip(weights(), other.parameters())), stage
+        optim = next(directory.rglob("*optim_states.pt"))
+        torch.save({"optimizer_state_dict": Payload()}, optim)
+        try:
+            resumed.load(directory)
+            raise AssertionError(f"stage {stage}: a crafted {optim.name} was loaded")
+        except UnsafeCheckpointError:
+            pass
+        assert not os.path.exists("pwned"), stage
     print("ok")
 """)
 
 
 @pytest.mark.slow
-def test_deepspeed_engine_does_not_step_on_a_non_finite_gradient(tmp_path):
+def test_deepspeed_engine_non_finite_gradient_and_safe_checkpoint_loading(tmp_path):
     import socket
 
     with socket.socket() as sock:
