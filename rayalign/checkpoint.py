@@ -5,22 +5,43 @@ resume needs: `trainer_state.json` (step, epoch, data position, metrics) and the
 schedule state. All ranks write into one temporary directory; after a barrier rank 0 renames it to its
 final name, so a directory named `step-N` is always complete and a kill never leaves half of one.
 
+Every `.pt` file of a checkpoint is read with `load_tensors` (`torch.load(weights_only=True)`): checkpoints
+can come from shared storage, and a full unpickle would run whatever code a crafted file names.
+
 It does not decide *when* to checkpoint (the trainer does) and knows nothing of Ray.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from rayalign.io import atomic_write_text
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds Python objects beyond tensors and plain containers: it is not loaded."""
+
+
+def load_tensors(path: str | Path, *, map_location="cpu", allowed: tuple = ()):
+    """`torch.load(path, weights_only=True)`: tensors, numbers, strings and containers only, plus the
+    classes in `allowed` (plain data types, e.g. DeepSpeed's loss-scaler record); anything else is refused."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[-1][:300]
+        raise UnsafeCheckpointError(f"{path}: refused to load: it holds Python objects that a checkpoint written "
+                                    f"by rayalign does not ({reason})") from None
 
 
 def _barrier() -> None:

@@ -4,8 +4,9 @@ This is the only module that imports DeepSpeed (lazily, inside `DeepSpeedEngine`
 `backward(loss)` once per micro-batch with a loss already scaled so that the gradients averaged over
 workers are the gradient of the global-batch mean, then `step()` once per optimizer step.
 
-Both engines own the optimizer and the schedule built by `rayalign.optim`. They do not know about
-data, losses or checkpoint layout (see `rayalign.checkpoint`).
+Both engines own the optimizer and the schedule built by `rayalign.optim`. `step()` returns the global
+gradient norm; a non-finite one means the update was NOT applied (the trainer then stops the run). They
+do not know about data, losses or checkpoint layout (see `rayalign.checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rayalign.checkpoint import load_tensors
 from rayalign.config import Config
 from rayalign.optim import build_optimizer, build_scheduler
 
@@ -47,9 +49,11 @@ class DDPEngine:
 
     def step(self) -> float:
         self._pending = 0
+        # The gradients are already all-reduced, so every rank sees the same norm and makes the same choice.
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
+        if math.isfinite(grad_norm):  # an inf/nan gradient would poison the weights and Adam's moments
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -68,7 +72,7 @@ class DDPEngine:
 
     def load(self, directory: Path) -> None:
         """Restore optimizer and schedule; the weights were loaded into the model before it was built."""
-        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+        state = load_tensors(directory / "optimizer.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -109,8 +113,13 @@ class DeepSpeedEngine:
         self.engine.step()  # a no-op except on the accumulation boundary, where it clips, steps and schedules
 
     def step(self) -> float:
-        grad_norm = self.engine.get_global_grad_norm()
-        return float(grad_norm) if grad_norm is not None else float("nan")
+        """The norm of the step `backward` took at the accumulation boundary. DeepSpeed's overflow check
+        skips a step whose gradient norm is inf/nan (ZeRO 1-3 in fp32; in bf16 with its default
+        bf16.check_grad_overflow), which `was_step_applied` reports."""
+        grad_norm = float(self.engine.get_global_grad_norm())  # not None: zero's compute_grad_norm stays on
+        if not self.engine.was_step_applied():
+            return grad_norm if not math.isfinite(grad_norm) else math.inf
+        return grad_norm
 
     @property
     def lr(self) -> float:
@@ -120,6 +129,8 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")  # collective
 
     def load(self, directory: Path) -> None:
+        # DeepSpeed's own reader unpickles fully (weights_only=False): read its files through ours instead.
+        self.engine.checkpoint_engine.load = _deepspeed_safe_load
         self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
 
     def full_state_dict(self, scratch: Path) -> dict[str, torch.Tensor] | None:
@@ -133,6 +144,16 @@ class DeepSpeedEngine:
         if dist.get_rank() != 0:
             return None
         return get_fp32_state_dict_from_zero_checkpoint(str(scratch), tag="export")
+
+
+def _deepspeed_safe_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint files with weights_only=True; its optimizer files also hold these plain records."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return load_tensors(path, map_location=map_location,
+                        allowed=(LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address))
 
 
 def build_engine(model: torch.nn.Module, config: Config, total_steps: int) -> DDPEngine | DeepSpeedEngine:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rayalign.checkpoint import load_tensors
 from rayalign.config import Config
 from rayalign.core.sams import SamsScheduler, num_selected, sample_rewards, select_top_k
 
@@ -105,7 +106,7 @@ class PairSelector:
         """Continue from a checkpoint written by `save` (rank 0 holds the state; other ranks hold none)."""
         if self.rank != 0:
             return
-        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_tensors(directory / STATE_FILE)
         if state["kind"] != self.kind:
             raise ValueError(f"{directory / STATE_FILE}: saved by sams.selector={state['kind']}, "
                              f"this run uses {self.kind}")

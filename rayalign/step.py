@@ -17,7 +17,13 @@ import torch
 
 from rayalign.batching import pad_rows
 from rayalign.config import Config
-from rayalign.core.logprobs import concatenated_forward, sequence_logps, sequence_mean_entropy, token_logps
+from rayalign.core.logprobs import (
+    concatenated_forward,
+    sequence_logps,
+    sequence_mean_entropy,
+    token_entropy,
+    token_logps,
+)
 from rayalign.core.metrics import js_distance
 from rayalign.objective import pair_loss, uses_mean_logps
 
@@ -82,8 +88,7 @@ def _packed_scores(model, batch, *, temperature: float, want_entropy: bool) -> S
         scores.level_logps = level_logps(logits[starts + batch["level_position"] - 1], batch["level_ids"])
     if want_entropy:
         with torch.no_grad():
-            logp = torch.log_softmax(logits.to(per_token.dtype), dim=-1)
-            entropy = -(logp.exp() * logp).sum(-1) * mask
+            entropy = token_entropy(logits) * mask
         mean_entropy = torch.zeros(count, **like).index_add(0, segment[:-1], entropy.to(per_token.dtype))
         scores.chosen_entropy, scores.rejected_entropy = (mean_entropy / lengths.clamp(min=1)).chunk(2)
     return scores

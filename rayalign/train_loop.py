@@ -220,6 +220,8 @@ class Worker:
             self.refiner.end_step(indices)
         try:
             metrics = metrics_from_sums(sums[:-2])
+            if not math.isfinite(grad_norm):  # the engine did not apply this step
+                raise FloatingPointError(f"non-finite gradient norm ({grad_norm})")
         except FloatingPointError as exc:
             self._fail(step + 1, f"{exc} at step {step + 1}; stopped. The last good checkpoint is "
                                  f"{ckpt.latest_checkpoint(self.run_dir) or 'none'}.")

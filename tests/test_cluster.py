@@ -2,11 +2,13 @@
 
 The first tests are offline checks of the file a user hands to `ray up`: Ray's own validator
 (`validate_config(prepare_config(...))`), the setup commands against the Makefile's install recipe (so the
-two cannot drift apart silently), and configs/cluster_quickstart.yaml against quickstart.yaml and the
-resources the node types advertise. The last test maps the same node types onto Ray's `fake_multinode`
-provider (the real autoscaler, worker "nodes" as local raylets), starts a head that has none of the
-stages' resources, runs MICRO_LOOP with configs/cluster_quickstart.yaml and checks that both worker types
-were launched, the run completed, and the cluster shrank back to the head after the idle timeout.
+two cannot drift apart silently), configs/cluster_quickstart.yaml against quickstart.yaml and the
+resources the node types advertise, and the security defaults (no SSH from 0.0.0.0/0: every node type names
+its security group; every worker type has an explicit instance profile limited to the run bucket). The
+last test maps the same node types onto Ray's `fake_multinode` provider (the real autoscaler, worker
+"nodes" as local raylets), starts a head that has none of the stages' resources, runs MICRO_LOOP with
+configs/cluster_quickstart.yaml and checks that both worker types were launched, the run completed, and
+the cluster shrank back to the head after the idle timeout.
 
 Ray safety (other Ray clusters run on this machine): the head gets its own short temp dir, explicit free
 ports and a marker variable in its environment; teardown kills exactly the processes carrying either
@@ -125,6 +127,54 @@ def test_cluster_quickstart_is_the_quickstart_placed_on_the_node_types():
         assert any(set(request) <= set(t["resources"]) for n, t in types.items() if n != HEAD), request
     train_types = [t for t in types.values() if set(config.train.resources_per_worker) <= set(t["resources"])]
     assert config.train.use_gpu and all(t["resources"].get("GPU", 0) >= 1 for t in train_types)
+
+
+WORLD = ("0.0.0.0/0", "::/0")
+RAY_DEFAULT_PROFILE = "ray-autoscaler-v1"  # Ray's head role: EC2 and S3 on the whole account
+
+
+def test_no_node_type_leaves_ssh_open_to_the_world():
+    """Ray creates a security group with SSH from 0.0.0.0/0 for every node type without SecurityGroupIds;
+    each type names the group from the header instead, whose SSH source is the SSH_CIDR setting."""
+    from ray.autoscaler._private.aws.config import _configure_security_group
+
+    for name, node_type in CLUSTER["available_node_types"].items():
+        groups = node_type["node_config"].get("SecurityGroupIds")
+        assert groups and all(isinstance(g, str) and g.startswith("sg-") for g in groups), name
+    rules = CLUSTER["provider"].get("security_group", {}).get("IpPermissions", [])
+    assert not [r for r in rules for ip in r.get("IpRanges", []) + r.get("Ipv6Ranges", [])
+                if ip.get("CidrIp", ip.get("CidrIpv6")) in WORLD]
+    # Ray's own step (offline here: with a group on every type it returns before calling AWS) keeps them.
+    config = copy.deepcopy(CLUSTER)
+    assert _configure_security_group(config)["available_node_types"] == CLUSTER["available_node_types"]
+    header = _header()
+    ssh = [line for line in header.split("authorize-security-group-ingress")[1:] if "--port 22" in line]
+    assert ssh and all("--cidr $SSH_CIDR" in line and not any(w in line for w in WORLD) for line in ssh), ssh
+
+
+def _header() -> str:
+    text = (REPO / "cluster.yaml").read_text()
+    return " ".join(line[1:].strip() for line in text.splitlines() if line.startswith("#"))
+
+
+def test_every_worker_type_has_a_bucket_only_instance_profile():
+    types = CLUSTER["available_node_types"]
+    workers = [name for name in types if name != CLUSTER["head_node_type"]]
+    profiles = {name: types[name]["node_config"].get("IamInstanceProfile") for name in workers}
+    for name, profile in profiles.items():
+        assert profile and (profile.get("Name") or profile.get("Arn")), f"{name}: no explicit IamInstanceProfile"
+        assert RAY_DEFAULT_PROFILE not in json.dumps(profile), f"{name}: Ray's account-wide role"
+    # The header documents the policy of that profile: S3 actions on the run bucket, nothing else.
+    name = profiles[workers[0]]["Name"]
+    header = _header()
+    assert f"--instance-profile-name {name}" in header
+    text = header.split("worker-policy.json (", 1)[1]
+    policy, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        assert all(a.startswith("s3:") and "*" not in a for a in actions), actions
+        assert statement["Resource"] in ("arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/*"), statement
 
 
 # --- cluster.yaml's node types on Ray's fake multi-node provider -------------------------------------------

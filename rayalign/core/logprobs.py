@@ -50,6 +50,17 @@ def sequence_logps(
     return total / mask.sum(dim=-1).clamp(min=1).to(total.dtype)
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary entropy H = −Σ_v p_v log p_v of every position, in nats: (..., V) -> (...).
+
+    Computed in float32 (float64 kept). The one place that computes it (padded and packed paths alike).
+    """
+    logp = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)
+    p = logp.exp()
+    # p = 0 with log p = −inf (a masked vocabulary entry) contributes 0, not NaN.
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+
+
 def sequence_mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over completion tokens of the full-vocabulary entropy H_t = −Σ_v p_v log p_v, in nats.
 
@@ -57,11 +68,7 @@ def sequence_mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     which would make MallowsPO's k = −c·ln H̄ infinite. A row with no completion token gives 0.
     Meant for the reference model under `torch.no_grad()`; it materialises (B, T, V) float32 tensors.
     """
-    logp = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)
-    p = logp.exp()
-    # p = 0 with log p = −inf (a masked vocabulary entry) contributes 0, not NaN.
-    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
-    entropy = -plogp.sum(dim=-1)
+    entropy = token_entropy(logits)
     keep = mask.bool()
     total = torch.where(keep, entropy, torch.zeros_like(entropy)).sum(dim=-1)
     return total / mask.sum(dim=-1).clamp(min=1).to(total.dtype)
