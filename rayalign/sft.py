@@ -8,6 +8,7 @@ distributed trainer: real runs start from an SFT checkpoint made elsewhere.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -57,7 +58,10 @@ def run_sft(model_path: str, examples: list[tuple[str, str]], out_dir: Path, *, 
                                                            epochs=epochs, seed=seed, max_length=max_length)):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        if not (math.isfinite(grad_norm) and math.isfinite(loss.item())):  # never step on an inf/nan gradient
+            raise FloatingPointError(f"sft: non-finite loss or gradient norm at step {step + 1} "
+                                     f"(loss {loss.item()}, gradient norm {grad_norm}); nothing was saved")
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
