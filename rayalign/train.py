@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rayalign.config import Config, ConfigError
 from rayalign.config_loader import config_to_dict
+from rayalign.data_kind import GROUPS, LEVEL_PAIRS, PAIRS, decide
 from rayalign.io import atomic_write_text
 from rayalign.storage import RunStorage
 from rayalign.storage_train import pull_outputs, ray_storage, worker_paths
@@ -53,37 +54,34 @@ def build_policy_if_needed(config: Config, run_dir: Path, texts: list[str]) -> s
     return str(out)
 
 
-def pair_rows(fmt: str, rows: list[dict], config: Config) -> list[dict]:
-    """Rows the pairwise trainer takes: GDPO rows stay whole for loss.type=gdpo, else become DPO pairs.
-    K-sample losses (exo_rw, dpo_rw) take k_sample rows, all of one K."""
+def pair_rows(fmt: str, rows: list[dict], config: Config, source: str | None = None) -> tuple[str, list[dict]]:
+    """The data kind of a run (`rayalign.data_kind.decide`, from the loss and the format of `source`, by
+    default data.train_file) and the rows the trainer takes: GDPO rows stay whole for loss.type=gdpo, else
+    become DPO pairs; K-sample losses (exo_rw, dpo_rw) take k_sample rows, all of one K."""
     from rayalign.batching import gdpo_rows_as_pairs
-    from rayalign.data import PAIR_FORMATS
     from rayalign.group_batching import check_group_rows
-    from rayalign.objective import GROUP_LOSSES
+    from rayalign.loss_registry import LOSSES
 
-    if config.loss.type in GROUP_LOSSES:
-        if fmt != "k_sample":
-            raise ConfigError(f"loss.type: {config.loss.type} trains on K-sample groups ({{prompt, completions, "
-                              f"rewards}} rows); {config.data.train_file} holds {fmt} rows")
-        check_group_rows(rows, config.data.train_file)
-        return rows
-    if config.loss.type == "gdpo" and fmt != "gdpo":
-        raise ConfigError(f"loss.type: gdpo needs data in the GDPO belief format; {config.data.train_file} is {fmt}")
-    if fmt == "gdpo":
-        return rows if config.loss.type == "gdpo" else gdpo_rows_as_pairs(rows)
-    if fmt not in PAIR_FORMATS:
-        raise ConfigError(f"data.train_file: {config.data.train_file} holds {fmt} rows; training needs pairs "
-                          f"({', '.join(PAIR_FORMATS)}) or GDPO rows")
-    return rows
+    source = source or config.data.train_file
+    kind = decide(LOSSES[config.loss.type], fmt, source)
+    if kind == GROUPS:
+        check_group_rows(rows, source)
+    return kind, gdpo_rows_as_pairs(rows) if kind == LEVEL_PAIRS else rows
 
 
-def split_eval(rows: list[dict], config: Config, tokenizer) -> tuple[list[dict], list[dict]]:
-    """Held-out pairs: `data.eval_file`, or a seeded `data.eval_fraction` of the training file."""
+def split_eval(rows: list[dict], config: Config, tokenizer, kind: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Held-out pairs: `data.eval_file` (whose rows must be of the training data's `kind`), or a seeded
+    `data.eval_fraction` of the training file."""
     from rayalign.data import load_rows
 
     if config.data.eval_file:
         data = load_rows(config.data.eval_file, fmt=config.data.format, tokenizer=tokenizer)
-        return rows, pair_rows(data.format, data.rows, config)
+        eval_kind, eval_rows = pair_rows(data.format, data.rows, config, config.data.eval_file)
+        # GDPO rows as the eval of plain pairs are pairs (their level target is not read)
+        if kind and eval_kind != kind and (kind, eval_kind) != (PAIRS, LEVEL_PAIRS):
+            raise ConfigError(f"data.eval_file: {config.data.eval_file} gives {eval_kind} data; "
+                              f"data.train_file gives {kind}")
+        return rows, eval_rows
     if config.data.eval_fraction == 0:
         return rows, []
     order = list(range(len(rows)))
@@ -92,13 +90,13 @@ def split_eval(rows: list[dict], config: Config, tokenizer) -> tuple[list[dict],
     return [rows[i] for i in sorted(order[held:])], [rows[i] for i in sorted(order[:held])]
 
 
-def _prepare(splits: dict[str, list[dict]], config: Config, paths: dict, tokenizer, run_dir: Path) -> dict:
+def _prepare(splits: dict[str, list[dict]], config: Config, paths: dict, tokenizer, run_dir: Path, kind: str) -> dict:
     """Prepared Parquet per split under RUN_DIR/prepared/; returns {"train_path": ..., "eval_path": ...}."""
     from rayalign.data import write_rows_parquet
     from rayalign.prepare import prepare_pairs
 
     cache_dir = Path(config.ref.cache_dir) if config.ref.cache_dir else run_dir / "ref_cache"
-    prepared = prepare_pairs(splits, config, tokenizer_path=paths["tokenizer_path"],
+    prepared = prepare_pairs(splits, config, kind=kind, tokenizer_path=paths["tokenizer_path"],
                              reference_path=paths["reference_path"], pad_token_id=tokenizer.pad_token_id,
                              cache_dir=cache_dir, log=_log)
     sizes = ", ".join(f"{name} {len(frame)}" for name, frame in prepared.frames.items())
@@ -163,12 +161,12 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
     data = load_rows(config.data.train_file, fmt=config.data.format, tokenizer=tokenizer)
-    rows = pair_rows(data.format, data.rows, config)
-    texts = [r["prompt"] + (r["chosen"] if "chosen" in r else "".join(r["completions"])) for r in rows]
+    kind, rows = pair_rows(data.format, data.rows, config)  # the data kind, decided once for the whole stage
+    texts = [r["prompt"] + ("".join(r["completions"]) if kind == GROUPS else r["chosen"]) for r in rows]
     policy_path = build_policy_if_needed(config, run_dir, texts)
     tokenizer_path = tokenizer_path or policy_path
     tokenizer = tokenizer or load_tokenizer(tokenizer_path)
-    train_rows, eval_rows = split_eval(rows, config, tokenizer)
+    train_rows, eval_rows = split_eval(rows, config, tokenizer, kind)
     paths = {"policy_path": _absolute(policy_path), "tokenizer_path": _absolute(tokenizer_path),
              "reference_path": _absolute(config.model.reference or policy_path)}
     if store:  # Ray Data actors and workers on other nodes read the models from run.storage
@@ -176,13 +174,14 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     ensure_ray()
     _log(f"data and model ready after {time.perf_counter() - started:.0f} s")
     splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
-    paths.update(_prepare(splits, config, paths, tokenizer, run_dir))
+    paths.update(_prepare(splits, config, paths, tokenizer, run_dir, kind))
     if prepare_only:
         return 0
     if store:
         paths.update(worker_paths(store, paths, run_dir))
     _log(f"prepared after {time.perf_counter() - started:.0f} s; starting {config.train.num_workers} "
          f"{config.train.engine} worker(s)")
+    paths["data_kind"] = kind
     paths["kill_worker_at"] = os.environ.get("RAYALIGN_KILL_WORKER_AT")  # fault drills (tests), else None
     try:
         _fit(config, paths, run_dir, callbacks)
