@@ -13,17 +13,17 @@ import random
 from collections.abc import Iterator
 
 
-def total_steps(num_pairs: int, train) -> int:
-    """Optimizer steps of a stage: `train.epochs` of ceil(num_pairs / global batch), capped by max_steps
-    (`train` is a TrainConfig)."""
+def total_steps(num_pairs: int, train, epochs: int) -> int:
+    """Optimizer steps of a stage: `epochs` of ceil(num_pairs / global batch), capped by train.max_steps
+    (`train` is a TrainConfig; the epochs are the stage's, `rayalign.stage_inputs`)."""
     per_epoch = math.ceil(num_pairs / train.global_batch_size)
-    return min(per_epoch * train.epochs, train.max_steps or per_epoch * train.epochs)
+    return min(per_epoch * epochs, train.max_steps or per_epoch * epochs)
 
 
-def step_batches(num_pairs: int, train) -> Iterator[tuple[int, list[int]]]:
+def step_batches(num_pairs: int, train, epochs: int) -> Iterator[tuple[int, list[int]]]:
     """(epoch, pair indices) of each global batch: a seeded shuffle per epoch, the last partial batch kept."""
     size = train.global_batch_size
-    for epoch in range(train.epochs):
+    for epoch in range(epochs):
         order = list(range(num_pairs))
         random.Random(train.seed + epoch).shuffle(order)
         for start in range(0, num_pairs, size):

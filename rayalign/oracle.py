@@ -24,6 +24,7 @@ from rayalign.data_order import micro_batches, step_batches, total_steps
 from rayalign.encode import collate, collate_with_reference, encode_row
 from rayalign.objective import LOSSES, mallows_scale, needs_dispersion, pair_metrics, unit_dispersion
 from rayalign.optim import build_optimizer, build_scheduler
+from rayalign.stage_inputs import StageInputs
 from rayalign.step import RefineSettings, micro_batch_loss, reference_scores
 
 
@@ -72,14 +73,14 @@ class _Refinement:
     reads tau from the margins of steps before t (0 until the window is full), soft labels start after the
     warm start, and the step's margins join the window in global batch order (here: micro-batch order)."""
 
-    def __init__(self, config: Config, total: int):
-        self.spa = config.spa
+    def __init__(self, config: Config, mix: float, total: int):
+        self.spa, self.mix = config.spa, mix
         self.window = MarginWindow(config.spa.window)
         self.warm_steps = math.ceil(config.spa.warm_start * total)
 
     def settings(self, step: int) -> RefineSettings:
-        return RefineSettings(mix=self.spa.mix, threshold=self.window.threshold(k_fraction=self.spa.k_fraction),
-                              alpha=self.spa.alpha, active=step >= self.warm_steps)
+        threshold = self.window.threshold(k_fraction=self.spa.k_fraction)
+        return RefineSettings(mix=self.mix, threshold=threshold, alpha=self.spa.alpha, active=step >= self.warm_steps)
 
     def end_step(self, outputs: list, settings: RefineSettings) -> dict:
         self.window.extend(torch.cat([o.refine_margins for o in outputs]))
@@ -99,7 +100,8 @@ def train_pairs(
     pad = tokenizer.pad_token_id
     columns = reference_columns(reference, encoded, pad_token_id=pad, config=config, kind=kind)
     k = dispersion(config, columns)
-    steps = total_steps(len(encoded), config.train)
+    inputs = StageInputs.from_config(config)  # the oracle runs one stage as the config describes it
+    steps = total_steps(len(encoded), config.train, inputs.epochs)
     optimizer = build_optimizer(policy.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, steps)
     selector = refinement = None
@@ -108,11 +110,11 @@ def train_pairs(
 
         selector = PairSelector(config, num_layers=policy.config.num_hidden_layers,
                                 hidden_size=policy.config.hidden_size, total_steps=steps)
-    if config.spa.refine:
-        refinement = _Refinement(config, steps)
+    if inputs.spa_mix is not None:
+        refinement = _Refinement(config, inputs.spa_mix, steps)
     policy.train()
     history = []
-    for step, (epoch, indices) in enumerate(step_batches(len(encoded), config.train)):
+    for step, (epoch, indices) in enumerate(step_batches(len(encoded), config.train, inputs.epochs)):
         if step >= steps:
             break
         started = time.perf_counter()

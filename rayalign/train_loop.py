@@ -39,6 +39,7 @@ from rayalign.objective import mallows_scale, metrics_from_sums, needs_dispersio
 from rayalign.sams_select import STATE_FILE as SAMS_FILE
 from rayalign.sams_select import PairSelector, pair_margins
 from rayalign.spa_refine import SpaRefiner
+from rayalign.stage_inputs import StageInputs
 from rayalign.step import ENTROPY_KEYS, GAP_METRIC, REF_KEYS, belief_gap_sums, micro_batch_loss
 from rayalign.storage import materialize
 
@@ -84,7 +85,8 @@ class Worker:
 
         from rayalign.models import load_model, load_tokenizer
 
-        self.config: Config = build_config(loop_config["config"])
+        self.config: Config = build_config(loop_config["config"])  # as the user wrote it
+        self.inputs = StageInputs(**loop_config["inputs"])  # this stage's run state (epochs, SPA mix)
         self.paths = loop_config
         self.run_dir = Path(self.config.run.dir)
         context = ray.train.get_context()
@@ -104,7 +106,7 @@ class Worker:
             unit = unit_dispersion(self.columns)
             self.mallows_c = mallows_scale(self.config.loss, unit)
             self.k = unit * self.mallows_c
-        self.total = total_steps(len(self.encoded), self.config.train)
+        self.total = total_steps(len(self.encoded), self.config.train, self.inputs.epochs)
         self.resume_from = (storage_train.resume_checkpoint(self.store) if self.store
                             else ckpt.latest_checkpoint(self.run_dir))
         self.start_step = ckpt.read_state(self.resume_from)["step"] if self.resume_from else 0
@@ -120,12 +122,14 @@ class Worker:
         self.policy.train()
         if self.config.train.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        needs_reference = not self.config.ref.cache or self.config.spa.refine
+        refine = self.inputs.spa_mix is not None
+        needs_reference = not self.config.ref.cache or refine
         self.reference = (None if not needs_reference
                           else load_model(materialize(loop_config["reference_path"]), dtype=self.config.model.dtype,
                                           device=self.device))
         self.engine = build_engine(self.policy, self.config, self.total)
-        self.refiner = SpaRefiner(self.config.spa, beta_total_steps=self.total) if self.config.spa.refine else None
+        self.refiner = (SpaRefiner(self.config.spa, mix=self.inputs.spa_mix, beta_total_steps=self.total) if refine
+                        else None)
         self.selector = None
         if self.config.sams.enabled:
             model_config = self.policy.config
@@ -294,7 +298,7 @@ class Worker:
         import ray.train
 
         epoch = ckpt.read_state(self.resume_from)["epoch"] if self.resume_from else 0
-        for step, (epoch, indices) in enumerate(step_batches(len(self.encoded), self.config.train)):
+        for step, (epoch, indices) in enumerate(step_batches(len(self.encoded), self.config.train, self.inputs.epochs)):
             if step >= self.total:
                 break
             if step < self.start_step:
