@@ -2,8 +2,10 @@
 
 It runs the whole update in one Python loop on one device: reference log-probs once, then for each
 optimizer step the global batch split into micro-batches (workers x accumulation of them, summed, so
-the result does not depend on how the batch is split), gradient clipping, the schedule. The Ray Train
-stage is tested against it, and `rayalign run` uses it until the on-policy loop lands.
+the result does not depend on how the batch is split), gradient clipping, the schedule, SamS selection
+and SPA self-refinement (`spa.refine`, on `rayalign.core.spa`). The Ray Train stage is tested against it.
+It shares with the workers only the step (`rayalign.step`), the batch order (`rayalign.data_order`) and the
+encoding (`rayalign.encode`); the workers import nothing from here.
 
 It deliberately has no Ray, no DeepSpeed, no checkpoints and no resume: keep it slow and plain.
 """
