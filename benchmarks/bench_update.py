@@ -214,8 +214,10 @@ def timed_step(policy, batch: dict, config, optimizer, scheduler, device: str) -
 def run_rayalign(model, tokenizer, rows: list[dict], args, *, padding_free: bool) -> dict:
     """Reference pass once, then warm-up + timed steps over consecutive batches of `rows`."""
     from rayalign.config_loader import load_config
+    from rayalign.data_kind import PAIRS
+    from rayalign.encode import collate_with_reference
     from rayalign.optim import build_optimizer, build_scheduler
-    from rayalign.oracle import collate_with_reference, encode_pairs
+    from rayalign.oracle import encode_pairs
 
     prompt_len, device, size = args.max_length // 2, args.device, args.batch_size
     config = load_config(None, [
@@ -235,7 +237,7 @@ def run_rayalign(model, tokenizer, rows: list[dict], args, *, padding_free: bool
     for step in range(args.warmup_steps + args.steps):
         start = tick(device)
         index = torch.arange(step * size, (step + 1) * size)
-        batch = collate_with_reference(encoded.items, columns, index, pad_token_id=pad)
+        batch = collate_with_reference(encoded.items, columns, index, kind=PAIRS, pad_token_id=pad)
         batch = {k: v.to(device) for k, v in batch.items()}
         phases = {"collate": since(start, device), **timed_step(policy, batch, config, optimizer, scheduler, device)}
         real = sum(pair_tokens(encoded.items[i]) for i in index.tolist())

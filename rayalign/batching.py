@@ -5,7 +5,8 @@ is exact and never depends on how a BPE merges across the boundary. EOS is appen
 completion. Truncation keeps the *end* of a long prompt and the *start* of a long completion, and says
 so in the returned flags: nothing is truncated or dropped silently.
 
-It does not read files (see `rayalign.data`) and knows nothing of Ray or of the losses.
+It does not read files (see `rayalign.data`) and knows nothing of Ray or of the losses; it does not choose
+between data kinds either (`rayalign.encode` dispatches on the kind decided once per run).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from rayalign.data_kind import LEVEL_TARGET
 
 
 def encode_pair(
@@ -50,13 +53,9 @@ def collate_pairs(encoded: list[dict], *, pad_token_id: int) -> dict[str, torch.
 
     Returns (B, T) tensors `{chosen,rejected}_{input_ids,attention_mask,completion_mask}`, where the
     completion mask marks the completion tokens (EOS included) in input-id positions. One shared T lets
-    the caller concatenate chosen and rejected into a single forward pass. K-sample groups (rows from
-    `encode_group`) give `rayalign.group_batching.collate_groups`' (B*K, T) batch instead.
+    the caller concatenate chosen and rejected into a single forward pass. GDPO's extra tensors are added
+    by `collate_gdpo`.
     """
-    if "completion_ids" in encoded[0]:
-        from rayalign.group_batching import collate_groups
-
-        return collate_groups(encoded, pad_token_id=pad_token_id)
     batch: dict[str, torch.Tensor] = {}
     length = max(len(e["prompt_ids"]) + len(e[f"{side}_ids"]) for e in encoded for side in ("chosen", "rejected"))
     for side in ("chosen", "rejected"):
@@ -65,17 +64,12 @@ def collate_pairs(encoded: list[dict], *, pad_token_id: int) -> dict[str, torch.
         batch[f"{side}_input_ids"] = pad_rows(ids, length, pad_token_id)
         batch[f"{side}_attention_mask"] = pad_rows([[1] * len(row) for row in ids], length, 0)
         batch[f"{side}_completion_mask"] = pad_rows(completion, length, 0)
-    if "target" in encoded[0]:  # GDPO rows, or the DPO baseline on them (its eval reads the levels)
-        return collate_gdpo(encoded, batch)
     return batch
 
 
 def belief_prefix(level: int, text: str) -> str:
     """GDPO's stated belief before its closing '>': "{level}<{belief_text}" (ALGORITHMS.md §3)."""
     return f"{level}<{text}"
-
-
-LEVEL_TARGET = "level_target"  # a DPO-baseline pair's p*: not trained on, read by the eval's alignment gap
 
 
 def gdpo_rows_as_pairs(rows: list[dict]) -> list[dict]:
@@ -134,31 +128,18 @@ def encode_levels(tokenizer: Any, row: dict, **lengths: int) -> dict:
     return {**pair, "level_ids": level_ids, "target": list(row[LEVEL_TARGET])}
 
 
-def encode_row(tokenizer: Any, row: dict, **lengths: int) -> dict:
-    """`encode_gdpo` for GDPO rows (they carry a `target`), `encode_levels` for the DPO baseline on them,
-    `encode_pair` for plain pairs, and `rayalign.group_batching.encode_group` for K-sample groups."""
-    if row.get("completions") is not None:
-        from rayalign.group_batching import encode_group
-
-        return encode_group(tokenizer, row, **lengths)
-    if row.get("target") is not None:
-        return encode_gdpo(tokenizer, row, **lengths)
-    if row.get(LEVEL_TARGET) is not None:
-        return encode_levels(tokenizer, row, **lengths)
-    return encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], **lengths)
-
-
-def collate_gdpo(encoded: list[dict], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add GDPO's tensors to a `collate_pairs` batch; the completion masks then cover only '>' + answer.
+def collate_gdpo(encoded: list[dict], batch: dict[str, torch.Tensor], *, beliefs: bool) -> dict[str, torch.Tensor]:
+    """Add GDPO's tensors to a `collate_pairs` batch of `encode_gdpo` (`beliefs`) or `encode_levels` rows.
 
     `level_position` (B,) is the input position of the first completion token (the level digit),
-    `level_ids` (B, L), `target_probs` (B, L); for GDPO rows (not the DPO baseline's pairs, which train on
-    whole completions) also `chosen_belief_mask` (B, T), marking the belief prefix tokens.
+    `level_ids` (B, L), `target_probs` (B, L); for GDPO rows (`beliefs`; not the DPO baseline's pairs, which
+    train on whole completions) also `chosen_belief_mask` (B, T), marking the belief prefix tokens, and the
+    completion masks then cover only '>' + answer.
     """
     batch["level_position"] = torch.tensor([len(e["prompt_ids"]) for e in encoded])
     batch["level_ids"] = torch.tensor([list(e["level_ids"]) for e in encoded])
     batch["target_probs"] = torch.tensor([list(e["target"]) for e in encoded], dtype=torch.float64)
-    if "belief_len" not in encoded[0]:
+    if not beliefs:
         return batch
     belief = torch.zeros_like(batch["chosen_completion_mask"])
     for i, e in enumerate(encoded):

@@ -21,7 +21,9 @@ class SpaConfig:
     window: int = 50
     warm_start: float = 0.2
     mix_schedule: tuple[float, ...] = (1.5, 1.25, 1.125)
-    iteration: int = 1  # which loop iteration a training run is (1-based; picks the mix_schedule entry)
+    # the iteration whose mix_schedule entry a stand-alone `rayalign train` uses (1-based); the loop passes
+    # each iteration's mix to its training stage itself (`rayalign.stage_inputs`) and leaves this as written
+    iteration: int = 1
 
     def __post_init__(self):
         _require(0.0 <= self.alpha < 0.5, "spa.alpha", f"must be in [0, 0.5); got {self.alpha}")
@@ -34,10 +36,10 @@ class SpaConfig:
         _require(len(self.mix_schedule) > 0, "spa.mix_schedule", "needs at least one entry")
         _positive(self.iteration, "spa.iteration")
 
-    @property
-    def mix(self) -> float:
-        """mix = 1 + lambda of this iteration; iterations past the schedule keep its last entry."""
-        return self.mix_schedule[min(self.iteration, len(self.mix_schedule)) - 1]
+    def mix_for(self, iteration: int) -> float:
+        """mix = 1 + lambda of loop iteration `iteration` (1-based); iterations past the schedule keep its last
+        entry."""
+        return self.mix_schedule[min(iteration, len(self.mix_schedule)) - 1]
 
 
 @dataclass(frozen=True)

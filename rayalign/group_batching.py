@@ -5,8 +5,8 @@ A group is one prompt, K sampled completions and a reward per completion (the "k
 exactly as `rayalign.batching.encode_pair` does for a pair: EOS appended, the *end* of a long prompt and
 the *start* of a long completion kept, with flags saying so. Collation puts completion k of group b at
 row b*K + k, so one forward over the batch gives log-probs that `.view(B, K)` turns back into groups.
-`batching.encode_row` and `batching.collate_pairs` hand group rows here, so the pair code paths (the
-oracle, Ray Data preparation, the workers) carry groups without knowing about them.
+`rayalign.encode` hands rows of the GROUPS kind here, so the oracle, the Ray Data preparation and the
+workers carry groups through the same calls as pairs.
 
 It does not read files, run a model or know of the losses (that is `rayalign.group_step`).
 """
@@ -21,11 +21,6 @@ from rayalign.batching import encode_completion, pad_rows
 from rayalign.config import ConfigError
 
 GROUP_REF_KEY = "ref_logps"  # cached reference log-probs of a group: (K,) per row, (B, K) in a batch
-
-
-def is_group(encoded_row: dict) -> bool:
-    """Whether an encoded row (from `encode_group`) or a prepared frame holds a K-sample group."""
-    return "completion_ids" in encoded_row
 
 
 def encode_group(tokenizer: Any, row: dict, *, max_prompt_length: int, max_completion_length: int) -> dict:

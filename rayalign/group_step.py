@@ -1,7 +1,7 @@
 """One micro-batch of EXO-rw / DPO-rw on K-sample groups: one forward over B*K sequences, the loss, metrics.
 
-The group counterpart of `rayalign.step.micro_batch_loss`, which hands group batches (`collate_groups`)
-here, so the in-process oracle and the Ray Train workers run this same code. The policy's summed
+The group counterpart of `rayalign.step.micro_batch_loss`, which hands batches of the GROUPS data kind
+(`collate_groups`) here, so the in-process oracle and the Ray Train workers run this same code. The policy's summed
 completion log-probs (B, K) come from one forward over all B*K rows (right-padded, or packed into one
 row with `train.padding_free`), with the logits divided by `loss.logit_temperature`; the reference's come
 from the batch (`ref_logps`, cached by `rayalign.prepare`) or from a no-grad forward here.
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from rayalign.config import Config, ConfigError
+from rayalign.config import Config
 from rayalign.core.logprobs import sequence_logps, shift_for_causal_lm, token_logps
 from rayalign.group_batching import GROUP_REF_KEY
-from rayalign.objective import GROUP_LOSSES, group_loss
-from rayalign.step import MicroBatchOutput
+from rayalign.objective import group_loss
+from rayalign.step_types import MicroBatchOutput
 
 
 def _packed_logps(model, batch: dict, *, temperature: float) -> torch.Tensor:
@@ -62,11 +62,6 @@ def reference_group_logps(reference, batch: dict, config: Config) -> torch.Tenso
                        padding_free=config.train.padding_free).detach()
 
 
-def applies(batch: dict, config: Config) -> bool:
-    """Whether a micro-batch takes this step: a group batch, or a K-sample loss (which refuses pairs)."""
-    return "rewards" in batch or config.loss.type in GROUP_LOSSES
-
-
 def _at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.detach().gather(1, index[:, None])[:, 0]
 
@@ -78,10 +73,6 @@ def group_micro_batch_loss(policy, batch: dict, config: Config, *, reference=Non
     `weights` (B,) multiplies each group's loss. Reference log-probs come from `batch["ref_logps"]` or,
     without a cache, from `reference`.
     """
-    if config.loss.type not in GROUP_LOSSES or "rewards" not in batch:
-        raise ConfigError(f"loss.type: {', '.join(GROUP_LOSSES)} train on K-sample groups ({{prompt, completions, "
-                          f"rewards}} rows) and every other loss on pairs; got loss.type={config.loss.type} with "
-                          f"{'groups' if 'rewards' in batch else 'pairs'}")
     policy_logps = group_logps(policy, batch, temperature=config.loss.logit_temperature,
                                padding_free=config.train.padding_free)
     ref = batch.get(GROUP_REF_KEY)

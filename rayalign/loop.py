@@ -90,6 +90,7 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
                     iteration: int) -> str:
     """Run the Ray Train stage into `run_dir` (resuming its checkpoints); returns the final model path."""
     from rayalign.judge import training_data
+    from rayalign.stage_inputs import StageInputs
     from rayalign.train import run_train
 
     final = run_dir / "final"
@@ -101,14 +102,13 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     # loop.rewards=gold relabels the judged samples; exo_rw/dpo_rw train on all K (DPO in iteration 0)
     config, data = training_data(config, data, iteration)
     location, store = StageStorage(config).training(run_dir)  # run.storage: outputs go to STORAGE/<its run dir>
-    stage = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, policy=policy, reference=reference),
-        data=dataclasses.replace(config.data, train_file=data, eval_file=None, eval_fraction=0.0, format=None),
-        train=dataclasses.replace(config.train, epochs=epochs),
-        run=dataclasses.replace(config.run, dir=str(run_dir), storage=location),
-        # Self-refinement de-noises self-judged labels: iteration 0 trains on gold labels without it.
-        spa=dataclasses.replace(config.spa, refine=config.spa.refine and iteration > 0, iteration=max(1, iteration)))
-    if run_train(stage, resume=True, storage=store) != 0:
+    # Self-refinement de-noises self-judged labels: iteration 0 trains on gold labels without it.
+    refine = config.spa.refine and iteration > 0
+    inputs = StageInputs(policy=policy, reference=reference, train_file=data, epochs=epochs,
+                         spa_mix=config.spa.mix_for(iteration) if refine else None)
+    stage = dataclasses.replace(  # the user's settings, run in the stage's own directory
+        config, run=dataclasses.replace(config.run, dir=str(run_dir), storage=location))
+    if run_train(stage, resume=True, storage=store, inputs=inputs) != 0:
         raise RuntimeError(f"training failed in {run_dir}; fix the cause and rerun with --resume")
     return str(final)
 

@@ -44,6 +44,12 @@ def mallows_scale(config: LossConfig, unit_neg_log_dispersion: torch.Tensor) -> 
     return float(config.mallows_scale)
 
 
+def unit_dispersion(columns: dict[str, torch.Tensor]) -> torch.Tensor:
+    """-ln H per pair (MallowsPO's k with c = 1) from the cached reference entropies (`ENTROPY_KEYS`)."""
+    return L.mallows_neg_log_dispersion(columns["ref_chosen_entropy"], columns["ref_rejected_entropy"],
+                                        vocab_size=int(columns["ref_vocab_size"][0]), scale=1.0)
+
+
 def _smoothing(spec: LossSpec, config: LossConfig, per_example: torch.Tensor | None) -> dict:
     if per_example is not None and not spec.per_example_smoothing:
         raise ConfigError(f"loss.type: per-example label smoothing needs loss.type={'/'.join(SOFT_LABEL_LOSSES)}, "

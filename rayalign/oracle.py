@@ -2,8 +2,10 @@
 
 It runs the whole update in one Python loop on one device: reference log-probs once, then for each
 optimizer step the global batch split into micro-batches (workers x accumulation of them, summed, so
-the result does not depend on how the batch is split), gradient clipping, the schedule. The Ray Train
-stage is tested against it, and `rayalign run` uses it until the on-policy loop lands.
+the result does not depend on how the batch is split), gradient clipping, the schedule, SamS selection
+and SPA self-refinement (`spa.refine`, on `rayalign.core.spa`). The Ray Train stage is tested against it.
+It shares with the workers only the step (`rayalign.step`), the batch order (`rayalign.data_order`) and the
+encoding (`rayalign.encode`); the workers import nothing from here.
 
 It deliberately has no Ray, no DeepSpeed, no checkpoints and no resume: keep it slow and plain.
 """
@@ -11,20 +13,21 @@ It deliberately has no Ray, no DeepSpeed, no checkpoints and no resume: keep it 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from rayalign.batching import collate_pairs, encode_row
+from rayalign import data_kind
 from rayalign.config import Config
-from rayalign.core.losses import mallows_neg_log_dispersion
-from rayalign.group_batching import GROUP_REF_KEY
-from rayalign.objective import mallows_scale, needs_dispersion, pair_metrics
+from rayalign.core.spa import MarginWindow
+from rayalign.data_order import micro_batches, step_batches, total_steps
+from rayalign.encode import collate, collate_with_reference, encode_row
+from rayalign.objective import LOSSES, mallows_scale, needs_dispersion, pair_metrics, unit_dispersion
 from rayalign.optim import build_optimizer, build_scheduler
-from rayalign.step import REF_KEYS, micro_batch_loss, reference_scores
+from rayalign.stage_inputs import StageInputs
+from rayalign.step import RefineSettings, micro_batch_loss, reference_scores
 
 
 @dataclass
@@ -36,29 +39,27 @@ class EncodedPairs:
     completions_truncated: int
 
 
-def encode_pairs(rows: list[dict], tokenizer, config: Config) -> EncodedPairs:
-    items = [encode_row(tokenizer, r, max_prompt_length=config.data.max_prompt_length,
+def encode_pairs(rows: list[dict], tokenizer, config: Config, kind: str | None = None) -> EncodedPairs:
+    """Token ids of rows of data kind `kind` (None: the kind the loss trains on)."""
+    kind = kind or LOSSES[config.loss.type].data
+    items = [encode_row(tokenizer, r, kind, max_prompt_length=config.data.max_prompt_length,
                         max_completion_length=config.data.max_completion_length) for r in rows]
     return EncodedPairs(items, sum(e["prompt_truncated"] for e in items), sum(e["completion_truncated"] for e in items))
 
 
 @torch.no_grad()
-def reference_columns(reference, encoded: list[dict], *, pad_token_id: int, config: Config,
+def reference_columns(reference, encoded: list[dict], *, pad_token_id: int, config: Config, kind: str | None = None,
                       batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Per-pair reference columns (`REF_KEYS`, plus `ENTROPY_KEYS` when the loss needs them), each (N,)."""
+    """Per-pair reference columns (`REF_KEYS`, plus `ENTROPY_KEYS` when the loss needs them), each (N,);
+    `kind` as in `encode_pairs`."""
     want_entropy = needs_dispersion(config.loss)
+    kind = kind or LOSSES[config.loss.type].data
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(encoded), batch_size):
-        batch = collate_pairs(encoded[start:start + batch_size], pad_token_id=pad_token_id)
+        batch = collate(encoded[start:start + batch_size], kind, pad_token_id=pad_token_id)
         for key, value in reference_scores(reference, batch, config, want_entropy=want_entropy).items():
             parts.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in parts.items()}
-
-
-def unit_dispersion(columns: dict[str, torch.Tensor]) -> torch.Tensor:
-    """-ln H per pair (MallowsPO's k with c = 1) from the cached reference entropies."""
-    return mallows_neg_log_dispersion(columns["ref_chosen_entropy"], columns["ref_rejected_entropy"],
-                                      vocab_size=int(columns["ref_vocab_size"][0]), scale=1.0)
 
 
 def dispersion(config: Config, columns: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -69,84 +70,94 @@ def dispersion(config: Config, columns: dict[str, torch.Tensor]) -> torch.Tensor
     return unit * mallows_scale(config.loss, unit)
 
 
-def collate_with_reference(encoded: list[dict], columns: dict, index: torch.Tensor, *, pad_token_id: int) -> dict:
-    batch = collate_pairs([encoded[i] for i in index.tolist()], pad_token_id=pad_token_id)
-    # Without a cache (`ref.cache=false`) there are no columns: the step runs the reference itself.
-    batch.update({key: columns[key][index] for key in (*REF_KEYS, GROUP_REF_KEY) if key in columns})
-    return batch
+class _Refinement:
+    """SPA self-refinement on one process (ALGORITHMS.md §5), written plainly on `rayalign.core.spa`: step t
+    reads tau from the margins of steps before t (0 until the window is full), soft labels start after the
+    warm start, and the step's margins join the window in global batch order (here: micro-batch order)."""
 
+    def __init__(self, config: Config, mix: float, total: int):
+        self.spa, self.mix = config.spa, mix
+        self.window = MarginWindow(config.spa.window)
+        self.warm_steps = math.ceil(config.spa.warm_start * total)
 
-def total_steps(num_pairs: int, config: Config) -> int:
-    per_epoch = math.ceil(num_pairs / config.train.global_batch_size)
-    return min(per_epoch * config.train.epochs, config.train.max_steps or per_epoch * config.train.epochs)
+    def settings(self, step: int) -> RefineSettings:
+        threshold = self.window.threshold(k_fraction=self.spa.k_fraction)
+        return RefineSettings(mix=self.mix, threshold=threshold, alpha=self.spa.alpha, active=step >= self.warm_steps)
 
-
-def step_batches(num_pairs: int, config: Config):
-    """Global batches of pair indices: a seeded shuffle per epoch, the last partial batch kept."""
-    size = config.train.global_batch_size
-    for epoch in range(config.train.epochs):
-        order = list(range(num_pairs))
-        random.Random(config.train.seed + epoch).shuffle(order)
-        for start in range(0, num_pairs, size):
-            yield epoch, order[start:start + size]
+    def end_step(self, outputs: list, settings: RefineSettings) -> dict:
+        self.window.extend(torch.cat([o.refine_margins for o in outputs]))
+        return {"spa/relabelled": sum(o.relabelled for o in outputs), "spa/threshold": settings.threshold,
+                "spa/active": int(settings.active)}
 
 
 def train_pairs(
     policy, reference, tokenizer, rows: list[dict], config: Config,
-    *, on_step: Callable[[dict], None] | None = None,
+    *, on_step: Callable[[dict], None] | None = None, kind: str | None = None,
 ) -> list[dict]:
-    """Train `policy` in place on preference `rows`; returns one TRL-named metrics dict per step."""
-    encoded = encode_pairs(rows, tokenizer, config).items
+    """Train `policy` in place on preference `rows`; returns one TRL-named metrics dict per step.
+
+    `kind`: the rows' data kind (`rayalign.data_kind`); None: decided here from the loss and the rows."""
+    kind = kind or data_kind.of_rows(LOSSES[config.loss.type], rows)
+    encoded = encode_pairs(rows, tokenizer, config, kind).items
     pad = tokenizer.pad_token_id
-    columns = reference_columns(reference, encoded, pad_token_id=pad, config=config)
+    columns = reference_columns(reference, encoded, pad_token_id=pad, config=config, kind=kind)
     k = dispersion(config, columns)
-    steps = total_steps(len(encoded), config)
+    inputs = StageInputs.from_config(config)  # the oracle runs one stage as the config describes it
+    steps = total_steps(len(encoded), config.train, inputs.epochs)
     optimizer = build_optimizer(policy.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, steps)
-    micro_splits = config.train.num_workers * config.train.gradient_accumulation_steps
-    selector = None
+    selector = refinement = None
     if config.sams.enabled:
         from rayalign.sams_select import PairSelector
 
         selector = PairSelector(config, num_layers=policy.config.num_hidden_layers,
                                 hidden_size=policy.config.hidden_size, total_steps=steps)
+    if inputs.spa_mix is not None:
+        refinement = _Refinement(config, inputs.spa_mix, steps)
     policy.train()
     history = []
-    for step, (epoch, indices) in enumerate(step_batches(len(encoded), config)):
+    for step, (epoch, indices) in enumerate(step_batches(len(encoded), config.train, inputs.epochs)):
         if step >= steps:
             break
         started = time.perf_counter()
-        parts = []
-        micro = math.ceil(len(indices) / micro_splits)
+        refine = refinement.settings(step) if refinement else None
         outputs = []
-        for start in range(0, len(indices), micro):
-            index = torch.tensor(indices[start:start + micro])
-            batch = collate_with_reference(encoded, columns, index, pad_token_id=pad)
-            out = micro_batch_loss(policy, batch, config, neg_log_dispersion=None if k is None else k[index],
-                                   want_context=selector is not None)
+        for chunk in micro_batches(indices, config.train.num_workers * config.train.gradient_accumulation_steps):
+            if not chunk:  # a short last batch: the workers' empty micro-batches count for nothing
+                continue
+            index = torch.tensor(chunk)
+            batch = collate_with_reference(encoded, columns, index, kind=kind, pad_token_id=pad)
+            out = micro_batch_loss(policy, batch, config, reference=reference if refine else None,
+                                   neg_log_dispersion=None if k is None else k[index], refine=refine,
+                                   want_context=selector is not None, kind=kind)
             if selector is None:
                 (out.losses.sum() / len(indices)).backward()
             outputs.append(out)
-            parts.append((out.losses.detach(), out.policy_chosen_logps, out.policy_rejected_logps,
-                          out.ref_chosen_logps, out.ref_rejected_logps, out.tokens))
         if selector is not None:
             _sams_backward(selector, outputs, beta=config.loss.beta)
-        clip = config.optim.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        stacked = [torch.cat(c) if isinstance(c[0], torch.Tensor) else sum(c) for c in zip(*parts)]
-        metrics = pair_metrics(*stacked[:5], beta=config.loss.beta)
+        metrics = _optimizer_step(policy, optimizer, scheduler, config, outputs)
         seconds = time.perf_counter() - started
-        metrics.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm, tokens_per_s=stacked[5] / seconds)
+        metrics.update(step=step + 1, epoch=epoch, tokens_per_s=sum(o.tokens for o in outputs) / seconds)
         metrics.update(selector.metrics() if selector else {})
+        metrics.update(refinement.end_step(outputs, refine) if refinement else {})
         history.append(metrics)
         if on_step:
             on_step(metrics)
     policy.eval()
     return history
+
+
+def _optimizer_step(policy, optimizer, scheduler, config: Config, outputs: list) -> dict:
+    """Clip, step, zero the gradients; the step's TRL-named metrics with its lr and gradient norm."""
+    clip = config.optim.max_grad_norm or float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    columns = [torch.cat(c) for c in zip(*((o.losses.detach(), o.policy_chosen_logps, o.policy_rejected_logps,
+                                            o.ref_chosen_logps, o.ref_rejected_logps) for o in outputs))]
+    return {**pair_metrics(*columns, beta=config.loss.beta), "lr": lr, "grad_norm": grad_norm}
 
 
 def _sams_backward(selector, outputs: list, *, beta: float) -> None:

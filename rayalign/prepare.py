@@ -5,10 +5,10 @@
 The reference log-probs (and, for MallowsPO, mean entropies) depend only on the reference model, the
 data, the tokenization and the scoring settings, so they are stored under `ref_cache/<hash>.parquet`,
 keyed by a hash of exactly those, and reused by any later run that agrees on all of them (the log says
-so). Train and eval splits go through one Ray Data execution. K-sample groups (loss.type exo_rw /
-dpo_rw) take the same path: `encode_row` and `collate_pairs` hand them to `rayalign.group_batching`, and
-their reference log-probs are a list column `ref_logps` (K per row). The training
-workers read the prepared Parquet; nothing here trains.
+so). Train and eval splits go through one Ray Data execution. Every data kind (`rayalign.data_kind`, decided
+by the driver and passed in) takes the same path through `rayalign.encode`; K-sample groups' reference
+log-probs are a list column `ref_logps` (K per row). The training workers read the prepared Parquet;
+nothing here trains.
 """
 
 from __future__ import annotations
@@ -21,23 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from rayalign.batching import LEVEL_TARGET, collate_pairs, encode_row
 from rayalign.config import Config
-from rayalign.group_batching import encoded_group_rows
-from rayalign.objective import needs_dispersion
+from rayalign.encode import TEXT_FIELDS, collate, encode_row, encoded_rows
+from rayalign.loss_registry import needs_dispersion
 
-ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-GDPO_COLUMNS = ("belief_len", "level_ids", "target")  # present for loss.type=gdpo
-GDPO_TEXT = ("target", "belief", "belief_text")  # GDPO fields of a data row the encoder needs
-GROUP_TEXT = ("completions", "rewards")  # K-sample group fields (loss.type exo_rw / dpo_rw)
-
-
-def encoded_rows(frame: pd.DataFrame) -> list[dict]:
-    """Rows of a prepared frame as the dicts `collate_pairs` takes (ids, plus GDPO's fields if present)."""
-    if "completion_ids" in frame:
-        return encoded_group_rows(frame)
-    keys = [k for k in (*ID_COLUMNS, *GDPO_COLUMNS) if k in frame]
-    return [{k: (list(row[k]) if k != "belief_len" else int(row[k])) for k in keys} for _, row in frame.iterrows()]
 CACHE_VERSION = 2  # bump when the encoding or scoring code changes what an entry holds (2: token ids too)
 
 
@@ -45,17 +32,18 @@ class PairEncoder:
     """Ray Data callable class: text pairs -> token ids and truncation flags (pandas batches)."""
 
     def __init__(self, tokenizer_path: str, max_prompt_length: int, max_completion_length: int,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, *, kind: str):
         from rayalign.models import load_tokenizer
         from rayalign.storage import materialize
 
         self.tokenizer = load_tokenizer(materialize(tokenizer_path), trust_remote_code=trust_remote_code)
         self.lengths = {"max_prompt_length": max_prompt_length, "max_completion_length": max_completion_length}
+        self.kind = kind
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        fields = [c for c in ("prompt", "chosen", "rejected", *GDPO_TEXT, LEVEL_TARGET, *GROUP_TEXT) if c in batch]
+        fields = TEXT_FIELDS[self.kind]
         rows = [dict(zip(fields, values)) for values in zip(*(batch[c] for c in fields))]
-        out = pd.DataFrame([encode_row(self.tokenizer, row, **self.lengths) for row in rows])
+        out = pd.DataFrame([encode_row(self.tokenizer, row, self.kind, **self.lengths) for row in rows])
         out.insert(0, "pair_index", batch["pair_index"].to_numpy())
         return out
 
@@ -63,7 +51,7 @@ class PairEncoder:
 class ReferenceScorer:
     """Ray Data callable class: adds reference log-probs (and entropies) to token-id rows, no gradient."""
 
-    def __init__(self, reference_path: str, config: Config, pad_token_id: int):
+    def __init__(self, reference_path: str, config: Config, pad_token_id: int, *, kind: str):
         import torch
 
         from rayalign.models import load_model
@@ -73,15 +61,15 @@ class ReferenceScorer:
         torch.set_num_threads(max(1, int(os.environ.get("RAYALIGN_SCORER_THREADS", torch.get_num_threads()))))
         self.model = load_model(reference_path, trust_remote_code=config.model.trust_remote_code,
                                 dtype=config.model.dtype)
-        self.config, self.pad_token_id = config, pad_token_id
+        self.config, self.pad_token_id, self.kind = config, pad_token_id, kind
         self.want_entropy = needs_dispersion(config.loss)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from rayalign.step import reference_scores
 
-        encoded = encoded_rows(batch)
-        scores = reference_scores(self.model, collate_pairs(encoded, pad_token_id=self.pad_token_id), self.config,
-                                  want_entropy=self.want_entropy)
+        encoded = encoded_rows(batch, self.kind)
+        scores = reference_scores(self.model, collate(encoded, self.kind, pad_token_id=self.pad_token_id),
+                                  self.config, want_entropy=self.want_entropy)
         out = batch.copy()
         for key, value in scores.items():
             # A group's (B, K) reference log-probs become a list column (Arrow list<double>).
@@ -117,15 +105,16 @@ def scoring_settings(config: Config) -> dict:
             "entropy": needs_dispersion(config.loss)}
 
 
-def cache_key(frame: pd.DataFrame, config: Config, *, reference_path: str, tokenizer_path: str) -> str:
-    """Hash of (reference model, data, tokenization and scoring settings): all the cached values depend on."""
+def cache_key(frame: pd.DataFrame, config: Config, *, kind: str, reference_path: str, tokenizer_path: str) -> str:
+    """Hash of (reference model, data kind and every field the encoder reads, tokenization and scoring
+    settings): all an entry holds (token ids, truncation flags, reference columns) depends on."""
     digest = hashlib.sha256()
-    settings = {"version": CACHE_VERSION, "model": fingerprint_model(reference_path),
+    settings = {"version": CACHE_VERSION, "kind": kind, "model": fingerprint_model(reference_path),
                 "tokenizer": fingerprint_model(tokenizer_path), **scoring_settings(config)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for column in ("prompt", "chosen", "rejected", *GDPO_TEXT, "completions"):  # rewards: no effect on the cache
-        for value in frame[column] if column in frame else ():
-            digest.update(b"\x00" + json.dumps(value).encode())
+    for column in TEXT_FIELDS[kind]:  # rewards and level targets too: the entry's encoded rows carry them
+        for value in frame[column]:
+            digest.update(b"\x00" + json.dumps(value, default=lambda v: v.tolist()).encode())  # numpy lists
     return digest.hexdigest()[:24]
 
 
@@ -138,8 +127,8 @@ class PreparedPairs:
     cache_hit: bool
 
 
-def _run_pipeline(frame: pd.DataFrame, config: Config, *, tokenizer_path: str, reference_path: str | None,
-                  pad_token_id: int) -> pd.DataFrame:
+def _run_pipeline(frame: pd.DataFrame, config: Config, *, kind: str, tokenizer_path: str,
+                  reference_path: str | None, pad_token_id: int) -> pd.DataFrame:
     """One Ray Data execution: PairEncoder actors, then (if `reference_path`) ReferenceScorer actors."""
     import ray
 
@@ -148,28 +137,27 @@ def _run_pipeline(frame: pd.DataFrame, config: Config, *, tokenizer_path: str, r
     dataset = ray.data.from_pandas(frame).map_batches(
         PairEncoder, fn_constructor_args=(tokenizer_path, config.data.max_prompt_length,
                                           config.data.max_completion_length, config.model.trust_remote_code),
-        batch_format="pandas", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+        fn_constructor_kwargs={"kind": kind}, batch_format="pandas", batch_size=256,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
     if reference_path:
         dataset = dataset.map_batches(
-            ReferenceScorer, fn_constructor_args=(reference_path, config, pad_token_id), batch_format="pandas",
+            ReferenceScorer, fn_constructor_args=(reference_path, config, pad_token_id),
+            fn_constructor_kwargs={"kind": kind}, batch_format="pandas",
             batch_size=config.ref.batch_size, compute=ray.data.ActorPoolStrategy(size=config.ref.num_actors),
             num_cpus=1, **({"resources": dict(config.ref.resources)} if config.ref.resources else {}))
     return dataset.to_pandas().sort_values("pair_index").reset_index(drop=True)
 
 
-def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, tokenizer_path: str, reference_path: str,
-                  pad_token_id: int, cache_dir: Path, log=print) -> PreparedPairs:
-    """Tokenize every split's pairs and attach cached (or freshly scored and cached) reference columns."""
+def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, kind: str, tokenizer_path: str,
+                  reference_path: str, pad_token_id: int, cache_dir: Path, log=print) -> PreparedPairs:
+    """Tokenize every split's rows of data kind `kind` and attach cached (or freshly scored and cached)
+    reference columns."""
     from rayalign.data import write_rows_parquet
 
     rows = [(name, r) for name, split_rows in splits.items() for r in split_rows]
-    fields = ["prompt", "chosen", "rejected", *(GDPO_TEXT if rows and rows[0][1].get("target") else ())]
-    if rows and rows[0][1].get(LEVEL_TARGET) is not None:  # the DPO baseline on GDPO rows: p* for the eval's gap
-        fields.append(LEVEL_TARGET)
-    if rows and "completions" in rows[0][1]:
-        fields = ["prompt", *GROUP_TEXT]
+    fields = TEXT_FIELDS[kind]
     frame = pd.DataFrame({"pair_index": range(len(rows)), **{f: [r[f] for _, r in rows] for f in fields}})
-    key = cache_key(frame, config, reference_path=reference_path, tokenizer_path=tokenizer_path)
+    key = cache_key(frame, config, kind=kind, reference_path=reference_path, tokenizer_path=tokenizer_path)
     path = cache_dir / f"{key}.parquet"
     hit = config.ref.cache and path.is_file()
     if hit:
@@ -180,7 +168,7 @@ def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, tokenizer_pa
     else:
         if config.ref.cache:
             log(f"reference cache miss: scoring {len(frame)} pairs with {config.ref.num_actors} actor(s) -> {path}")
-        out = _run_pipeline(frame, config, tokenizer_path=tokenizer_path,
+        out = _run_pipeline(frame, config, kind=kind, tokenizer_path=tokenizer_path,
                             reference_path=reference_path if config.ref.cache else None, pad_token_id=pad_token_id)
     if config.ref.cache and not hit:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,15 +20,15 @@ from rayalign.step import RefineSettings
 
 
 class SpaRefiner:
-    def __init__(self, config: SpaConfig, *, beta_total_steps: int):
-        self.config = config
+    def __init__(self, config: SpaConfig, *, mix: float, beta_total_steps: int):
+        self.config, self.mix = config, mix
         self.window = MarginWindow(config.window)
         self.warm_steps = math.ceil(config.warm_start * beta_total_steps)
         self._pending: list[tuple[int, float]] = []
 
     def settings(self, step: int) -> RefineSettings:
         """This step's settings; `step` is the 0-based optimizer step of the run."""
-        return RefineSettings(mix=self.config.mix, threshold=self.window.threshold(k_fraction=self.config.k_fraction),
+        return RefineSettings(mix=self.mix, threshold=self.window.threshold(k_fraction=self.config.k_fraction),
                               alpha=self.config.alpha, active=step >= self.warm_steps)
 
     def record(self, pair_indices: list[int], margins: torch.Tensor) -> None:

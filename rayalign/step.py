@@ -6,7 +6,9 @@ batch, or (`padding_free=True`) packed into a single row with position ids resta
 FLOPs go to padding (the model's attention builds the block-diagonal mask from the position ids).
 
 Reference values come from the batch (the cache) or, when the batch has none, from a reference forward
-run here without gradient. No optimizer, no distributed code, no I/O.
+run here without gradient. What the batch holds is its data kind (`rayalign.data_kind`), passed in: the
+K-sample kind goes to `rayalign.group_step`, the GDPO kinds add the level digits (and beliefs).
+No optimizer, no distributed code, no I/O.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rayalign import group_step
 from rayalign.batching import pad_rows
 from rayalign.config import Config
 from rayalign.core.logprobs import (
@@ -25,7 +28,10 @@ from rayalign.core.logprobs import (
     token_logps,
 )
 from rayalign.core.metrics import js_distance
-from rayalign.objective import pair_loss, uses_mean_logps
+from rayalign.data_kind import BELIEFS, GROUPS, LEVEL_KINDS, PAIRS
+from rayalign.group_batching import GROUP_REF_KEY
+from rayalign.objective import LOSSES, pair_loss, uses_mean_logps
+from rayalign.step_types import MicroBatchOutput, RefineSettings  # noqa: F401 (re-exported)
 
 PAIR_KEYS = tuple(f"{side}_{kind}" for side in ("chosen", "rejected")
                   for kind in ("input_ids", "attention_mask", "completion_mask"))
@@ -69,7 +75,7 @@ def pack_pairs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             "completion_mask": torch.cat(completion)[None], "segment": torch.cat(segment)}
 
 
-def _packed_scores(model, batch, *, temperature: float, want_entropy: bool) -> SequenceScores:
+def _packed_scores(model, batch, *, temperature: float, want_entropy: bool, levels: bool) -> SequenceScores:
     packed = pack_pairs(batch)
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
     logits = logits[0, :-1] / temperature if temperature != 1.0 else logits[0, :-1]
@@ -82,7 +88,7 @@ def _packed_scores(model, batch, *, temperature: float, want_entropy: bool) -> S
     lengths = torch.zeros(count, **like).index_add(0, segment[:-1], mask.to(per_token.dtype))
     means = sums / lengths.clamp(min=1)
     scores = SequenceScores(*sums.chunk(2), *means.chunk(2), vocab_size=int(logits.shape[-1]))
-    if "level_ids" in batch:  # the DPO baseline on GDPO rows: chosen row i starts at its packed offset
+    if levels:  # the DPO baseline on GDPO rows: chosen row i starts at its packed offset
         chosen_lengths = batch["chosen_attention_mask"].sum(dim=1)
         starts = chosen_lengths.cumsum(0) - chosen_lengths
         scores.level_logps = level_logps(logits[starts + batch["level_position"] - 1], batch["level_ids"])
@@ -94,15 +100,18 @@ def _packed_scores(model, batch, *, temperature: float, want_entropy: bool) -> S
     return scores
 
 
-def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperature: float = 1.0,
-                    want_entropy: bool = False, keep_forward: bool = False,
+def sequence_scores(model, batch: dict, *, kind: str = PAIRS, padding_free: bool = False,
+                    temperature: float = 1.0, want_entropy: bool = False, keep_forward: bool = False,
                     want_context: bool = False) -> SequenceScores:
     """Summed and per-token-mean completion log-probs (and mean entropies) of chosen and rejected.
 
-    `want_context` also returns SamS's per-pair context from the hidden states of this same forward.
+    For the GDPO kinds (`kind` LEVEL_PAIRS, BELIEFS) also the level digits' log-probs, and for BELIEFS the
+    belief prefix's mean log-prob. `want_context` also returns SamS's per-pair context from the hidden
+    states of this same forward.
     """
+    levels = kind in LEVEL_KINDS
     if padding_free:
-        return _packed_scores(model, batch, temperature=temperature, want_entropy=want_entropy)
+        return _packed_scores(model, batch, temperature=temperature, want_entropy=want_entropy, levels=levels)
     result = concatenated_forward(model, *(batch[k] for k in PAIR_KEYS), logit_temperature=temperature,
                                   return_logits=True, output_hidden_states=want_context)
     # Means from the sums and token counts: a second log-softmax over the vocabulary would cost a full pass.
@@ -112,11 +121,11 @@ def sequence_scores(model, batch: dict, *, padding_free: bool = False, temperatu
                             result.rejected_logps / rejected_count, vocab_size=int(result.logits.shape[-1]))
     if want_entropy:
         scores.chosen_entropy, scores.rejected_entropy = sequence_mean_entropy(result.logits, result.mask).chunk(2)
-    if "level_ids" in batch:  # GDPO rows, or the DPO baseline on them: the level digit's distribution
+    if levels:  # GDPO rows, or the DPO baseline on them: the level digit's distribution
         # the digit at input position P is predicted by aligned position P - 1; chosen rows come first
         rows = torch.arange(batch["level_ids"].shape[0], device=result.logits.device)
         scores.level_logps = level_logps(result.logits[rows, batch["level_position"] - 1], batch["level_ids"])
-    if "chosen_belief_mask" in batch:
+    if kind == BELIEFS:
         scores.belief_mean_logps = belief_mean_logps(result.logits, result.labels, batch)
     if want_context:
         from rayalign.core.sams import context_features
@@ -155,11 +164,9 @@ def belief_gap_sums(level_logps: torch.Tensor, target_probs: torch.Tensor) -> to
 @torch.no_grad()
 def reference_scores(reference, batch: dict, config: Config, *, want_entropy: bool) -> dict[str, torch.Tensor]:
     """The reference columns of `REF_KEYS` (+ `ENTROPY_KEYS`) for a collated batch, without gradient;
-    for a K-sample group batch, `ref_logps` (B, K)."""
-    if "rewards" in batch:
-        from rayalign.group_step import GROUP_REF_KEY, reference_group_logps
-
-        return {GROUP_REF_KEY: reference_group_logps(reference, batch, config)}
+    for a K-sample loss (whose batches are groups), `ref_logps` (B, K)."""
+    if LOSSES[config.loss.type].is_group:
+        return {GROUP_REF_KEY: group_step.reference_group_logps(reference, batch, config)}
     scores = sequence_scores(reference, batch, padding_free=config.train.padding_free,
                              temperature=config.loss.logit_temperature, want_entropy=want_entropy)
     out = {"ref_chosen_logps": scores.chosen, "ref_rejected_logps": scores.rejected,
@@ -169,16 +176,6 @@ def reference_scores(reference, batch: dict, config: Config, *, want_entropy: bo
         out.update(ref_chosen_entropy=scores.chosen_entropy, ref_rejected_entropy=scores.rejected_entropy,
                    ref_vocab_size=torch.full_like(scores.chosen, float(scores.vocab_size)))
     return {k: v.detach() for k, v in out.items()}
-
-
-@dataclass
-class RefineSettings:
-    """SPA self-refinement for this optimizer step (ALGORITHMS.md §5): mix = 1 + lambda, threshold tau."""
-
-    mix: float
-    threshold: float
-    alpha: float
-    active: bool  # past the warm start
 
 
 @torch.no_grad()
@@ -200,44 +197,29 @@ def refine_smoothing(policy_forward, reference, batch: dict, ref_chosen: torch.T
     return margins, smoothing
 
 
-@dataclass
-class MicroBatchOutput:
-    """Per-example losses (B,) with gradient, and the detached values the metrics need."""
-
-    losses: torch.Tensor
-    policy_chosen_logps: torch.Tensor
-    policy_rejected_logps: torch.Tensor
-    ref_chosen_logps: torch.Tensor
-    ref_rejected_logps: torch.Tensor
-    tokens: int
-    refine_margins: torch.Tensor | None = None  # SPA: (B,) confidence margins, for the threshold window
-    relabelled: int = 0  # SPA: pairs given a soft label
-    context: torch.Tensor | None = None  # SamS: (B, L, D) context of the pairs, when asked
-    level_logps: torch.Tensor | None = None  # GDPO-format rows: (B, L) level-digit log-probs, detached
-
-
 def micro_batch_loss(
     policy, batch: dict, config: Config, *, reference=None, neg_log_dispersion: torch.Tensor | None = None,
     weights: torch.Tensor | None = None, label_smoothing: torch.Tensor | None = None,
-    refine: RefineSettings | None = None, want_context: bool = False,
+    refine: RefineSettings | None = None, want_context: bool = False, kind: str | None = None,
 ) -> MicroBatchOutput:
     """Forward the policy on one micro-batch and return its per-example losses (B,), weighted if asked.
 
-    Reference log-probs are read from the batch (`REF_KEYS`, the cache) or computed with `reference`.
+    `kind` is the batch's data kind (`rayalign.data_kind`, decided once per run); None: the one the loss
+    trains on (LEVEL_PAIRS, the DPO baseline on GDPO rows, must be said). Reference log-probs are read
+    from the batch (`REF_KEYS`, the cache) or computed with `reference`.
     `weights` (B,) multiplies each pair's loss (schedulers); `label_smoothing` (B,) gives DPO soft labels;
     `refine` computes them with SPA's self-refinement instead (it needs `reference`); `want_context`
     returns SamS's per-pair context from the same forward.
     """
-    from rayalign import group_step  # K-sample groups (exo_rw, dpo_rw) take their own step
-
-    if group_step.applies(batch, config):
+    kind = kind or LOSSES[config.loss.type].data
+    if kind == GROUPS:  # K-sample groups (exo_rw, dpo_rw) take their own step
         return group_step.group_micro_batch_loss(policy, batch, config, reference=reference, weights=weights)
     ref = {k: batch[k] for k in REF_KEYS} if REF_KEYS[0] in batch else None
     if ref is None:
         if reference is None:
             raise ValueError("the batch has no cached reference log-probs and no reference model was given")
         ref = reference_scores(reference, batch, config, want_entropy=False)
-    scores = sequence_scores(policy, batch, padding_free=config.train.padding_free,
+    scores = sequence_scores(policy, batch, kind=kind, padding_free=config.train.padding_free,
                              temperature=config.loss.logit_temperature, keep_forward=refine is not None,
                              want_context=want_context)
     margins = None
@@ -249,7 +231,7 @@ def micro_batch_loss(
     else:
         args = (scores.chosen, scores.rejected, ref["ref_chosen_logps"], ref["ref_rejected_logps"])
     gdpo = {"level_logps": scores.level_logps, "belief_mean_logps": scores.belief_mean_logps,
-            "target_probs": batch["target_probs"]} if config.loss.type == "gdpo" else None
+            "target_probs": batch["target_probs"]} if kind == BELIEFS else None
     output = pair_loss(config.loss, *args, neg_log_dispersion=neg_log_dispersion, label_smoothing=label_smoothing,
                        gdpo=gdpo)
     losses = output.losses if weights is None else output.losses * weights

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from rayalign.config import Config, ConfigError
 from rayalign.config_loader import config_to_dict
+from rayalign.data_kind import GROUPS, LEVEL_PAIRS, PAIRS, decide
 from rayalign.io import atomic_write_text
+from rayalign.stage_inputs import StageInputs
 from rayalign.storage import RunStorage
 from rayalign.storage_train import pull_outputs, ray_storage, worker_paths
 
@@ -36,10 +38,11 @@ def ensure_ray() -> None:
         ray.init(log_to_driver=True, configure_logging=False)
 
 
-def build_policy_if_needed(config: Config, run_dir: Path, texts: list[str]) -> str:
-    """`model.policy` or, when empty, a tiny Llama whose tokenizer is trained on the data's own texts."""
-    if config.model.policy:
-        return config.model.policy
+def build_policy_if_needed(policy: str, config: Config, run_dir: Path, texts: list[str]) -> str:
+    """The stage's `policy` (model.policy) or, when empty, a tiny Llama whose tokenizer is trained on the data's
+    own texts."""
+    if policy:
+        return policy
     from rayalign.io import atomic_directory
     from rayalign.tiny import make_tiny_model
 
@@ -53,52 +56,51 @@ def build_policy_if_needed(config: Config, run_dir: Path, texts: list[str]) -> s
     return str(out)
 
 
-def pair_rows(fmt: str, rows: list[dict], config: Config) -> list[dict]:
-    """Rows the pairwise trainer takes: GDPO rows stay whole for loss.type=gdpo, else become DPO pairs.
-    K-sample losses (exo_rw, dpo_rw) take k_sample rows, all of one K."""
+def pair_rows(fmt: str, rows: list[dict], config: Config, source: str | None = None) -> tuple[str, list[dict]]:
+    """The data kind of a run (`rayalign.data_kind.decide`, from the loss and the format of `source`, by
+    default data.train_file) and the rows the trainer takes: GDPO rows stay whole for loss.type=gdpo, else
+    become DPO pairs; K-sample losses (exo_rw, dpo_rw) take k_sample rows, all of one K."""
     from rayalign.batching import gdpo_rows_as_pairs
-    from rayalign.data import PAIR_FORMATS
     from rayalign.group_batching import check_group_rows
-    from rayalign.objective import GROUP_LOSSES
+    from rayalign.loss_registry import LOSSES
 
-    if config.loss.type in GROUP_LOSSES:
-        if fmt != "k_sample":
-            raise ConfigError(f"loss.type: {config.loss.type} trains on K-sample groups ({{prompt, completions, "
-                              f"rewards}} rows); {config.data.train_file} holds {fmt} rows")
-        check_group_rows(rows, config.data.train_file)
-        return rows
-    if config.loss.type == "gdpo" and fmt != "gdpo":
-        raise ConfigError(f"loss.type: gdpo needs data in the GDPO belief format; {config.data.train_file} is {fmt}")
-    if fmt == "gdpo":
-        return rows if config.loss.type == "gdpo" else gdpo_rows_as_pairs(rows)
-    if fmt not in PAIR_FORMATS:
-        raise ConfigError(f"data.train_file: {config.data.train_file} holds {fmt} rows; training needs pairs "
-                          f"({', '.join(PAIR_FORMATS)}) or GDPO rows")
-    return rows
+    source = source or config.data.train_file
+    kind = decide(LOSSES[config.loss.type], fmt, source)
+    if kind == GROUPS:
+        check_group_rows(rows, source)
+    return kind, gdpo_rows_as_pairs(rows) if kind == LEVEL_PAIRS else rows
 
 
-def split_eval(rows: list[dict], config: Config, tokenizer) -> tuple[list[dict], list[dict]]:
-    """Held-out pairs: `data.eval_file`, or a seeded `data.eval_fraction` of the training file."""
+def split_eval(rows: list[dict], config: Config, tokenizer, kind: str | None = None,
+               inputs: StageInputs | None = None) -> tuple[list[dict], list[dict]]:
+    """Held-out pairs: `data.eval_file` (whose rows must be of the training data's `kind`), or a seeded
+    `data.eval_fraction` of the training file (both: the stage's `inputs`, by default the config's)."""
     from rayalign.data import load_rows
 
-    if config.data.eval_file:
-        data = load_rows(config.data.eval_file, fmt=config.data.format, tokenizer=tokenizer)
-        return rows, pair_rows(data.format, data.rows, config)
-    if config.data.eval_fraction == 0:
+    inputs = inputs or StageInputs.from_config(config)
+    if inputs.eval_file:
+        data = load_rows(inputs.eval_file, fmt=inputs.format, tokenizer=tokenizer)
+        eval_kind, eval_rows = pair_rows(data.format, data.rows, config, inputs.eval_file)
+        # GDPO rows as the eval of plain pairs are pairs (their level target is not read)
+        if kind and eval_kind != kind and (kind, eval_kind) != (PAIRS, LEVEL_PAIRS):
+            raise ConfigError(f"data.eval_file: {inputs.eval_file} gives {eval_kind} data; "
+                              f"data.train_file gives {kind}")
+        return rows, eval_rows
+    if inputs.eval_fraction == 0:
         return rows, []
     order = list(range(len(rows)))
     random.Random(config.data.seed).shuffle(order)
-    held = max(1, int(len(rows) * config.data.eval_fraction))
+    held = max(1, int(len(rows) * inputs.eval_fraction))
     return [rows[i] for i in sorted(order[held:])], [rows[i] for i in sorted(order[:held])]
 
 
-def _prepare(splits: dict[str, list[dict]], config: Config, paths: dict, tokenizer, run_dir: Path) -> dict:
+def _prepare(splits: dict[str, list[dict]], config: Config, paths: dict, tokenizer, run_dir: Path, kind: str) -> dict:
     """Prepared Parquet per split under RUN_DIR/prepared/; returns {"train_path": ..., "eval_path": ...}."""
     from rayalign.data import write_rows_parquet
     from rayalign.prepare import prepare_pairs
 
     cache_dir = Path(config.ref.cache_dir) if config.ref.cache_dir else run_dir / "ref_cache"
-    prepared = prepare_pairs(splits, config, tokenizer_path=paths["tokenizer_path"],
+    prepared = prepare_pairs(splits, config, kind=kind, tokenizer_path=paths["tokenizer_path"],
                              reference_path=paths["reference_path"], pad_token_id=tokenizer.pad_token_id,
                              cache_dir=cache_dir, log=_log)
     sizes = ", ".join(f"{name} {len(frame)}" for name, frame in prepared.frames.items())
@@ -136,53 +138,56 @@ def _absolute(path: str) -> str:
 
 
 def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), prepare_only: bool = False,
-              storage=None) -> int:
+              storage=None, inputs: StageInputs | None = None) -> int:
     """Run the training stage; returns the process exit code.
 
     `callbacks`: extra Ray Train callbacks (a Tune trial passes TuneReportCallback). `prepare_only`: stop
     after the prepared Parquet is written (`rayalign tune` builds the tiny model and warms the shared
     reference cache once in its driver this way). `storage`: the loop's `rayalign.storage.RunStorage`
-    (default: run.dir bound to run.storage, if set): workers then read and write through it."""
+    (default: run.dir bound to run.storage, if set): workers then read and write through it. `inputs`: what
+    this stage trains (models, data, epochs, SPA mix; the loop's per iteration), by default the config's."""
     from rayalign.data import load_rows
     from rayalign.models import load_tokenizer
 
     run_dir = Path(config.run.dir).expanduser().absolute()
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
+    inputs = inputs or StageInputs.from_config(config)
     started = time.perf_counter()
     store = storage or RunStorage.from_config(config)
     if store and config.train.engine == "deepspeed" and config.train.num_workers > 1:
         raise ConfigError("run.storage: not supported with train.engine=deepspeed and several workers yet (every "
                           "rank writes ZeRO checkpoints into one directory: that needs a disk shared by all nodes)")
     _check_resume(run_dir, resume, store)
-    if not config.data.train_file:
+    if not inputs.train_file:
         raise ConfigError("data.train_file: set it to a preference file (see `rayalign data check`)")
     # A given tokenizer renders conversational rows with its chat template; the tiny model built from the
     # data uses the plain "\n\nHuman:/\n\nAssistant:" template, which is also the readers' fallback.
-    tokenizer_path = config.model.tokenizer or config.model.policy
+    tokenizer_path = config.model.tokenizer or inputs.policy
     tokenizer = None
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
-    data = load_rows(config.data.train_file, fmt=config.data.format, tokenizer=tokenizer)
-    rows = pair_rows(data.format, data.rows, config)
-    texts = [r["prompt"] + (r["chosen"] if "chosen" in r else "".join(r["completions"])) for r in rows]
-    policy_path = build_policy_if_needed(config, run_dir, texts)
+    data = load_rows(inputs.train_file, fmt=inputs.format, tokenizer=tokenizer)
+    kind, rows = pair_rows(data.format, data.rows, config, inputs.train_file)  # the data kind, decided once
+    texts = [r["prompt"] + ("".join(r["completions"]) if kind == GROUPS else r["chosen"]) for r in rows]
+    policy_path = build_policy_if_needed(inputs.policy, config, run_dir, texts)
     tokenizer_path = tokenizer_path or policy_path
     tokenizer = tokenizer or load_tokenizer(tokenizer_path)
-    train_rows, eval_rows = split_eval(rows, config, tokenizer)
+    train_rows, eval_rows = split_eval(rows, config, tokenizer, kind, inputs)
     paths = {"policy_path": _absolute(policy_path), "tokenizer_path": _absolute(tokenizer_path),
-             "reference_path": _absolute(config.model.reference or policy_path)}
+             "reference_path": _absolute(inputs.reference or policy_path)}
     if store:  # Ray Data actors and workers on other nodes read the models from run.storage
         paths = {key: store.remote(path) for key, path in paths.items()}
     ensure_ray()
     _log(f"data and model ready after {time.perf_counter() - started:.0f} s")
     splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
-    paths.update(_prepare(splits, config, paths, tokenizer, run_dir))
+    paths.update(_prepare(splits, config, paths, tokenizer, run_dir, kind))
     if prepare_only:
         return 0
     if store:
         paths.update(worker_paths(store, paths, run_dir))
     _log(f"prepared after {time.perf_counter() - started:.0f} s; starting {config.train.num_workers} "
          f"{config.train.engine} worker(s)")
+    paths.update(data_kind=kind, inputs=inputs.to_dict())
     paths["kill_worker_at"] = os.environ.get("RAYALIGN_KILL_WORKER_AT")  # fault drills (tests), else None
     try:
         _fit(config, paths, run_dir, callbacks)

@@ -1,10 +1,10 @@
 """The Ray Train worker function: `train_fn_per_worker(loop_config)`, run by every training worker.
 
 Each worker reads the prepared Parquet (token ids + cached reference columns), walks the same seeded
-sequence of global batches as `rayalign.oracle`, takes its own `gradient_accumulation_steps` micro-batches
-of each, and steps the engine (DDP or DeepSpeed). Metrics are summed across workers; rank 0 writes them.
-On start it continues from the newest complete checkpoint in the run directory, which covers both
-`--resume` and Ray Train restarting the group after a worker died.
+sequence of global batches as `rayalign.oracle` (both from `rayalign.data_order`), takes its own
+`gradient_accumulation_steps` micro-batches of each, and steps the engine (DDP or DeepSpeed). Metrics are
+summed across workers; rank 0 writes them. On start it continues from the newest complete checkpoint in
+the run directory, which covers both `--resume` and Ray Train restarting the group after a worker died.
 
 No data loading from raw files and no Ray Data here: that happened on the driver (`rayalign.train`).
 """
@@ -28,16 +28,18 @@ from rayalign import checkpoint as ckpt
 from rayalign import storage_train
 from rayalign.config import Config
 from rayalign.config_loader import build_config
+from rayalign.data_kind import LEVEL_KINDS
+from rayalign.data_order import micro_batch_bounds, micro_batches, step_batches, total_steps
+from rayalign.encode import collate_with_reference, encoded_rows
 from rayalign.engine import build_engine
 from rayalign.group_batching import group_reference_column
 from rayalign.io import atomic_directory, atomic_write_text
 from rayalign.metrics_log import MetricsLog
-from rayalign.objective import mallows_scale, metrics_from_sums, needs_dispersion, pair_metric_sums
-from rayalign.oracle import collate_with_reference, step_batches, total_steps, unit_dispersion
-from rayalign.prepare import encoded_rows
+from rayalign.objective import mallows_scale, metrics_from_sums, needs_dispersion, pair_metric_sums, unit_dispersion
 from rayalign.sams_select import STATE_FILE as SAMS_FILE
 from rayalign.sams_select import PairSelector, pair_margins
 from rayalign.spa_refine import SpaRefiner
+from rayalign.stage_inputs import StageInputs
 from rayalign.step import ENTROPY_KEYS, GAP_METRIC, REF_KEYS, belief_gap_sums, micro_batch_loss
 from rayalign.storage import materialize
 
@@ -51,9 +53,9 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _read_prepared(path: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def _read_prepared(path: str, kind: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
     frame = pd.read_parquet(path)
-    encoded = encoded_rows(frame)
+    encoded = encoded_rows(frame, kind)
     columns = {k: torch.tensor(frame[k].to_numpy()) for k in (*REF_KEYS, *ENTROPY_KEYS) if k in frame}
     columns.update(group_reference_column(frame))  # K-sample groups: ref_logps (N, K)
     return encoded, columns
@@ -61,9 +63,7 @@ def _read_prepared(path: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
 
 def worker_chunks(indices: list[int], *, splits: int, rank: int, per_worker: int) -> list[list[int]]:
     """This worker's micro-batches of one global batch: the same contiguous split as the oracle."""
-    size = math.ceil(len(indices) / splits)
-    chunks = [indices[i * size:(i + 1) * size] for i in range(splits)]
-    return chunks[rank * per_worker:(rank + 1) * per_worker]
+    return micro_batches(indices, splits)[rank * per_worker:(rank + 1) * per_worker]
 
 
 def _maybe_inject_fault(spec: str | None, step: int, rank: int, run_dir: Path) -> None:
@@ -92,7 +92,8 @@ class Worker:
 
         from rayalign.models import load_model, load_tokenizer
 
-        self.config: Config = build_config(loop_config["config"])
+        self.config: Config = build_config(loop_config["config"])  # as the user wrote it
+        self.inputs = StageInputs(**loop_config["inputs"])  # this stage's run state (epochs, SPA mix)
         self.paths = loop_config
         self.run_dir = Path(self.config.run.dir)
         context = ray.train.get_context()
@@ -103,14 +104,16 @@ class Worker:
         if self.store:
             self.run_dir = self.store.local_root
         torch.manual_seed(self.config.train.seed)
-        self.encoded, self.columns = _read_prepared(materialize(loop_config["train_path"]))
-        self.eval = _read_prepared(materialize(loop_config["eval_path"])) if loop_config.get("eval_path") else None
+        self.kind = loop_config["data_kind"]  # decided once by the driver (`rayalign.data_kind.decide`)
+        self.encoded, self.columns = _read_prepared(materialize(loop_config["train_path"]), self.kind)
+        self.eval = (_read_prepared(materialize(loop_config["eval_path"]), self.kind) if loop_config.get("eval_path")
+                     else None)
         self.k = self.mallows_c = None
         if needs_dispersion(self.config.loss):  # c is fixed from the training pairs, eval included
             unit = unit_dispersion(self.columns)
             self.mallows_c = mallows_scale(self.config.loss, unit)
             self.k = unit * self.mallows_c
-        self.total = total_steps(len(self.encoded), self.config)
+        self.total = total_steps(len(self.encoded), self.config.train, self.inputs.epochs)
         self.steps_per_epoch = math.ceil(len(self.encoded) / self.config.train.global_batch_size)
         self.resume_from = (storage_train.resume_checkpoint(self.store) if self.store
                             else ckpt.latest_checkpoint(self.run_dir))
@@ -127,12 +130,14 @@ class Worker:
         self.policy.train()
         if self.config.train.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        needs_reference = not self.config.ref.cache or self.config.spa.refine
+        refine = self.inputs.spa_mix is not None
+        needs_reference = not self.config.ref.cache or refine
         self.reference = (None if not needs_reference
                           else load_model(materialize(loop_config["reference_path"]), dtype=self.config.model.dtype,
                                           device=self.device))
         self.engine = build_engine(self.policy, self.config, self.total)
-        self.refiner = SpaRefiner(self.config.spa, beta_total_steps=self.total) if self.config.spa.refine else None
+        self.refiner = (SpaRefiner(self.config.spa, mix=self.inputs.spa_mix, beta_total_steps=self.total) if refine
+                        else None)
         self.selector = None
         if self.config.sams.enabled:
             model_config = self.policy.config
@@ -156,12 +161,12 @@ class Worker:
         # An empty chunk (a short last batch) still runs a forward (weighted 0 by the caller), so that every
         # worker joins the same gradient all-reduce (DDP) and parameter gathers (ZeRO-3).
         index = torch.tensor(chunk or [0])
-        batch = self._to_device(collate_with_reference(self.encoded, self.columns, index,
+        batch = self._to_device(collate_with_reference(self.encoded, self.columns, index, kind=self.kind,
                                                        pad_token_id=self.tokenizer.pad_token_id))
         k = None if self.k is None else self.k[index].to(self.device)
         with self._autocast():
             out = micro_batch_loss(self.engine.module, batch, self.config, reference=self.reference,
-                                   neg_log_dispersion=k, refine=refine, want_context=want_context)
+                                   neg_log_dispersion=k, refine=refine, want_context=want_context, kind=self.kind)
         if refine is not None and chunk:
             self.refiner.record(chunk, out.refine_margins)
         return out
@@ -188,7 +193,7 @@ class Worker:
         count = len(chunk)
         margins = pair_margins(out.policy_chosen_logps, out.policy_rejected_logps, out.ref_chosen_logps,
                                out.ref_rejected_logps, beta=self.config.loss.beta)
-        start = self.rank * math.ceil(len(indices) / self.world)  # `worker_chunks`' contiguous split
+        start = micro_batch_bounds(len(indices), self.world)[self.rank].start  # `worker_chunks`' split
         mask = self.selector.select(start=start, n=len(indices), losses=out.losses[:count],
                                     margins=margins[:count], chosen_logps=out.policy_chosen_logps[:count],
                                     context=out.context[:count])
@@ -255,16 +260,16 @@ class Worker:
         for start in range(0, per_worker, size):
             chunk = shard[start:start + size]
             index = torch.tensor(chunk or [0])
-            batch = self._to_device(collate_with_reference(encoded, columns, index,
+            batch = self._to_device(collate_with_reference(encoded, columns, index, kind=self.kind,
                                                            pad_token_id=self.tokenizer.pad_token_id))
             k = None if self.k is None else self._eval_k(columns, index).to(self.device)
             with self._autocast():
                 out = micro_batch_loss(self.engine.module, batch, self.config, reference=self.reference,
-                                       neg_log_dispersion=k)
+                                       neg_log_dispersion=k, kind=self.kind)
             sums[:8] += bool(chunk) * pair_metric_sums(out.losses, out.policy_chosen_logps,
                                                        out.policy_rejected_logps, out.ref_chosen_logps,
                                                        out.ref_rejected_logps, beta=self.config.loss.beta)
-            if out.level_logps is not None:
+            if self.kind in LEVEL_KINDS:
                 sums[8:] += bool(chunk) * belief_gap_sums(out.level_logps, batch["target_probs"])
         self.engine.module.train()
         sums = _all_reduce(sums).cpu()
@@ -319,7 +324,7 @@ class Worker:
 
         epoch = ckpt.read_state(self.resume_from)["epoch"] if self.resume_from else 0
         self.saved_at = time.monotonic()
-        for step, (epoch, indices) in enumerate(step_batches(len(self.encoded), self.config)):
+        for step, (epoch, indices) in enumerate(step_batches(len(self.encoded), self.config.train, self.inputs.epochs)):
             if step >= self.total:
                 break
             if step < self.start_step:

@@ -7,10 +7,12 @@ import copy
 import pytest
 import torch
 
-from rayalign.batching import collate_pairs, encode_gdpo, gdpo_rows_as_pairs
+from rayalign.batching import encode_gdpo, gdpo_rows_as_pairs
 from rayalign.config_loader import load_config
 from rayalign.core.losses import dpo_loss
-from rayalign.oracle import collate_with_reference, encode_pairs, reference_columns, train_pairs
+from rayalign.data_kind import BELIEFS
+from rayalign.encode import collate, collate_with_reference
+from rayalign.oracle import encode_pairs, reference_columns, train_pairs
 from rayalign.step import micro_batch_loss
 
 ROW = {"prompt": "\n\nHuman: Which season do you like?\n\nAssistant:", "target": [0.2, 0.5, 0.3],
@@ -43,7 +45,7 @@ def test_encoding_splits_prefix_and_answer(tiny):
     assert e["chosen_ids"][:len(prefix)] == prefix == e["rejected_ids"][:len(prefix)]
     assert e["chosen_ids"][len(prefix)] == tok(">", add_special_tokens=False)["input_ids"][0]
     assert e["belief_len"] == len(prefix) and e["level_ids"] == [tok(str(d))["input_ids"][0] for d in range(3)]
-    batch = collate_pairs([e], pad_token_id=tok.pad_token_id)
+    batch = collate([e], BELIEFS, pad_token_id=tok.pad_token_id)
     p = len(e["prompt_ids"])
     assert batch["chosen_belief_mask"][0, p:p + len(prefix)].tolist() == [1] * len(prefix)
     assert batch["chosen_completion_mask"][0, :p + len(prefix)].sum() == 0  # DPO term: '>' + answer + EOS only
@@ -79,7 +81,7 @@ def test_gdpo_loss_equals_direct_computation(tiny):
     config = load_config(None, ["loss.type=gdpo"])
     encoded = encode_pairs(gdpo_rows(3), tok, config).items
     columns = reference_columns(model, encoded, pad_token_id=tok.pad_token_id, config=config)
-    batch = collate_with_reference(encoded, columns, torch.arange(3), pad_token_id=tok.pad_token_id)
+    batch = collate_with_reference(encoded, columns, torch.arange(3), kind=BELIEFS, pad_token_id=tok.pad_token_id)
     losses = micro_batch_loss(policy, batch, config).losses
     for i, e in enumerate(encoded):
         prompt, prefix = e["prompt_ids"], e["chosen_ids"][:e["belief_len"]]

@@ -15,7 +15,9 @@ import torch
 from rayalign.config import ConfigError
 from rayalign.config_loader import load_config
 from rayalign.core.losses import dpo_rw_loss, exo_rw_loss
-from rayalign.oracle import collate_with_reference, encode_pairs, reference_columns, train_pairs
+from rayalign.data_kind import GROUPS
+from rayalign.encode import collate_with_reference
+from rayalign.oracle import encode_pairs, reference_columns, train_pairs
 from rayalign.step import micro_batch_loss
 from rayalign.tasks.sentiment import gold_pairs, gold_reward, make_prompts, make_response
 
@@ -69,7 +71,7 @@ def test_group_step_equals_the_loss_on_an_independent_forward(tiny, loss, functi
                                 "loss.logit_temperature=0.8"])
     encoded = encode_pairs(rows, tokenizer, config).items
     columns = reference_columns(model, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
-    batch = collate_with_reference(encoded, columns, torch.arange(3), pad_token_id=tokenizer.pad_token_id)
+    batch = collate_with_reference(encoded, columns, torch.arange(3), kind=GROUPS, pad_token_id=tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 12 and columns["ref_logps"].shape == (3, 4)
     policy = _perturbed(model)
     out = micro_batch_loss(policy, batch, config)
@@ -97,10 +99,10 @@ def test_group_step_equals_the_loss_on_an_independent_forward(tiny, loss, functi
 def test_group_and_pair_data_do_not_mix(tiny):
     model, tokenizer = tiny
     config = load_config(None, [*BASE, "loss.type=exo_rw", "train.global_batch_size=2", "train.max_steps=1"])
-    with pytest.raises(ConfigError, match="exo_rw, dpo_rw train on K-sample groups"):
+    with pytest.raises(ConfigError, match="exo_rw trains on K-sample groups"):
         train_pairs(copy.deepcopy(model), model, tokenizer, gold_pairs(2, seed=0), config)
     dpo = load_config(None, [*BASE, "train.global_batch_size=2", "train.max_steps=1"])
-    with pytest.raises(ConfigError, match="got loss.type=dpo with groups"):
+    with pytest.raises(ConfigError, match="holds k_sample rows; training needs pairs"):
         train_pairs(copy.deepcopy(model), model, tokenizer, gold_groups(2, 3, seed=0), dpo)
     mixed = gold_groups(2, 3, seed=0) + gold_groups(1, 4, seed=1)
     from rayalign.group_batching import check_group_rows

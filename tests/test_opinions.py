@@ -98,23 +98,24 @@ def test_js_gap_matches_a_direct_computation(tiny_model_dir, overrides):
     """GDPO rows and the DPO baseline's pairs made from them (the driver's `pair_rows`) keep p* through the
     Ray Data encoder and the prepared rows, and the eval's gap equals the direct computation."""
     from rayalign.config_loader import load_config
+    from rayalign.encode import collate_with_reference, encoded_rows
     from rayalign.models import load_model, load_tokenizer
-    from rayalign.oracle import collate_with_reference
-    from rayalign.prepare import PairEncoder, encoded_rows
+    from rayalign.prepare import PairEncoder
     from rayalign.step import belief_gap_sums, micro_batch_loss
     from rayalign.train import pair_rows
 
     config = load_config(None, overrides)
     model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     rows = opinions.gdpo_rows(opinions.make_task(seed=0, num_questions=3), per_prompt=1, seed=1)[:5]
-    pairs = pair_rows("gdpo", rows, config)
+    kind, pairs = pair_rows("gdpo", rows, config)
     frame = pd.DataFrame(pairs).assign(pair_index=range(len(pairs)))
     for column in ("target", "level_target"):  # Ray Data hands list columns to the encoder as numpy arrays
         if column in frame:
             frame[column] = [np.asarray(v) for v in frame[column]]
-    encoded = encoded_rows(PairEncoder(str(tiny_model_dir), 256, 128)(frame))  # nothing truncated
-    batch = collate_with_reference(encoded, {}, torch.arange(len(encoded)), pad_token_id=tokenizer.pad_token_id)
-    out = micro_batch_loss(model, batch, config, reference=model)
+    encoded = encoded_rows(PairEncoder(str(tiny_model_dir), 256, 128, kind=kind)(frame), kind)  # nothing truncated
+    batch = collate_with_reference(encoded, {}, torch.arange(len(encoded)), kind=kind,
+                                   pad_token_id=tokenizer.pad_token_id)
+    out = micro_batch_loss(model, batch, config, reference=model, kind=kind)
     count, total = belief_gap_sums(out.level_logps, batch["target_probs"]).tolist()
     assert count == len(rows)
     assert total / count == pytest.approx(_direct_gap(model, tokenizer, rows), abs=1e-5)

@@ -89,5 +89,20 @@ def test_mallows_phi_from_entropy_brakes_an_uncertain_model(tiny):
 def test_group_losses_are_refused_clearly(tiny):
     from rayalign.config import ConfigError
 
-    with pytest.raises(ConfigError, match="exo_rw, dpo_rw train on K-sample groups"):  # not on pairs
+    with pytest.raises(ConfigError, match="exo_rw trains on K-sample groups"):  # not on pairs
         _train(tiny, ["loss.type=exo_rw"], gold_pairs(4, seed=0))
+
+
+def test_spa_refinement_in_the_oracle(tiny):
+    """spa.refine=true used to be ignored by the oracle (plain DPO, no spa/* metrics). Now, as on the Ray
+    workers: DPO until the warm start is over, then soft labels on the pairs at or below the window's tau."""
+    rows = gold_pairs(16, seed=3)
+    common = ["train.global_batch_size=4", "spa.window=8", "spa.k_fraction=0.25",
+              "spa.warm_start=0.3", "spa.alpha=0.3"]
+    plain_policy, plain = _train(tiny, common, rows)
+    refined_policy, refined = _train(tiny, [*common, "spa.refine=true"], rows)
+    assert [h["spa/active"] for h in refined] == [0, 0, 1, 1]  # 4 steps; ceil(0.3 x 4) = 2 warm-up steps
+    assert refined[0]["spa/threshold"] == 0.0 and refined[2]["spa/threshold"] != 0.0  # full after 2 x 4 pairs
+    assert all(h["spa/relabelled"] == 0 for h in refined[:2]) and sum(h["spa/relabelled"] for h in refined) > 0
+    assert [h["loss"] for h in refined[:2]] == pytest.approx([h["loss"] for h in plain[:2]], abs=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(refined_policy.parameters(), plain_policy.parameters()))

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from rayalign.config_loader import load_config
-from rayalign.oracle import collate_with_reference, encode_pairs, reference_columns
+from rayalign.data_kind import PAIRS
+from rayalign.encode import collate_with_reference
+from rayalign.oracle import encode_pairs, reference_columns
 from rayalign.step import micro_batch_loss, pack_pairs, sequence_scores
 from rayalign.tasks.sentiment import gold_pairs
 
@@ -66,7 +68,7 @@ def test_padding_free_loss_and_gradient_equal_padded(tiny, loss):
         config = load_config(None, [f"loss.type={loss}", f"train.padding_free={padding_free}"])
         columns = reference_columns(model, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
         index = torch.arange(len(encoded))
-        batch = collate_with_reference(encoded, columns, index, pad_token_id=tokenizer.pad_token_id)
+        batch = collate_with_reference(encoded, columns, index, kind=PAIRS, pad_token_id=tokenizer.pad_token_id)
         policy.zero_grad()
         out = micro_batch_loss(policy, batch, config)
         out.losses.sum().backward()
@@ -80,7 +82,8 @@ def test_in_step_reference_equals_cached(tiny):
     model, tokenizer = tiny
     encoded, config = _batch(tiny, seed=2)
     columns = reference_columns(model, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
-    cached = collate_with_reference(encoded, columns, torch.arange(len(encoded)), pad_token_id=tokenizer.pad_token_id)
+    cached = collate_with_reference(encoded, columns, torch.arange(len(encoded)), kind=PAIRS,
+                                    pad_token_id=tokenizer.pad_token_id)
     bare = {k: v for k, v in cached.items() if not k.startswith("ref_")}
     a = micro_batch_loss(model, cached, config).losses
     b = micro_batch_loss(model, bare, config, reference=model).losses
@@ -93,7 +96,7 @@ def test_weights_and_soft_labels(tiny):
     model, tokenizer = tiny
     encoded, config = _batch(tiny, n=4, seed=3)
     columns = reference_columns(model, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
-    batch = collate_with_reference(encoded, columns, torch.arange(4), pad_token_id=tokenizer.pad_token_id)
+    batch = collate_with_reference(encoded, columns, torch.arange(4), kind=PAIRS, pad_token_id=tokenizer.pad_token_id)
     plain = micro_batch_loss(model, batch, config).losses
     weights = torch.tensor([1.0, 0.0, 2.0, 0.5])
     torch.testing.assert_close(micro_batch_loss(model, batch, config, weights=weights).losses, plain * weights)
@@ -113,7 +116,7 @@ def test_spa_refinement_in_the_step(tiny):
     model, tokenizer = tiny
     encoded, config = _batch(tiny, n=4, seed=5)
     columns = reference_columns(model, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
-    batch = collate_with_reference(encoded, columns, torch.arange(4), pad_token_id=tokenizer.pad_token_id)
+    batch = collate_with_reference(encoded, columns, torch.arange(4), kind=PAIRS, pad_token_id=tokenizer.pad_token_id)
     on = RefineSettings(mix=1.5, threshold=1e-3, alpha=0.1, active=True)
     out = micro_batch_loss(model, batch, config, reference=model, refine=on)
     torch.testing.assert_close(out.refine_margins, torch.zeros(4), atol=1e-4, rtol=0)

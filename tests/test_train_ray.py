@@ -246,3 +246,17 @@ def test_spa_self_refinement_on_ray_workers(tiny_model_dir, pairs_file, tmp_path
     assert all(s["spa/relabelled"] == 0 for s in steps[:2])
     state = json.loads((run_dir / "checkpoints" / "step-6" / "trainer_state.json").read_text())
     assert len(state["spa_window"]["values"]) == 8
+    # the in-process oracle refines the same way (it used to ignore spa.refine)
+    import copy
+
+    from rayalign.data import load_rows
+    from rayalign.models import load_model, load_tokenizer
+    from rayalign.oracle import train_pairs
+    from rayalign.train import split_eval
+
+    config = load_config(run_dir / "config.yaml")
+    tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    train_rows, _ = split_eval(load_rows(config.data.train_file).rows, config, tokenizer)
+    history = train_pairs(model, copy.deepcopy(model).requires_grad_(False), tokenizer, train_rows, config)
+    for key in ("loss", "spa/relabelled", "spa/threshold", "spa/active"):
+        assert [h[key] for h in history] == pytest.approx([m[key] for m in steps], abs=1e-5), key

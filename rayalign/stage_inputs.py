@@ -1,0 +1,39 @@
+"""What one training stage trains: its run state, kept apart from the user's settings.
+
+`rayalign train` takes these from the config the user wrote (`StageInputs.from_config`); the iterative loop
+builds them per iteration (the previous model as policy and reference, the iteration's judged data, its
+epochs, SPA's mix for that iteration) and passes them to `rayalign.train.run_train`, which hands them to the
+Ray Train workers next to the unchanged config. So `config` stays what the user wrote, and no worker
+recomputes run state from settings. Torch-free, no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """Models, data and length of one training stage, and its SPA self-refinement."""
+
+    policy: str = ""  # "": build the tiny local model from the data (as model.policy)
+    reference: str | None = None  # None: the initial policy
+    train_file: str = ""
+    eval_file: str | None = None
+    eval_fraction: float = 0.0
+    format: str | None = None  # None: detect per file
+    epochs: int = 1
+    spa_mix: float | None = None  # SPA self-refinement's mix = 1 + lambda; None: no refinement
+
+    @classmethod
+    def from_config(cls, config) -> StageInputs:
+        """The inputs a `Config` asks for when it runs one stage on its own (`rayalign train`, a Tune trial)."""
+        spa = config.spa
+        return cls(policy=config.model.policy, reference=config.model.reference, train_file=config.data.train_file,
+                   eval_file=config.data.eval_file, eval_fraction=config.data.eval_fraction, format=config.data.format,
+                   epochs=config.train.epochs, spa_mix=spa.mix_for(spa.iteration) if spa.refine else None)
+
+    def to_dict(self) -> dict:
+        """Plain values for Ray Train's `train_loop_config`; `StageInputs(**d)` reads them back."""
+        return dataclasses.asdict(self)
