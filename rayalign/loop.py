@@ -108,8 +108,11 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
         run=dataclasses.replace(config.run, dir=str(run_dir), storage=store.location(run_dir) if store else None),
         # Self-refinement de-noises self-judged labels: iteration 0 trains on gold labels without it.
         spa=dataclasses.replace(config.spa, refine=config.spa.refine and iteration > 0, iteration=max(1, iteration)))
-    if run_train(stage, resume=True, storage=store) != 0:
-        raise RuntimeError(f"training failed in {run_dir}; fix the cause and rerun with --resume")
+    if run_train(stage, resume=True, storage=store) != 0:  # it printed why; the CLI prints this one line
+        from rayalign.errors import StageFailed
+
+        raise StageFailed("train", f"iteration {iteration}: training in {run_dir} failed (the error is above); "
+                          "fix the cause and rerun with --resume")
     return str(final)
 
 

@@ -190,7 +190,9 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
         from rayalign.checkpoint import latest_checkpoint
 
         latest = latest_checkpoint(run_dir)
-        print(f"rayalign train: error: training failed: {type(exc).__name__}: {exc}\n"
+        from rayalign.errors import failure_line  # the worker's own exception, not Ray's wrapper
+
+        print(f"rayalign train: error: training failed: {failure_line(exc)}\n"
               f"  newest complete checkpoint: {latest or 'none'}; rerun the same command with --resume to continue",
               file=sys.stderr)
         return 1
