@@ -30,10 +30,9 @@ def _log(message: str) -> None:
 
 
 def ensure_ray() -> None:
-    import ray
+    from rayalign.ray_session import init_ray  # RAY_ADDRESS, a live head, or a local Ray; never a dead head
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
+    init_ray()
 
 
 def build_policy_if_needed(config: Config, run_dir: Path, texts: list[str]) -> str:
