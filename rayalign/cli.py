@@ -10,19 +10,19 @@
     rayalign data check FILE [--tokenizer P]   detect, validate and describe a data file
     rayalign make-tiny-model OUT_DIR [...]     build a tiny local Llama + BPE tokenizer
 
-Each handler imports its stage lazily, so `rayalign show` never pays for torch or Ray. Configuration
-errors and data errors are printed as one clear message (no traceback) with exit status 2.
+Each handler imports its stage lazily, so `rayalign show` never pays for torch or Ray. Whatever ends a
+command is printed as one line (no traceback) by `main`, with the exit codes of `rayalign.errors`: 2 for
+a user mistake (config, data, model path, run directory, Ray address), 1 for a runtime failure (naming the
+stage and the original exception that a Ray actor or worker raised), 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from rayalign.config import ConfigError
-from rayalign.data.errors import DataValidationError
-
-EXIT_USAGE = 2
+from rayalign.errors import report, unwrap
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
-    except ConfigError as exc:
-        print(f"rayalign: config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except DataValidationError as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_USAGE
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001  (mapped to one line and an exit code)
+        if os.environ.get("RAYALIGN_TRACEBACK") == "1" and not unwrap(exc).user_mistake:
+            raise
+        line, code = report(exc, f"rayalign {args.command}")
+        print(line, file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

@@ -164,7 +164,18 @@ def build_config(tree: dict) -> Config:
         types_ = _field_types(cls)
         values = {name: coerce(raw, types_[name], f"{section}.{name}") for name, raw in tree.get(section, {}).items()}
         sections[section] = cls(**values)
-    return Config(**sections)
+    config = Config(**sections)
+    check_known_names(config)
+    return config
+
+
+def check_known_names(config: Config) -> None:
+    """Names defined outside the config schema, checked now rather than when a stage loads the data."""
+    if config.data.format is not None:
+        from rayalign.config_checks import _one_of
+        from rayalign.data.formats import FORMATS
+
+        _one_of(config.data.format, "data.format", FORMATS)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -108,8 +108,11 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
                          spa_mix=config.spa.mix_for(iteration) if refine else None)
     stage = dataclasses.replace(  # the user's settings, run in the stage's own directory
         config, run=dataclasses.replace(config.run, dir=str(run_dir), storage=location))
-    if run_train(stage, resume=True, storage=store, inputs=inputs) != 0:
-        raise RuntimeError(f"training failed in {run_dir}; fix the cause and rerun with --resume")
+    if run_train(stage, resume=True, storage=store, inputs=inputs) != 0:  # it printed why; the CLI prints one line
+        from rayalign.errors import StageFailed
+
+        raise StageFailed("train", f"iteration {iteration}: training in {run_dir} failed (the error is above); "
+                          "fix the cause and rerun with --resume")
     return str(final)
 
 

@@ -32,10 +32,9 @@ def _log(message: str) -> None:
 
 
 def ensure_ray() -> None:
-    import ray
+    from rayalign.ray_session import init_ray  # RAY_ADDRESS, a live head, or a local Ray; never a dead head
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
+    init_ray()
 
 
 def build_policy_if_needed(policy: str, config: Config, run_dir: Path, texts: list[str]) -> str:
@@ -195,7 +194,9 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
         from rayalign.checkpoint import latest_checkpoint
 
         latest = latest_checkpoint(run_dir)
-        print(f"rayalign train: error: training failed: {type(exc).__name__}: {exc}\n"
+        from rayalign.errors import failure_line  # the worker's own exception, not Ray's wrapper
+
+        print(f"rayalign train: error: training failed: {failure_line(exc)}\n"
               f"  newest complete checkpoint: {latest or 'none'}; rerun the same command with --resume to continue",
               file=sys.stderr)
         return 1

@@ -267,7 +267,9 @@ def _init_ray() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ray.init(log_to_driver=True, configure_logging=False, dashboard_host="127.0.0.1", dashboard_port=port,
+    from rayalign.ray_session import init_ray  # these settings apply only if it starts a local Ray
+
+    init_ray(dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
 
 
