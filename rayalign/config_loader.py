@@ -202,13 +202,3 @@ def config_to_dict(config: Config) -> dict:
 def dump_config(config: Config) -> str:
     """The fully resolved config as YAML text."""
     return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
-
-
-def prepare_run_dir(config: Config, root: str | Path = "runs", **checks) -> Config:
-    """Check, then create `run.dir` and write `config.yaml` there (see `rayalign.run_dir.prepare_run_dir`).
-
-    Returns the config with `run.dir` filled in, so what is written is exactly what the command runs.
-    """
-    from rayalign.run_dir import prepare_run_dir as prepare
-
-    return prepare(config, root, **checks)

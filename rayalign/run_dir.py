@@ -31,6 +31,7 @@ from rayalign.io import atomic_write_text, new_run_dir
 CONFIG_FILE = "config.yaml"
 NOT_SETTINGS = ("run.dir",)  # may differ on --resume without changing the run
 STAGE_COMMANDS = ("generate", "judge", "eval")
+SWEEP_FILE = "sweep.yaml"  # a sweep's resolved config (in RUN_DIR/tune/); its --resume must match it
 
 
 def resolve_run_dir(config: Config, root: str | Path = "runs") -> Config:
@@ -51,6 +52,21 @@ def _holds(run_dir: Path) -> str | None:
     if (run_dir / "tune").is_dir():
         return "a sweep (tune/)"
     return None
+
+
+def check_existing_sweep(config: Config, tune_dir: Path, resume: bool) -> None:
+    """A run dir holds one sweep: a second start needs --resume, and --resume needs the same config."""
+    sweep_file = tune_dir / SWEEP_FILE
+    if not sweep_file.exists():
+        return
+    if not resume:
+        raise ConfigError(f"run.dir: {tune_dir.parent} already holds a sweep; pass --resume to continue it "
+                          "or choose a new run.dir")
+    old, new = config_to_dict(load_config(sweep_file)), config_to_dict(config)
+    changed = [f"{section}.{key}" for section in old for key in old[section] if old[section][key] != new[section][key]]
+    if changed:
+        raise ConfigError(f"{changed[0]}: differs from the sweep being resumed ({sweep_file}); Ray Tune cannot "
+                          f"change a sweep on --resume (changed: {', '.join(changed)})")
 
 
 def check_existing(command: str | None, config: Config, *, resume: bool) -> None:
@@ -76,9 +92,7 @@ def check_existing(command: str | None, config: Config, *, resume: bool) -> None
             where = f"run.storage: {store.location(run_dir)}" if store else f"run.dir: {run_dir}"
             raise ConfigError(f"{where} already has checkpoints (newest {latest.name}); {again}")
     elif command == "tune":
-        from rayalign.tune import _check_existing
-
-        _check_existing(config, run_dir / "tune", resume)  # also: a resumed sweep cannot change
+        check_existing_sweep(config, run_dir / "tune", resume)  # also: a resumed sweep cannot change
     elif command in STAGE_COMMANDS and (what := _holds(run_dir)):
         raise ConfigError(f"run.dir: {run_dir} holds {what}; `rayalign {command}` writes its outputs and "
                           "config.yaml into a run.dir of its own: choose another")

@@ -24,13 +24,13 @@ import os
 from pathlib import Path
 
 from rayalign.config import Config, ConfigError, TuneConfig
-from rayalign.config_loader import config_to_dict, dump_config, load_config
+from rayalign.config_loader import config_to_dict, dump_config
 from rayalign.io import atomic_write_text
 from rayalign.loss_registry import DISPERSION_KEYS
+from rayalign.run_dir import SWEEP_FILE, check_existing_sweep
 from rayalign.tune_space import Dimension, check_space, grid_size, parse_space, trial_config
 
 EXPERIMENT = "experiment"  # Ray Tune's state under RUN_DIR/tune/
-SWEEP_FILE = "sweep.yaml"  # the resolved sweep config; --resume must match it
 WARM_FILE = "prepared.json"  # written once the model is built and the reference cache is warm
 # Swept keys that can change the reference cache's key (`rayalign.prepare.scoring_settings` decides exactly
 # which trials share an entry): the driver warms one entry per distinct setting among their values.
@@ -155,7 +155,7 @@ def run_trial(params: dict, *, base: Config, trials_dir: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from rayalign.checkpoint import latest_checkpoint
-    from rayalign.config_loader import prepare_run_dir
+    from rayalign.run_dir import prepare_run_dir
     from rayalign.train import run_train
 
     name = ray.tune.get_context().get_trial_name()
@@ -232,21 +232,6 @@ def _tuner(config: Config, base: Config, dims: list[Dimension], resume: bool):
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(tune_dir)))
 
 
-def _check_existing(config: Config, tune_dir: Path, resume: bool) -> None:
-    """A run dir holds one sweep: a second start needs --resume, and --resume needs the same config."""
-    sweep_file = tune_dir / SWEEP_FILE
-    if not sweep_file.exists():
-        return
-    if not resume:
-        raise ConfigError(f"run.dir: {tune_dir.parent} already holds a sweep; pass --resume to continue it "
-                          "or choose a new run.dir")
-    old, new = config_to_dict(load_config(sweep_file)), config_to_dict(config)
-    changed = [f"{section}.{key}" for section in old for key in old[section] if old[section][key] != new[section][key]]
-    if changed:
-        raise ConfigError(f"{changed[0]}: differs from the sweep being resumed ({sweep_file}); Ray Tune cannot "
-                          f"change a sweep on --resume (changed: {', '.join(changed)})")
-
-
 def _init_ray() -> None:
     """Start (or join) Ray for the sweep.
 
@@ -282,7 +267,7 @@ def run_tune(config: Config, *, resume: bool = False) -> int:
     dims = parse_space(config.tune.space)
     base = sweep_base(config)
     check_sweep(config, dims, check_space(base, dims))
-    _check_existing(config, tune_dir, resume)
+    check_existing_sweep(config, tune_dir, resume)
     atomic_write_text(tune_dir / SWEEP_FILE, dump_config(config))
     _init_ray()
     base = warm_up(base, dims, tune_dir)

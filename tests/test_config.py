@@ -13,9 +13,9 @@ from rayalign.config_loader import (
     config_to_dict,
     dump_config,
     load_config,
-    prepare_run_dir,
     valid_keys,
 )
+from rayalign.run_dir import prepare_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

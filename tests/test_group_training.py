@@ -157,8 +157,8 @@ def test_loop_training_data_per_loss_and_reward_source(tmp_path):
 def test_ray_train_on_groups_matches_the_oracle(tiny_model_dir, tmp_path):
     """`rayalign train` with loss.type=exo_rw on 2 workers (cached reference as a list column through Ray
     Data and Parquet) computes what the in-process oracle computes, metrics included; eval runs too."""
-    from rayalign.config_loader import prepare_run_dir
     from rayalign.models import load_model, load_tokenizer
+    from rayalign.run_dir import prepare_run_dir
     from rayalign.train import run_train, split_eval
 
     data = tmp_path / "groups.jsonl"

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from rayalign.config import ConfigError
-from rayalign.config_loader import load_config, prepare_run_dir
+from rayalign.config_loader import load_config
+from rayalign.run_dir import prepare_run_dir
 from rayalign.tasks.sentiment import gold_pairs
 
 pytestmark = pytest.mark.slow
