@@ -104,7 +104,8 @@ def _add_stage_commands(commands) -> None:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from rayalign.data.check import run_data_check
 
-    return run_data_check(args.file, tokenizer=args.tokenizer, fmt=args.format)
+    # sys.stdout now: its default argument is whatever sys.stdout was when the module was first imported
+    return run_data_check(args.file, tokenizer=args.tokenizer, fmt=args.format, out=sys.stdout)
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001  (mapped to one line and an exit code)
         if os.environ.get("RAYALIGN_TRACEBACK") == "1" and not unwrap(exc).user_mistake:
             raise
-        line, code = report(exc, f"rayalign {args.command}")
+        line, code = report(exc, args.command)
         print(line, file=sys.stderr, flush=True)
         return code
 

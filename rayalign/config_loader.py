@@ -82,10 +82,20 @@ def _coerce_scalar(value: Any, tp: type, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
 
 
-def _parse_list_text(text: str) -> list:
+def _yaml_value(text: str, key: str) -> Any:
+    """A command-line value written in YAML (`[1, 2]`, `{a: 1}`); ConfigError naming `key` if it is not."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: invalid YAML value {text!r}: {_one_line(exc)}") from None
+
+
+def _parse_list_text(text: str, key: str) -> list:
     text = text.strip()
     if text.startswith("["):
-        parsed = yaml.safe_load(text)
+        parsed = _yaml_value(text, key)
+        if not isinstance(parsed, (list, type(None))):
+            raise ConfigError(f"{key}: expected a list, got {text!r}")
         return list(parsed or [])
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -106,12 +116,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {names}, got {value!r}")
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(tp)
-        items = _parse_list_text(value) if isinstance(value, str) else value
+        items = _parse_list_text(value, key) if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(items))
     if origin is dict:
-        parsed = yaml.safe_load(value) if isinstance(value, str) else value
+        parsed = _yaml_value(value, key) if isinstance(value, str) else value
         if not isinstance(parsed, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return parsed
@@ -141,8 +151,12 @@ def read_yaml(path: str | Path) -> dict:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(exc)}") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -155,6 +169,10 @@ def read_yaml(path: str | Path) -> dict:
         for name, value in body.items():
             _set_override(flat, f"{section}.{name}", value)
     return flat
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def build_config(tree: dict) -> Config:

@@ -75,7 +75,7 @@ def choose_address(env: str | None, file: Path, *, wait_s: float = WAIT_S,
         if host_port(env) is None:
             raise ConfigError(f"RAY_ADDRESS: {env!r} is not host:port (or ray://host:port); fix it or unset it")
         if not answers(env, wait_s):
-            raise ConfigError(f"RAY_ADDRESS: no Ray cluster answers at {env} (waited {wait_s:.0f} s); start it "
+            raise ConfigError(f"RAY_ADDRESS: no Ray cluster answers at {env} (waited {wait_s:g} s); start it "
                               "(`ray start --head`) or unset RAY_ADDRESS to run on a local Ray")
         return env, None
     recorded = file.read_text().strip() if file.is_file() else ""

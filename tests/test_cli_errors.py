@@ -76,6 +76,17 @@ def test_an_unknown_data_format_is_refused_at_config_time(capsys):
     assert code == EXIT_USAGE and line.startswith("rayalign: config error: data.format: must be one of explicit")
 
 
+def test_show_and_its_errors_never_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys; from rayalign.cli import main; "
+            "codes = (main(['show', 'data.format=explicit']), main(['show', 'data.format=nope'])); "
+            "print(codes, sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "(0, 2) []", result.stdout
+
+
 def test_a_failed_training_stage_of_the_loop_is_one_line_exit_1():
     line, code = report(StageFailed("train", "iteration 2: training in /r failed"), "rayalign run")
     assert (line, code) == ("rayalign: stage train failed: iteration 2: training in /r failed", EXIT_FAILURE)
