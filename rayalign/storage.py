@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -46,6 +47,7 @@ from rayalign import storage_cache
 UNIT = "_UNIT"
 MARKER = "_COMMITTED.json"
 NOT_MIRRORED = ("config.yaml",)  # the driver writes its own before syncing
+KEPT_CONFIG = re.compile(r"config\.\d+\.yaml")  # earlier versions the driver keeps (rayalign.run_dir): local only
 # read by training from storage itself, Ray Train's state, the driver's reference cache (keyed by content)
 NOT_MIRRORED_DIRS = ("checkpoints", "ray", "ref_cache")
 TEMPORARY = (".tmp-", ".pull-", ".old-")  # siblings that atomic writes rename into place (io, _atomic_local)
@@ -206,10 +208,11 @@ def materialize(location: str) -> str:
 
 
 def _excluded(key: str, *, is_dir: bool = False) -> bool:
-    """Not mirrored: config.yaml, anything in checkpoints/, ray/ or ref_cache/, temporary files and folders."""
+    """Not mirrored: config.yaml and its kept versions, anything in checkpoints/, ray/ or ref_cache/, temporary
+    files and folders."""
     parts = key.split("/")
     folders = parts if is_dir else parts[:-1]
-    return (key in NOT_MIRRORED or any(p in NOT_MIRRORED_DIRS for p in folders)
+    return (key in NOT_MIRRORED or bool(KEPT_CONFIG.fullmatch(key)) or any(p in NOT_MIRRORED_DIRS for p in folders)
             or any(p.startswith(".") and any(t in p for t in TEMPORARY) for p in parts) or ".tmp-" in parts[-1])
 
 

@@ -62,7 +62,8 @@ def test_resume_moves_aside_what_the_stored_run_lacks(tmp_path, capsys):
     store.publish(run / "config.yaml", run / "data", run / "sft", run / "eval" / "iter-0.parquet")
     # run.dir is ahead of storage (a kill before the stage's publish), and one plain file differs
     _write(run, {"iter-0/train/final/model.safetensors": "weights", "iter-0/train/final/config.json": "{}",
-                 "eval/iter-0.parquet": "rows, rewritten locally"})
+                 "eval/iter-0.parquet": "rows, rewritten locally",
+                 "config.1.yaml": "loss: {beta: 0.2}\n"})  # a kept earlier config (rayalign.run_dir): local only
     before = _files(run)
 
     start_run(_config(run, storage), resume=True)
@@ -79,6 +80,7 @@ def test_resume_moves_aside_what_the_stored_run_lacks(tmp_path, capsys):
     assert now == {k: v for k, v in before.items() if "_COMMITTED" not in k and k not in _files(aside)} | {
         "eval/iter-0.parquet": "rows"}  # nothing lost: every local file is in run.dir or in the aside copy
     assert (run / "iter-0" / "train" / "checkpoints" / "step-2" / "model.safetensors").read_text() == "ckpt"
+    assert (run / "config.1.yaml").read_text() == "loss: {beta: 0.2}\n"  # the run's history stays in place
 
     capsys.readouterr()
     start_run(_config(run, storage), resume=True)  # now the two agree: nothing more is moved
