@@ -151,6 +151,8 @@ def _optimizer_step(policy, optimizer, scheduler, config: Config, outputs: list)
     """Clip, step, zero the gradients; the step's TRL-named metrics with its lr and gradient norm."""
     clip = config.optim.max_grad_norm or float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip))
+    if not math.isfinite(grad_norm):  # as the workers' engines: never step on an inf/nan gradient
+        raise FloatingPointError(f"non-finite gradient norm ({grad_norm}); the step was not taken")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

@@ -37,6 +37,18 @@ def test_every_parameter_changes_after_one_step(tiny):
         assert not torch.equal(param, before[name]), f"{name} did not change"
 
 
+def test_a_non_finite_gradient_norm_stops_before_the_step(tiny):
+    model, tokenizer = tiny
+    policy, reference = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    policy.get_input_embeddings().weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    config = load_config(None, BASE + ["train.global_batch_size=8", "train.max_steps=1"])
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm"):
+        train_pairs(policy, reference, tokenizer, gold_pairs(8, seed=1), config)
+    for name, param in policy.named_parameters():
+        assert torch.equal(param, before[name]), f"{name} changed: a step was taken on an inf gradient"
+
+
 def test_train_reward_accuracy_rises(tiny):
     _, history = _train(tiny, ["train.global_batch_size=16", "train.epochs=4"], gold_pairs(32, seed=2))
     first, last = history[0], history[-1]
