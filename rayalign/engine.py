@@ -129,7 +129,7 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")  # collective
 
     def load(self, directory: Path) -> None:
-        # DeepSpeed's own reader unpickles fully (weights_only=False): read its files through ours instead.
+        # DeepSpeed's own reader unpickles arbitrary objects (full pickle): read its files through ours instead.
         self.engine.checkpoint_engine.load = _deepspeed_safe_load
         self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
 
