@@ -123,26 +123,50 @@ def config_changes(old: Config, new: Config) -> list[str]:
     return [f"{key}: {before[key]!r} -> {after[key]!r}" for key in after if before.get(key) != after[key]]
 
 
-def _recorded(path: Path) -> Config | None:
-    """The config a run recorded; None when it cannot be read (then it differs from anything)."""
+def _recorded_text(config: Config) -> tuple[str | None, str]:
+    """(the run's recorded config.yaml text or None, where it is): run.dir's, else on --resume from an empty
+    run.dir the stored run's (`run.storage`), read without writing anything into run.dir."""
+    path = Path(config.run.dir) / CONFIG_FILE
+    if path.is_file():
+        return path.read_text(encoding="utf-8", errors="replace"), str(path)
+    if not config.run.storage:
+        return None, str(path)
+    from rayalign.storage import RunStorage
+
+    store = RunStorage(config.run.storage, config.run.dir)
     try:
-        return load_config(path)
-    except ConfigError:
+        with store.fs.open_input_stream(store.fs_path(path)) as stream:
+            return stream.read().decode("utf-8", errors="replace"), store.location(path)
+    except (FileNotFoundError, OSError):
+        return None, store.location(path)
+
+
+def _parsed(text: str) -> Config | None:
+    """The config a run recorded; None when it cannot be read (then it differs from anything)."""
+    import yaml
+
+    from rayalign.config_loader import build_config
+
+    try:
+        tree = yaml.safe_load(text)
+        return build_config(tree) if isinstance(tree, dict) else None
+    except (ConfigError, yaml.YAMLError):
         return None
 
 
-def check_changes(config: Config, *, resume: bool, accept_changes: bool) -> list[str]:
-    """The changes against the recorded config.yaml; on --resume, refused unless accepted."""
-    path = Path(config.run.dir) / CONFIG_FILE
-    if not path.is_file():
-        return []
-    old = _recorded(path)
-    changes = config_changes(old, config) if old else [f"{path}: unreadable as a config"]
+def check_changes(config: Config, *, resume: bool, accept_changes: bool) -> tuple[list[str], str | None]:
+    """(the changes against the recorded config.yaml, its text); on --resume, refused unless accepted."""
+    text, where = _recorded_text(config)
+    if text is None:
+        return [], None
+    old = _parsed(text)
+    changes = config_changes(old, config) if old else [f"{where}: unreadable as a config"]
     if changes and resume and not accept_changes:
+        kept = _next_version(Path(config.run.dir) / CONFIG_FILE).name
         raise ConfigError(f"run.dir: --resume would change the run's settings ({'; '.join(changes)}); drop those "
-                          f"overrides, or pass --accept-changes to continue with them ({path} is then kept as "
-                          f"{_next_version(path).name})")
-    return changes
+                          f"overrides, or pass --accept-changes to continue with them ({where} is then kept as "
+                          f"{kept})")
+    return changes, text
 
 
 def _next_version(path: Path) -> Path:
@@ -152,18 +176,21 @@ def _next_version(path: Path) -> Path:
     return path.parent / f"{path.stem}.{n}{path.suffix}"
 
 
-def write_config(config: Config, changed: bool) -> Path:
-    """Create run.dir and write config.yaml atomically; a changed earlier one moves to config.N.yaml first."""
+def write_config(config: Config, earlier: str | None) -> Path:
+    """Create run.dir and write config.yaml atomically; `earlier`, the recorded settings it replaces (None:
+    no change), is kept as config.N.yaml first."""
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path, text = run_dir / CONFIG_FILE, dump_config(config)
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
+    if path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text:
         return path
-    if changed and path.is_file():
+    if earlier is not None and path.is_file():
         try:  # a hard link, then the atomic replace: never a moment without either version
             os.link(path, _next_version(path))
         except OSError:  # a filesystem without hard links
             shutil.copy2(path, _next_version(path))
+    elif earlier is not None:  # the stored run's record (--resume from an empty run.dir)
+        atomic_write_text(_next_version(path), earlier)
     return atomic_write_text(path, text)
 
 
@@ -178,8 +205,8 @@ def prepare_run_dir(config: Config, root: str | Path = "runs", *, command: str |
     if command:
         check_existing(command, config, resume=resume)
         check_models(config)
-    changes = check_changes(config, resume=resume, accept_changes=accept_changes)
-    write_config(config, changed=bool(changes))
+    changes, earlier = check_changes(config, resume=resume, accept_changes=accept_changes)
+    write_config(config, earlier if changes else None)
     if changes and resume:
         print(f"rayalign: --accept-changes: continuing with {'; '.join(changes)}", flush=True)
     return config

@@ -120,3 +120,26 @@ def test_stage_commands_in_one_dir_keep_each_config(tmp_path):
     prepare_run_dir(load_config(QUICKSTART, [f"run.dir={out}", "generate.seed=2"]), command="judge")
     assert load_config(out / "config.1.yaml").generate.seed == 1
     assert load_config(out / "config.yaml").generate.seed == 2
+
+
+def test_resume_from_an_empty_run_dir_checks_the_stored_runs_settings(tmp_path):
+    """--resume on another machine (an empty run.dir, the run in run.storage): the stored config.yaml is the
+    record, so a changed setting is refused there too, writing nothing; accepted, the stored one is kept."""
+    from rayalign.storage import RunStorage
+
+    storage = tmp_path / "storage"
+    first = prepare_run_dir(load_config(QUICKSTART, [f"run.dir={tmp_path / 'a'}", f"run.storage={storage}"]))
+    RunStorage(storage, first.run.dir).publish(Path(first.run.dir) / "config.yaml")
+    stored = (storage / "config.yaml").read_text()
+    elsewhere = tmp_path / "b"
+    changed = load_config(QUICKSTART, [f"run.dir={elsewhere}", f"run.storage={storage}", "loss.beta=0.5"])
+    with pytest.raises(ConfigError, match="loss.beta: 0.1 -> 0.5"):
+        prepare_run_dir(changed, command="run", resume=True)
+    assert not elsewhere.exists()
+    prepare_run_dir(changed, command="run", resume=True, accept_changes=True)
+    assert (elsewhere / "config.1.yaml").read_text() == stored
+    assert load_config(elsewhere / "config.yaml").loss.beta == 0.5
+    third = tmp_path / "c"
+    prepare_run_dir(load_config(QUICKSTART, [f"run.dir={third}", f"run.storage={storage}"]), command="run",
+                    resume=True)  # only run.dir differs from the stored record: not a change
+    assert sorted(p.name for p in third.iterdir()) == ["config.yaml"]
