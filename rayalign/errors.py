@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from rayalign.data.errors import DataValidationError
+
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 USER_ERRORS = ("ConfigError", "DataValidationError", "ModelNotFoundError")
 # Ray Data actor classes -> the stage they belong to (`ray::MapWorker(MapBatches(Judge))` in Ray's text)
@@ -117,10 +119,22 @@ def failure_line(exc: BaseException) -> str:
     return _one_line(unwrap(exc).line())
 
 
+def data_errors_line(exc: DataValidationError) -> str:
+    """The first bad row as `FILE:ROW: FIELD: reason`, and how many more there are and where to see them all
+    (`rayalign data check` prints one line per bad row)."""
+    errors = getattr(exc, "errors", [])
+    if not errors:
+        return _one_line(str(exc))
+    first, more = _one_line(str(errors[0])), len(errors) - 1
+    return first if not more else f"{first} (and {more} more: `rayalign data check {errors[0].file}` lists them)"
+
+
 def report(exc: BaseException, command: str) -> tuple[str, int]:
     """(the one line to print on stderr, the exit code) for an exception that ended `rayalign command`."""
     if isinstance(exc, KeyboardInterrupt):
         return "rayalign: interrupted", EXIT_INTERRUPTED
+    if isinstance(exc, DataValidationError):  # raised here, not in an actor: its rows are at hand
+        return data_errors_line(exc), EXIT_USAGE
     failure = unwrap(exc)
     code = EXIT_USAGE if failure.user_mistake else EXIT_FAILURE
     if failure.stage is None and failure.kind == "ConfigError":

@@ -146,3 +146,16 @@ def test_a_ray_train_worker_exception_stops_the_loop_with_the_workers_message(
     assert "safetensors" in failed[0].lower() or "header" in failed[0].lower(), failed[0]
     line, code = report(caught.value, "rayalign run")
     assert code == EXIT_FAILURE and line.startswith("rayalign: stage train failed: iteration 0: training in ")
+
+
+def test_bad_data_rows_give_the_first_row_and_how_to_list_them_all():
+    from rayalign.data.errors import DataValidationError, RowError
+    from rayalign.errors import report
+
+    rows = [RowError("pairs.jsonl", 1, "rejected", "missing field"), RowError("pairs.jsonl", 3, "prompt", "must be a "
+            "string, got int"), RowError("pairs.jsonl", 4, "-", "not valid JSON")]
+    line, code = report(DataValidationError(rows), "train")
+    assert code == 2 and "\n" not in line
+    assert line == ("pairs.jsonl:1: rejected: missing field (and 2 more: `rayalign data check pairs.jsonl` lists "
+                    "them)")
+    assert report(DataValidationError(rows[:1]), "train") == ("pairs.jsonl:1: rejected: missing field", 2)
