@@ -62,8 +62,8 @@ def check_existing_sweep(config: Config, tune_dir: Path, resume: bool) -> None:
     if not resume:
         raise ConfigError(f"run.dir: {tune_dir.parent} already holds a sweep; pass --resume to continue it "
                           "or choose a new run.dir")
-    old, new = config_to_dict(load_config(sweep_file)), config_to_dict(config)
-    changed = [f"{section}.{key}" for section in old for key in old[section] if old[section][key] != new[section][key]]
+    before, after = _settings(load_config(sweep_file)), _settings(config)
+    changed = [key for key in after if before.get(key) != after[key]]  # `config_changes`' keys
     if changed:
         raise ConfigError(f"{changed[0]}: differs from the sweep being resumed ({sweep_file}); Ray Tune cannot "
                           f"change a sweep on --resume (changed: {', '.join(changed)})")
