@@ -128,10 +128,12 @@ def main() -> None:
 
     from rayalign.config_loader import load_config
     from rayalign.loop import build_task_sft
+    from rayalign.stage_storage import StageStorage
     from rayalign.tasks.sentiment import gold_pairs
 
     args.out.mkdir(parents=True, exist_ok=True)
-    sft = str(build_task_sft(load_config(None, ["loop.sft_examples=800"]), args.out))
+    config = load_config(None, ["loop.sft_examples=800"])
+    sft = str(build_task_sft(config, args.out, StageStorage(config)))
     heldout = gold_pairs(args.heldout, seed=10_000)
     results = []
     for seed in range(args.seeds):

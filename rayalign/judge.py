@@ -156,8 +156,8 @@ def best_worst_pairs(groups: list[dict]) -> list[dict]:
     return pairs
 
 
-def training_data(config: Config, data: str, iteration: int) -> tuple[Config, str]:
-    """The config and the data file that loop iteration `iteration` trains on.
+def training_data(config: Config, data: str, iteration: int) -> tuple[str | None, str]:
+    """The loss (None: `loss.type`) and the data file that loop iteration `iteration` trains on.
 
     Iteration 0 trains on the gold seed pairs: a K-sample loss (exo_rw, dpo_rw) cannot, so it is DPO there
     (beta = loss.beta), which also starts every loss of a comparison from the same pi_0. An iteration
@@ -167,21 +167,19 @@ def training_data(config: Config, data: str, iteration: int) -> tuple[Config, st
       exo_rw / dpo_rw                     groups.parquet (judge rewards) or gold_groups.parquet: all K
     The files are written atomically once; a resumed loop reuses them.
     """
-    import dataclasses
-
     from rayalign.data import write_rows_parquet
     from rayalign.objective import GROUP_LOSSES
 
     grouped, gold = config.loss.type in GROUP_LOSSES, config.loop.rewards == "gold"
     if iteration == 0:
         if not grouped:
-            return config, data
+            return None, data
         print(f"rayalign run: iteration 0: DPO on the gold seed pairs ({config.loss.type} needs K-sample groups)",
               flush=True)
-        return dataclasses.replace(config, loss=dataclasses.replace(config.loss, type="dpo")), data
+        return "dpo", data
     judged_path = Path(data)
     if not (grouped or gold):
-        return config, data
+        return None, data
     out = judged_path.with_name(("gold_" if gold else "") + ("groups" if grouped else "pairs") + ".parquet")
     if not out.exists():
         judged = pd.read_parquet(judged_path)
@@ -189,4 +187,4 @@ def training_data(config: Config, data: str, iteration: int) -> tuple[Config, st
                                        rewards=config.loop.rewards)
         write_rows_parquet(groups if grouped else best_worst_pairs(groups), out)
         print(f"rayalign run: iteration {iteration}: {out.name}: {counts}", flush=True)
-    return config, str(out)
+    return None, str(out)

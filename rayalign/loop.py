@@ -38,6 +38,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @dataclasses.dataclass
 class Plan:
+    storage: StageStorage  # run.storage at the stage boundaries; does nothing without it
     sft_path: str
     seed_pairs: str
     prompt_sets: list[list[str]]
@@ -52,17 +53,18 @@ def setup(config: Config, run_dir: Path) -> Plan:
     data = run_dir / "data"
     if config.loop.task == "none" and not (config.model.policy and config.data.train_file and config.data.prompts_file):
         raise ConfigError("loop.task: with loop.task=none set model.policy, data.train_file and data.prompts_file")
-    sft_path = config.model.policy or str(build_task_sft(config, run_dir))
+    storage = StageStorage(config)
+    sft_path = config.model.policy or str(build_task_sft(config, run_dir, storage))
     seed_pairs = config.data.train_file
     if not seed_pairs:
         seed_pairs = str(data / "seed_pairs.jsonl")
         if not Path(seed_pairs).exists():
             _write_jsonl(Path(seed_pairs), sentiment.gold_pairs(config.loop.seed_pairs, seed=config.data.seed))
-            StageStorage(config).commit(seed_pairs)
-    return Plan(sft_path, seed_pairs, *plan_prompts(config))
+            storage.commit(seed_pairs)
+    return Plan(storage, sft_path, seed_pairs, *plan_prompts(config))
 
 
-def build_task_sft(config: Config, run_dir: Path) -> Path:
+def build_task_sft(config: Config, run_dir: Path, storage: StageStorage) -> Path:
     from rayalign.io import atomic_directory
     from rayalign.sft import run_sft
     from rayalign.tasks.sentiment import sft_examples
@@ -78,16 +80,16 @@ def build_task_sft(config: Config, run_dir: Path) -> Path:
     if not (tiny / "config.json").exists():
         with atomic_directory(tiny) as tmp:  # a kill mid-save must not leave a model that looks complete
             make_tiny_model(tmp, corpus=corpus, seed=config.train.seed)
-        StageStorage(config).commit(corpus, tiny)
+        storage.commit(corpus, tiny)
     _log(f"SFT of the tiny model on {len(examples)} task examples")
     sft = run_sft(str(tiny), examples, out, epochs=config.loop.sft_epochs, lr=config.loop.sft_lr,
                   seed=config.train.seed, log=_log)
-    StageStorage(config).commit(sft)  # run.storage: actors on other nodes load pi_SFT from there
+    storage.commit(sft)  # run.storage: actors on other nodes load pi_SFT from there
     return sft
 
 
 def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: str, data: str, epochs: int,
-                    iteration: int) -> str:
+                    iteration: int, storage: StageStorage) -> str:
     """Run the Ray Train stage into `run_dir` (resuming its checkpoints); returns the final model path."""
     from rayalign.judge import training_data
     from rayalign.stage_inputs import StageInputs
@@ -100,12 +102,12 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     _log(f"iteration {iteration}: training {policy} -> {final}")
     run_dir.mkdir(parents=True, exist_ok=True)
     # loop.rewards=gold relabels the judged samples; exo_rw/dpo_rw train on all K (DPO in iteration 0)
-    config, data = training_data(config, data, iteration)
-    location, store = StageStorage(config).training(run_dir)  # run.storage: outputs go to STORAGE/<its run dir>
+    loss_type, data = training_data(config, data, iteration)
+    location, store = storage.training(run_dir)  # run.storage: outputs go to STORAGE/<its run dir>
     # Self-refinement de-noises self-judged labels: iteration 0 trains on gold labels without it.
     refine = config.spa.refine and iteration > 0
     inputs = StageInputs(policy=policy, reference=reference, train_file=data, epochs=epochs,
-                         spa_mix=config.spa.mix_for(iteration) if refine else None)
+                         spa_mix=config.spa.mix_for(iteration) if refine else None, loss_type=loss_type)
     stage = dataclasses.replace(  # the user's settings, run in the stage's own directory
         config, run=dataclasses.replace(config.run, dir=str(run_dir), storage=location))
     if run_train(stage, resume=True, storage=store, inputs=inputs) != 0:  # it printed why; the CLI prints one line
@@ -143,16 +145,17 @@ def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name:
     frames.append(eval_frame(plan.eval_prompts))
     work.append(f"evaluating {name} on {len(plan.eval_prompts)} held-out prompts")
     _log(f"{'; '.join(work)} with {model}")  # the resume test waits for "iteration 2: generating"
-    rows = judged_pass(config, pd.concat(frames, ignore_index=True), model=model, sft_path=plan.sft_path)
+    model, sft_path = plan.storage.inputs(model, plan.sft_path)  # run.storage: actors on any node read them
+    rows = judged_pass(config, pd.concat(frames, ignore_index=True), model=model, sft_path=sft_path)
     is_eval = rows["prompt_id"] >= EVAL_PROMPT_ID
     write_eval(rows[is_eval], config, eval_path)
     if it_dir is None:
-        StageStorage(config).commit(eval_path)
+        plan.storage.commit(eval_path)
         return None
     write_samples(rows[~is_eval], it_dir / "samples.parquet")
     counts = write_judged(rows[~is_eval], it_dir / "judged.parquet")
     atomic_write_text(marker, json.dumps(counts) + "\n")  # the pass's completion marker, written last
-    StageStorage(config).commit(eval_path, it_dir / "samples.parquet", it_dir / "judged.parquet", marker)  # last
+    plan.storage.commit(eval_path, it_dir / "samples.parquet", it_dir / "judged.parquet", marker)  # last
     return counts
 
 
@@ -184,12 +187,12 @@ def _append_metrics(run_dir: Path, record: dict) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in [*kept, record]))
 
 
-def _stage_seconds(config: Config, run_dir: Path, iteration: int, started: float) -> float:
+def _stage_seconds(storage: StageStorage, run_dir: Path, iteration: int, started: float) -> float:
     """Wall time of an iteration, kept across a resume in iter-N/seconds."""
     path = run_dir / f"iter-{iteration}" / "seconds"
     if not path.exists():
         atomic_write_text(path, f"{time.perf_counter() - started:.1f}\n")
-        StageStorage(config).commit(path)
+        storage.commit(path)
     return float(path.read_text())
 
 
@@ -209,36 +212,36 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
     sample_model(config, run_dir, plan, model=plan.sft_path, name="sft")
     stage_start = time.perf_counter()
     policy = train_iteration(config, run_dir / "iter-0" / "train", policy=plan.sft_path, reference=plan.sft_path,
-                             data=plan.seed_pairs, epochs=config.loop.seed_epochs, iteration=0)
+                             data=plan.seed_pairs, epochs=config.loop.seed_epochs, iteration=0, storage=plan.storage)
     pending = {"iteration": 0, "previous": "sft", "pairs": _count_rows(plan.seed_pairs), "judged_path": None,
-               "seconds": _stage_seconds(config, run_dir, 0, stage_start)}
+               "seconds": _stage_seconds(plan.storage, run_dir, 0, stage_start)}
     for i, prompts in enumerate(plan.prompt_sets, start=1):
         stage_start, it_dir = time.perf_counter(), run_dir / f"iter-{i}"
         counts = sample_model(config, run_dir, plan, model=policy, name=f"iter-{i - 1}", it_dir=it_dir,
                               prompts=prompts, iteration=i)
-        _finish_record(config, run_dir, name=f"iter-{i - 1}", **pending)
+        _finish_record(config, run_dir, plan.storage, name=f"iter-{i - 1}", **pending)
         _log(f"iteration {i}: judged {counts['prompts']} prompts -> {counts['pairs']} pairs "
              f"(dropped: {counts['dropped_empty']} empty, {counts['dropped_identical']} identical, "
              f"{counts['dropped_tie']} ties)")
         policy = train_iteration(config, it_dir / "train", policy=policy, reference=policy,
                                  data=str(it_dir / "judged.parquet"), epochs=config.loop.iteration_epochs,
-                                 iteration=i)
+                                 iteration=i, storage=plan.storage)
         pending = {"iteration": i, "previous": f"iter-{i - 1}", "pairs": counts["pairs"], "judged_path":
-                   it_dir / "judged.parquet", "seconds": _stage_seconds(config, run_dir, i, stage_start)}
+                   it_dir / "judged.parquet", "seconds": _stage_seconds(plan.storage, run_dir, i, stage_start)}
     sample_model(config, run_dir, plan, model=policy, name=f"iter-{pending['iteration']}")
-    _finish_record(config, run_dir, name=f"iter-{pending['iteration']}", **pending)
+    _finish_record(config, run_dir, plan.storage, name=f"iter-{pending['iteration']}", **pending)
     report = write_report(run_dir)
-    StageStorage(config).commit(*[p for p in (run_dir / "plots", report) if p.exists()])
+    plan.storage.commit(*[p for p in (run_dir / "plots", report) if p.exists()])
     _log(f"done in {time.perf_counter() - started:.0f} s; report {report}; final model {policy}")
     return 0
 
 
-def _finish_record(config: Config, run_dir: Path, *, name: str, iteration: int, previous: str, pairs: int,
-                   judged_path: Path | None, seconds: float) -> None:
+def _finish_record(config: Config, run_dir: Path, storage: StageStorage, *, name: str, iteration: int,
+                   previous: str, pairs: int, judged_path: Path | None, seconds: float) -> None:
     record = iteration_record(config, run_dir, iteration, name=name, previous=previous, pairs=pairs,
                               seconds=seconds, judged_path=judged_path)
     _append_metrics(run_dir, record)
-    StageStorage(config).commit(run_dir / "metrics.jsonl")
+    storage.commit(run_dir / "metrics.jsonl")
     _log(f"iteration {iteration}: {_summary(record)}")
 
 

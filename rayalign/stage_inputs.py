@@ -2,7 +2,8 @@
 
 `rayalign train` takes these from the config the user wrote (`StageInputs.from_config`); the iterative loop
 builds them per iteration (the previous model as policy and reference, the iteration's judged data, its
-epochs, SPA's mix for that iteration) and passes them to `rayalign.train.run_train`, which hands them to the
+epochs, SPA's mix for that iteration, and the loss when it differs from `loss.type`: DPO on iteration 0's gold
+seed pairs for a K-sample loss) and passes them to `rayalign.train.run_train`, which hands them to the
 Ray Train workers next to the unchanged config. So `config` stays what the user wrote, and no worker
 recomputes run state from settings. Torch-free, no I/O.
 """
@@ -25,6 +26,14 @@ class StageInputs:
     format: str | None = None  # None: detect per file
     epochs: int = 1
     spa_mix: float | None = None  # SPA self-refinement's mix = 1 + lambda; None: no refinement
+    loss_type: str | None = None  # None: the config's loss.type
+
+    def stage_config(self, config):
+        """`config` as this stage runs it: `loss.type` replaced when the stage trains another loss, the rest
+        (the other loss settings included) as the user wrote it. The caller's config is not changed."""
+        if self.loss_type is None or self.loss_type == config.loss.type:
+            return config
+        return dataclasses.replace(config, loss=dataclasses.replace(config.loss, type=self.loss_type))
 
     @classmethod
     def from_config(cls, config) -> StageInputs:

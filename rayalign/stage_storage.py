@@ -1,4 +1,4 @@
-"""Where the loop's stages meet run storage (`run.storage`): one object per stage boundary.
+"""Where the loop's stages meet run storage (`run.storage`): one object per run, used at every stage boundary.
 
     inputs(*paths)     what a stage's actors read, as paths they can open on any node: storage locations of
                        the driver's models and files (published once), hub ids and URIs unchanged
@@ -9,9 +9,11 @@
 Without run.storage `inputs` returns the paths, `commit` does nothing and `training` gives (None, None),
 so no stage asks whether storage is set. It holds no state beyond the run's `RunStorage`.
 
-Not here (they are the node side of a stage): the actors' `materialize` of the locations they are given
-(generate, judge, prepare), and the Ray Train workers' scratch run dir, checkpoints and final/
-(`rayalign.storage_train`, used by train.py and train_loop.py). `--resume` is `rayalign.storage_resume`.
+The loop builds it once (`rayalign.loop.Plan.storage`); a one-stage command builds its own.
+Not here (they are the node side of a stage): the actors' `materialize` of the locations they are given,
+once in each actor's constructor (generate, judge, prepare), and the Ray Train workers' scratch run dir,
+checkpoints and final/ (`rayalign.storage_train`, used by train.py and train_loop.py). `--resume` is
+`rayalign.storage_resume`.
 """
 
 from __future__ import annotations

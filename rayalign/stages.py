@@ -64,13 +64,12 @@ def eval_frame(eval_prompts: list[str]) -> pd.DataFrame:
 def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: str) -> pd.DataFrame:
     """One Ray Data pass: Generator actors (`model`) chained into Judge actors (`model` vs `sft_path`).
 
+    `model` and `sft_path` are what the actors open: `StageStorage.inputs` of the driver's paths.
     Returns one row per prompt: the generation's list columns and the judgment (see `rayalign.judge`).
     """
     from rayalign.generate import generation_dataset
     from rayalign.judge import judge_dataset
-    from rayalign.stage_storage import StageStorage
 
-    model, sft_path = StageStorage(config).inputs(model, sft_path)  # run.storage: actors on any node read them
     dataset = generation_dataset(prompts, model, config.generate, dtype=config.model.dtype)
     return judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config).to_pandas()
 
@@ -205,6 +204,9 @@ def run_eval(config: Config, *, baseline: str | None = None) -> int:
     _, eval_prompts = plan_prompts(config)
     out = Path(config.run.dir) / "eval"
     ensure_ray()
+    from rayalign.stage_storage import StageStorage
+
+    policy, sft, baseline = StageStorage(config).inputs(policy, sft, baseline)  # run.storage: actors on any node
     _log("eval", f"{policy} vs {baseline} on {len(eval_prompts)} held-out prompts")
     rows = write_eval(judged_pass(config, eval_frame(eval_prompts), model=policy, sft_path=sft), config,
                       out / "policy.parquet")

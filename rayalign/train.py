@@ -151,6 +151,7 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     run_dir = Path(config.run.dir).expanduser().absolute()
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
     inputs = inputs or StageInputs.from_config(config)
+    config = inputs.stage_config(config)  # the loss this stage trains (the loop's iteration 0 may differ)
     started = time.perf_counter()
     store = storage or RunStorage.from_config(config)
     if store and config.train.engine == "deepspeed" and config.train.num_workers > 1:

@@ -92,8 +92,8 @@ class Worker:
 
         from rayalign.models import load_model, load_tokenizer
 
-        self.config: Config = build_config(loop_config["config"])  # as the user wrote it
-        self.inputs = StageInputs(**loop_config["inputs"])  # this stage's run state (epochs, SPA mix)
+        self.inputs = StageInputs(**loop_config["inputs"])  # this stage's run state (epochs, SPA mix, loss)
+        self.config: Config = self.inputs.stage_config(build_config(loop_config["config"]))
         self.paths = loop_config
         self.run_dir = Path(self.config.run.dir)
         context = ray.train.get_context()

@@ -131,6 +131,7 @@ def test_a_ray_train_worker_exception_stops_the_loop_with_the_workers_message(
         tmp_path, capsys, tiny_model_dir, pairs_file, local_ray):
     from rayalign.config_loader import load_config
     from rayalign.loop import train_iteration
+    from rayalign.stage_storage import StageStorage
 
     # weights that are not safetensors: the driver (tokenizer, reference scoring) is fine, the worker is not
     broken = _broken_copy(Path(tiny_model_dir), tmp_path / "broken", "model.safetensors", "garbage")
@@ -138,7 +139,8 @@ def test_a_ray_train_worker_exception_stops_the_loop_with_the_workers_message(
                                 "train.global_batch_size=4", "data.max_completion_length=16"])
     with pytest.raises(StageFailed) as caught:
         train_iteration(config, tmp_path / "r" / "iter-0" / "train", policy=str(broken),
-                        reference=str(tiny_model_dir), data=str(pairs_file), epochs=1, iteration=0)
+                        reference=str(tiny_model_dir), data=str(pairs_file), epochs=1, iteration=0,
+                        storage=StageStorage(config))
     err = capsys.readouterr().err  # (in-process Ray also logs here; the rayalign lines are what a user reads)
     failed = [line for line in err.splitlines() if line.startswith("rayalign train: error: training failed: ")]
     assert len(failed) == 1, err

@@ -134,9 +134,9 @@ def test_loop_training_data_per_loss_and_reward_source(tmp_path):
 
     judged = str(_loop_artifacts(tmp_path))
     config = load_config(None, ["loss.type=exo_rw"])
-    seed_config, seed = training_data(config, "seed.jsonl", 0)
-    assert seed_config.loss.type == "dpo" and seed == "seed.jsonl"
-    assert training_data(load_config(None, []), judged, 1) == (load_config(None, []), judged)
+    assert training_data(config, "seed.jsonl", 0) == ("dpo", "seed.jsonl")  # K-sample loss: DPO on gold seeds
+    assert config.loss.type == "exo_rw"  # the user's config is left as written
+    assert training_data(load_config(None, []), judged, 1) == (None, judged)
 
     _, path = training_data(config, judged, 1)
     assert Path(path).name == "groups.parquet"
@@ -190,3 +190,13 @@ def test_ray_train_on_groups_matches_the_oracle(tiny_model_dir, tmp_path):
     oracle = model.state_dict()
     for name, value in load_file(tmp_path / "run" / "final" / "model.safetensors").items():
         torch.testing.assert_close(value, oracle[name], atol=2e-5, rtol=0, msg=name)
+
+
+def test_stage_inputs_loss_replaces_only_the_loss_type():
+    from rayalign.stage_inputs import StageInputs
+
+    config = load_config(None, ["loss.type=exo_rw", "loss.beta=0.3"])
+    stage = StageInputs(loss_type="dpo").stage_config(config)
+    assert (stage.loss.type, stage.loss.beta, config.loss.type) == ("dpo", 0.3, "exo_rw")
+    assert StageInputs().stage_config(config) is config
+    assert StageInputs.from_config(config).loss_type is None

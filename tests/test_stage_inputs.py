@@ -7,6 +7,7 @@ import pytest
 
 from rayalign.config_loader import load_config
 from rayalign.stage_inputs import StageInputs
+from rayalign.stage_storage import StageStorage
 
 
 def test_from_config_is_what_a_stand_alone_stage_trains():
@@ -38,9 +39,22 @@ def test_the_loop_passes_inputs_and_leaves_the_config_as_written(tmp_path, monke
     config = load_config(None, ["spa.refine=true", "spa.mix_schedule=[1.5,1.25]", "train.epochs=7",
                                 f"run.dir={tmp_path}"])
     loop.train_iteration(config, tmp_path / "iter" / "train", policy="prev", reference="ref", data="d.parquet",
-                         epochs=3, iteration=iteration)
+                         epochs=3, iteration=iteration, storage=StageStorage(config))
     assert seen["inputs"] == StageInputs(policy="prev", reference="ref", train_file="d.parquet", epochs=3,
                                          spa_mix=mix)
     stage = seen["config"]
     assert stage.run.dir == str(tmp_path / "iter" / "train")
     assert dataclasses.replace(stage, run=config.run) == config  # every other section as the user wrote it
+
+
+def test_iteration_0_of_a_k_sample_loss_trains_dpo_through_its_inputs(tmp_path, monkeypatch):
+    from rayalign import loop, train
+
+    seen = {}
+    monkeypatch.setattr(train, "run_train", lambda config, **kw: seen.update(config=config, **kw) or 0)
+    config = load_config(None, ["loss.type=exo_rw", f"run.dir={tmp_path}"])
+    loop.train_iteration(config, tmp_path / "iter" / "train", policy="sft", reference="sft", data="seed.jsonl",
+                         epochs=1, iteration=0, storage=StageStorage(config))
+    assert seen["inputs"].loss_type == "dpo"
+    assert seen["config"].loss.type == "exo_rw"  # the user's setting; the stage's loss is in its inputs
+    assert seen["inputs"].stage_config(seen["config"]).loss.type == "dpo"
