@@ -29,6 +29,9 @@ QUICKSTART_REDUCED = ("loop.iterations=2", "loop.prompts_per_iteration=48", "loo
 MICRO_LOOP = ("loop.iterations=1", "loop.prompts_per_iteration=16", "loop.eval_prompts=16", "loop.seed_pairs=32",
               "loop.seed_epochs=1", "loop.sft_examples=200", "loop.sft_epochs=1", "generate.num_samples=2",
               "generate.max_new_tokens=16")
+# MICRO_LOOP without its self-judged iteration: SFT, seed DPO and two evaluation passes still put every
+# stage (generation, judging, reference scoring, training) on the cluster; for plumbing tests (jobs, autoscaling).
+SEED_ONLY_LOOP = tuple("loop.iterations=0" if o.startswith("loop.iterations=") else o for o in MICRO_LOOP)
 
 
 def wait_for(predicate, timeout: float, what: str, details=lambda: "", poll: float = 0.5):

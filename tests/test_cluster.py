@@ -6,7 +6,7 @@ two cannot drift apart silently), configs/cluster_quickstart.yaml against quicks
 resources the node types advertise, and the security defaults (no SSH from 0.0.0.0/0: every node type names
 its security group; every worker type has an explicit instance profile limited to the run bucket). The
 last test maps the same node types onto Ray's `fake_multinode` provider (the real autoscaler, worker
-"nodes" as local raylets), starts a head that has none of the stages' resources, runs MICRO_LOOP with
+"nodes" as local raylets), starts a head that has none of the stages' resources, runs SEED_ONLY_LOOP with
 configs/cluster_quickstart.yaml and checks that both worker types were launched, the run completed, and
 the cluster shrank back to the head after the idle timeout.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import MICRO_LOOP, REPO
+from tests.conftest import REPO, SEED_ONLY_LOOP
 
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 HEAD, CPU_WORKER, GPU_WORKER = "ray.head.default", "ray.worker.cpu", "ray.worker.gpu"
@@ -320,11 +320,11 @@ def test_node_types_autoscale_for_the_loop_and_back(tmp_path):
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started = time.time()
         run = subprocess.run([sys.executable, "-m", "rayalign.cli", "run", "configs/cluster_quickstart.yaml",
-                              f"run.dir={tmp_path / 'run'}", *MICRO_LOOP, "train.use_gpu=false"],
+                              f"run.dir={tmp_path / 'run'}", *SEED_ONLY_LOOP, "train.use_gpu=false"],
                              cwd=REPO, env={**env, "RAY_ADDRESS": gcs}, capture_output=True, text=True, timeout=900)
         ended = time.time()
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-        assert (tmp_path / "run/report.md").exists() and (tmp_path / "run/iter-1/train/final").is_dir()
+        assert (tmp_path / "run/report.md").exists() and (tmp_path / "run/iter-0/train/final").is_dir()
         during = [s["nodes"] for s in _snapshots(nodes_log) if started <= s["t"] <= ended]
         assert during and all(len(nodes) <= 3 for nodes in during)
         addresses = {k for nodes in during for node in nodes for k in node if k.startswith("node:")}

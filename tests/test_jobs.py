@@ -1,9 +1,10 @@
 """`jobs/`: rayalign's entry points as Ray jobs, on a real `ray start --head` with its dashboard.
 
-The command line is checked without Ray (`--dry-run`). The cluster test runs ONE micro quickstart loop as
-a job, stops it with `ray job stop` once iteration 0's training is complete (its `final/` marker), checks
-the job is STOPPED and none of its processes survive, resubmits with `--resume` through jobs/ and checks it
-SUCCEEDS without redoing finished stages (logged as skipped; their files keep inode and mtime).
+The command line is checked without Ray (`--dry-run`). The cluster test runs ONE seed-only micro quickstart
+loop (SEED_ONLY_LOOP) as a job, stops it with `ray job stop` once iteration 0's training is complete (its
+`final/` marker), checks the job is STOPPED and none of its processes survive, resubmits with `--resume`
+through jobs/ and checks it SUCCEEDS without redoing finished stages (logged as skipped; their files keep
+inode and mtime).
 The head runs in its own short temp dir on free loopback ports, with a marker in its environment that
 every process it starts inherits; teardown kills exactly those processes (never `ray stop`).
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MICRO_LOOP, REPO
+from tests.conftest import REPO, SEED_ONLY_LOOP
 from tests.conftest import wait_for as _wait_for
 
 SUBMIT = str(REPO / "jobs" / "submit.sh")
@@ -184,7 +185,7 @@ def test_job_stopped_after_iteration_0_resumes_without_redoing_it(tmp_path, monk
             monkeypatch.setenv(key, value)  # this process's job client: Ray's env vars beat its address argument
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
         client = _wait_for(lambda: _client(JobSubmissionClient, address), 60, "the dashboard's job API")
-        job = [SUBMIT, "run", "configs/quickstart.yaml", f"run.dir={run_dir}", *MICRO_LOOP, "--address", address]
+        job = [SUBMIT, "run", "configs/quickstart.yaml", f"run.dir={run_dir}", *SEED_ONLY_LOOP, "--address", address]
         first = subprocess.run([*job, "--no-wait", "--env", f"{JOB_MARKER}={tag}"], env=env, cwd=REPO,
                                capture_output=True, text=True, timeout=300)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -210,9 +211,9 @@ def test_job_stopped_after_iteration_0_resumes_without_redoing_it(tmp_path, monk
                         "iteration 0: training found in"):
             assert skipped in log, f"{skipped!r} not in the resumed job's log:\n{log[-4000:]}"
         assert _inode_and_mtime(run_dir) == kept, "a finished stage was redone"
-        assert (run_dir / "report.md").is_file() and (run_dir / "iter-1/train/final/model.safetensors").is_file()
+        assert (run_dir / "report.md").is_file() and (run_dir / "eval/iter-0.parquet").is_file()
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [m["iteration"] for m in metrics] == [0, 1] and all("win_rate_vs_sft" in m for m in metrics)
+        assert [m["iteration"] for m in metrics] == [0] and all("win_rate_vs_sft" in m for m in metrics)
         print(f"jobs: stop + --resume of the micro loop in {time.perf_counter() - started:.0f} s; stopped at "
               f"{stopped_after:.0f} s: {sorted(set(c.split(' ')[0] for c in running.values()))}")
     finally:

@@ -2,10 +2,11 @@
 
 The reference is the session's uninterrupted reduced quickstart (`quickstart_run` in conftest); this test
 adds one run with the same configuration, killed while iteration 2's Generator actors are up, then
-resumed. To save CI time the run starts from a copy of the reference's setup and iteration 0 (a legal
-resume point: those stages are deterministic and complete), so it computes iterations 1 and 2 itself.
-With the HF backend (per-prompt seeds) and one Ray Train worker every stage is deterministic, so
-the resumed run must end with the reference's weights and metrics, and must not touch iteration 1.
+resumed. To save CI time the run starts from a copy of the reference's setup, iteration 0 and iteration 1
+with iteration 0's record (a legal resume point: what a run killed before iteration 2's pass leaves), so
+it computes iteration 2 and the evaluations of pi_1 and pi_2 itself. With the HF backend (per-prompt
+seeds) and one Ray Train worker every stage is deterministic, so the resumed run must end with the
+reference's weights and metrics, and must not touch iteration 1.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ TAG = "RAYALIGN_TEST_RUN_TAG"  # inherited by the driver's Ray daemons and worke
 KEPT = ("sft/model.safetensors", "eval/sft.parquet", "iter-0/train/final/model.safetensors", "eval/iter-0.parquet",
         "iter-1/samples.parquet", "iter-1/judged.parquet", "iter-1/judge_counts.json",
         "iter-1/train/final/model.safetensors", "iter-1/train/metrics.jsonl", "iter-1/seconds")
-SEEDED = ("data", "tiny-model", "sft", "eval/sft.parquet", "iter-0", "eval/iter-0.parquet")
+SEEDED = ("data", "tiny-model", "sft", "eval/sft.parquet", "iter-0", "eval/iter-0.parquet", "iter-1")
 
 
 def _tagged_processes(tag: str) -> dict[int, str]:
@@ -99,17 +100,22 @@ def _weights(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
-def _copy_setup_and_iteration_0(source: Path, target: Path) -> None:
+def _copy_up_to_iteration_1(source: Path, target: Path) -> None:
+    """The run dir as a run killed before iteration 2's pass leaves it: iteration 0's record is written
+    in iteration 1's pass, iteration 1's only after iteration 2's."""
     for name in SEEDED:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (source / name).is_dir() else shutil.copy2)(source / name, target / name)
+    records = [line for line in (source / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["iteration"] == 0]
+    (target / "metrics.jsonl").write_text("".join(f"{line}\n" for line in records))
 
 
 def test_resume_after_kill_in_iteration_2_generation(quickstart_run, tmp_path):
     reference = quickstart_run
     assert reference.result.returncode == 0, reference.result.stdout[-3000:] + reference.result.stderr[-3000:]
     run_dir, tag = tmp_path / "run", uuid.uuid4().hex
-    _copy_setup_and_iteration_0(reference.run_dir, run_dir)
+    _copy_up_to_iteration_1(reference.run_dir, run_dir)
     command = [sys.executable, "-m", "rayalign.cli", "run", "configs/quickstart.yaml", f"run.dir={run_dir}",
                *reference.overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", TAG: tag}
@@ -117,7 +123,8 @@ def test_resume_after_kill_in_iteration_2_generation(quickstart_run, tmp_path):
     first_log = _kill_run_in_iteration_2_generation([*command, "--resume"], env, tag)
     survivors = _reap(tag)
     assert not _tagged_processes(tag)
-    assert "iteration 1: generating" in first_log, first_log[-3000:]
+    assert "iteration 1: found iter-1/judge_counts.json" in first_log, first_log[-3000:]
+    assert "iteration 1: generating" not in first_log, first_log[-3000:]
     # Killed inside iteration 2's Ray Data pass: nothing of it, nor of pi_1's evaluation, was written.
     assert not (run_dir / "iter-2" / "judge_counts.json").exists()
     assert not (run_dir / "iter-2" / "samples.parquet").exists()
