@@ -139,3 +139,12 @@ def test_prompt_columns_round_trip_through_parquet(tmp_path):
     write_rows_parquet(pd.DataFrame({"prompt_id": [1, 2], **columns}).to_dict("records"), path)
     back = pd.read_parquet(path)
     assert [prompt_from_row(row) for _, row in back.iterrows()] == prompts
+
+
+def test_implicit_conversations_render_with_the_chat_template():
+    from tests.test_data_chat import TEMPLATE, build_tokenizer
+
+    row, problems = normalize_row(TRL_EXAMPLE, "implicit_conversational", build_tokenizer(TEMPLATE))
+    assert problems == []
+    assert row == {"prompt": "<|user|>What color is the sky?\n<|assistant|>", "chosen": "It is blue.\n",
+                   "rejected": "It is green.\n"}

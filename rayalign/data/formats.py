@@ -56,7 +56,7 @@ FORMATS = ("explicit", "implicit", "conversational", "implicit_conversational", 
            "conversational_prompt_only", "messages", "k_sample", "gdpo")
 PAIR_FORMATS = ("explicit", "implicit", "conversational", "implicit_conversational", "ultrafeedback")
 PROMPT_FORMATS = ("prompt_only", "conversational_prompt_only", "messages")
-# Formats whose prompt is a message list (`prompt_of` gives it as messages, not rendered text).
+# Formats whose prompt is a message list (`prompts.prompt_of` gives it as messages, not rendered text).
 CONVERSATIONAL_FORMATS = ("conversational", "implicit_conversational", "ultrafeedback", "conversational_prompt_only",
                           "messages")
 ASSISTANT_TAG = "\n\nAssistant:"

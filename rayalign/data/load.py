@@ -36,7 +36,7 @@ def load_rows(
     `fmt` forces a format (rows that look like another one are errors). `tokenizer` is a loaded HF
     tokenizer whose chat template renders conversational rows (None: the fallback template, see chat.py).
     `select` picks the split and subset (`readers.Selection`; default: split "train", no subset).
-    `as_prompts`: every valid row becomes `{"prompt": formats.prompt_of(...)}`, a loop prompt (text, or the
+    `as_prompts`: every valid row becomes `{"prompt": prompts.prompt_of(...)}`, a loop prompt (text, or the
     messages of a conversational format), whatever the format (pairs give their prompt).
     """
     if fmt is not None and fmt not in FORMATS:
