@@ -105,7 +105,8 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     from rayalign.data.check import run_data_check
 
     # sys.stdout now: its default argument is whatever sys.stdout was when the module was first imported
-    return run_data_check(args.file, tokenizer=args.tokenizer, fmt=args.format, out=sys.stdout)
+    return run_data_check(args.file, tokenizer=args.tokenizer, fmt=args.format, split=args.split,
+                          subset=args.subset, out=sys.stdout)
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:

@@ -48,10 +48,16 @@ class ModelConfig:
 class DataConfig:
     """Preference / prompt data and tokenization limits."""
 
-    train_file: str = ""
-    eval_file: str | None = None
+    train_file: str = ""  # a file, a save_to_disk / dataset directory or a hub id
+    eval_file: str | None = None  # read as its own source, split "train" (another split: data.eval_split)
     eval_fraction: float = 0.0
-    prompts_file: str | None = None  # prompt-only rows for on-policy generation
+    # Splits and subset of train_file (see rayalign/data/readers.py): a single file has only "train".
+    split: str = "train"
+    eval_split: str | None = None  # held-out pairs from this split of train_file (instead of eval_fraction)
+    subset: str | None = None  # dataset config name (hub ids and dataset directories)
+    prompts_file: str | None = None  # loop prompts: prompt rows (text or messages) or the prompts of pairs
+    prompts_split: str | None = None  # None: data.split
+    prompts_subset: str | None = None  # None: data.subset
     format: str | None = None  # None: detect per file
     max_prompt_length: int = 256  # tokens; the *end* of a long prompt is kept, as TRL does
     max_completion_length: int = 256
@@ -61,6 +67,16 @@ class DataConfig:
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1); got {self.eval_fraction}")
         _require(self.eval_file is None or self.eval_fraction == 0.0, "data.eval_fraction",
                  "set either data.eval_file or data.eval_fraction, not both")
+        for key in ("split", "eval_split", "subset", "prompts_split", "prompts_subset"):
+            value = getattr(self, key)
+            _require(value is None or value.strip() != "", f"data.{key}", "must not be empty (null: unset)")
+        if self.eval_split is not None:
+            _require(self.eval_file is None, "data.eval_split",
+                     "set either data.eval_split or data.eval_file, not both")
+            _require(self.eval_fraction == 0.0, "data.eval_split",
+                     "set either data.eval_split or data.eval_fraction, not both")
+            _require(self.eval_split != self.split, "data.eval_split",
+                     f"is data.split ({self.split!r}); held-out pairs must come from another split")
         _positive(self.max_prompt_length, "data.max_prompt_length")
         _positive(self.max_completion_length, "data.max_completion_length")
 

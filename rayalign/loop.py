@@ -106,8 +106,10 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     location, store = storage.training(run_dir)  # run.storage: outputs go to STORAGE/<its run dir>
     # Self-refinement de-noises self-judged labels: iteration 0 trains on gold labels without it.
     refine = config.spa.refine and iteration > 0
+    # Iteration 0 trains on the user's seed pairs when given: their data.split / data.subset apply.
+    user_data = {"split": config.data.split, "subset": config.data.subset} if data == config.data.train_file else {}
     inputs = StageInputs(policy=policy, reference=reference, train_file=data, epochs=epochs,
-                         spa_mix=config.spa.mix_for(iteration) if refine else None, loss_type=loss_type)
+                         spa_mix=config.spa.mix_for(iteration) if refine else None, loss_type=loss_type, **user_data)
     stage = dataclasses.replace(  # the user's settings, run in the stage's own directory
         config, run=dataclasses.replace(config.run, dir=str(run_dir), storage=location))
     if run_train(stage, resume=True, storage=store, inputs=inputs) != 0:  # it printed why; the CLI prints one line
@@ -213,7 +215,7 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
     stage_start = time.perf_counter()
     policy = train_iteration(config, run_dir / "iter-0" / "train", policy=plan.sft_path, reference=plan.sft_path,
                              data=plan.seed_pairs, epochs=config.loop.seed_epochs, iteration=0, storage=plan.storage)
-    pending = {"iteration": 0, "previous": "sft", "pairs": _count_rows(plan.seed_pairs), "judged_path": None,
+    pending = {"iteration": 0, "previous": "sft", "pairs": _count_rows(plan.seed_pairs, config), "judged_path": None,
                "seconds": _stage_seconds(plan.storage, run_dir, 0, stage_start)}
     for i, prompts in enumerate(plan.prompt_sets, start=1):
         stage_start, it_dir = time.perf_counter(), run_dir / f"iter-{i}"
@@ -245,10 +247,12 @@ def _finish_record(config: Config, run_dir: Path, storage: StageStorage, *, name
     _log(f"iteration {iteration}: {_summary(record)}")
 
 
-def _count_rows(path: str) -> int:
-    from rayalign.data import load_rows
+def _count_rows(path: str, config: Config) -> int:
+    from rayalign.data import Selection, load_rows
 
-    return len(load_rows(path).rows)
+    user_data = path == config.data.train_file  # the user's seed pairs: their split and subset
+    select = Selection(config.data.split, config.data.subset) if user_data else Selection()
+    return len(load_rows(path, select=select).rows)
 
 
 def _summary(record: dict) -> str:

@@ -23,6 +23,9 @@ class StageInputs:
     train_file: str = ""
     eval_file: str | None = None
     eval_fraction: float = 0.0
+    split: str = "train"  # of train_file (data.split); the loop's own Parquet files have only "train"
+    eval_split: str | None = None  # held-out pairs from this split of train_file (data.eval_split)
+    subset: str | None = None  # of train_file (data.subset)
     format: str | None = None  # None: detect per file
     epochs: int = 1
     spa_mix: float | None = None  # SPA self-refinement's mix = 1 + lambda; None: no refinement
@@ -38,10 +41,19 @@ class StageInputs:
     @classmethod
     def from_config(cls, config) -> StageInputs:
         """The inputs a `Config` asks for when it runs one stage on its own (`rayalign train`, a Tune trial)."""
-        spa = config.spa
-        return cls(policy=config.model.policy, reference=config.model.reference, train_file=config.data.train_file,
-                   eval_file=config.data.eval_file, eval_fraction=config.data.eval_fraction, format=config.data.format,
+        spa, data = config.spa, config.data
+        return cls(policy=config.model.policy, reference=config.model.reference, train_file=data.train_file,
+                   eval_file=data.eval_file, eval_fraction=data.eval_fraction, split=data.split,
+                   eval_split=data.eval_split, subset=data.subset, format=data.format,
                    epochs=config.train.epochs, spa_mix=spa.mix_for(spa.iteration) if spa.refine else None)
+
+    def selection(self, *, evaluation: bool = False):
+        """The `rayalign.data.Selection` of train_file's training (or, `evaluation`, held-out) split."""
+        from rayalign.data.readers import Selection
+
+        if evaluation:
+            return Selection(split=self.eval_split, subset=self.subset, split_key="data.eval_split")
+        return Selection(split=self.split, subset=self.subset)
 
     def to_dict(self) -> dict:
         """Plain values for Ray Train's `train_loop_config`; `StageInputs(**d)` reads them back."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from rayalign.config import Config, ConfigError
+from rayalign.data.prompts import Prompt, prompt_columns
 from rayalign.io import atomic_write_text
 
 ITERATION_PROMPT_ID = 1_000_000  # iteration i's k-th prompt has id i * ITERATION_PROMPT_ID + k
@@ -27,19 +28,18 @@ def _log(command: str, message: str) -> None:
     print(f"rayalign {command}: {message}", flush=True)
 
 
-def plan_prompts(config: Config) -> tuple[list[list[str]], list[str]]:
+def plan_prompts(config: Config) -> tuple[list[list[Prompt]], list[Prompt]]:
     """The loop's prompt set of every iteration and its held-out evaluation prompts.
 
-    From `data.prompts_file` (prompt-only rows; the first `loop.eval_prompts`, at most a fifth, are held
-    out), else the embedded sentiment task's seeded prompts.
+    From `data.prompts_file` (`load_prompts`; the first `loop.eval_prompts`, at most a fifth, are held out),
+    else the embedded sentiment task's seeded prompts. A prompt's place in these lists gives its id
+    (`iteration_frame`, `eval_frame`), so the same source, split and settings give the same ids on resume.
     """
     from rayalign.tasks import sentiment
 
     iterations, per = config.loop.iterations, config.loop.prompts_per_iteration
     if config.data.prompts_file:
-        from rayalign.data import load_rows
-
-        prompts = [r["prompt"] for r in load_rows(config.data.prompts_file, fmt="prompt_only").rows]
+        prompts = load_prompts(config)
         held = min(config.loop.eval_prompts, len(prompts) // 5)
         eval_prompts, prompts = prompts[:held], prompts[held:]
         per = per or len(prompts) // max(1, iterations)
@@ -49,15 +49,31 @@ def plan_prompts(config: Config) -> tuple[list[list[str]], list[str]]:
     return [prompts[i * per:(i + 1) * per] for i in range(iterations)], eval_prompts
 
 
-def prompt_frame(prompts: list[str], first_id: int) -> pd.DataFrame:
-    return pd.DataFrame({"prompt_id": [first_id + k for k in range(len(prompts))], "prompt": prompts})
+def load_prompts(config: Config) -> list[Prompt]:
+    """The prompts of `data.prompts_file`, in source order: text, or messages for conversational rows.
+
+    Any format gives prompts (pairs give theirs, `messages` rows drop their trailing assistant turns; see
+    `rayalign.data.prompts`). The split is `data.prompts_split`, else `data.split`; the subset
+    `data.prompts_subset`, else `data.subset`. Errors name the key the split or subset came from."""
+    from rayalign.data import Selection, load_rows
+
+    data = config.data
+    select = Selection(split=data.prompts_split or data.split, subset=data.prompts_subset or data.subset,
+                       split_key="data.prompts_split" + ("" if data.prompts_split else " (unset: data.split)"),
+                       subset_key="data.prompts_subset" + ("" if data.prompts_subset else " (unset: data.subset)"))
+    return [r["prompt"] for r in load_rows(data.prompts_file, select=select, as_prompts=True).rows]
 
 
-def iteration_frame(prompts: list[str], iteration: int) -> pd.DataFrame:
+def prompt_frame(prompts: list[Prompt], first_id: int) -> pd.DataFrame:
+    """Columns prompt_id, prompt and, for message prompts, prompt_messages (`rayalign.data.prompts`)."""
+    return pd.DataFrame({"prompt_id": [first_id + k for k in range(len(prompts))], **prompt_columns(prompts)})
+
+
+def iteration_frame(prompts: list[Prompt], iteration: int) -> pd.DataFrame:
     return prompt_frame(prompts, iteration * ITERATION_PROMPT_ID)
 
 
-def eval_frame(eval_prompts: list[str]) -> pd.DataFrame:
+def eval_frame(eval_prompts: list[Prompt]) -> pd.DataFrame:
     return prompt_frame(eval_prompts, EVAL_PROMPT_ID)
 
 

@@ -72,17 +72,23 @@ def pair_rows(fmt: str, rows: list[dict], config: Config, source: str | None = N
 
 def split_eval(rows: list[dict], config: Config, tokenizer, kind: str | None = None,
                inputs: StageInputs | None = None) -> tuple[list[dict], list[dict]]:
-    """Held-out pairs: `data.eval_file` (whose rows must be of the training data's `kind`), or a seeded
-    `data.eval_fraction` of the training file (both: the stage's `inputs`, by default the config's)."""
-    from rayalign.data import load_rows
+    """Held-out pairs: `data.eval_file` or the `data.eval_split` split of the training source (whose rows must
+    be of the training data's `kind`), or a seeded `data.eval_fraction` of the training rows (all three: the
+    stage's `inputs`, by default the config's)."""
+    from rayalign.data import Selection, load_rows
 
     inputs = inputs or StageInputs.from_config(config)
-    if inputs.eval_file:
-        data = load_rows(inputs.eval_file, fmt=inputs.format, tokenizer=tokenizer)
-        eval_kind, eval_rows = pair_rows(data.format, data.rows, config, inputs.eval_file)
+    if inputs.eval_file or inputs.eval_split:
+        if inputs.eval_file:  # its own source, read whole (split "train")
+            key, source, select = "data.eval_file", inputs.eval_file, Selection()
+        else:
+            key, source, select = "data.eval_split", inputs.train_file, inputs.selection(evaluation=True)
+        data = load_rows(source, fmt=inputs.format, tokenizer=tokenizer, select=select)
+        eval_kind, eval_rows = pair_rows(data.format, data.rows, config, source)
         # GDPO rows as the eval of plain pairs are pairs (their level target is not read)
         if kind and eval_kind != kind and (kind, eval_kind) != (PAIRS, LEVEL_PAIRS):
-            raise ConfigError(f"data.eval_file: {inputs.eval_file} gives {eval_kind} data; "
+            where = source if inputs.eval_file else f"split {inputs.eval_split!r} of {source}"
+            raise ConfigError(f"{key}: {where} gives {eval_kind} data; "
                               f"data.train_file gives {kind}")
         return rows, eval_rows
     if inputs.eval_fraction == 0:
@@ -166,7 +172,7 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     tokenizer = None
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
-    data = load_rows(inputs.train_file, fmt=inputs.format, tokenizer=tokenizer)
+    data = load_rows(inputs.train_file, fmt=inputs.format, tokenizer=tokenizer, select=inputs.selection())
     kind, rows = pair_rows(data.format, data.rows, config, inputs.train_file)  # the data kind, decided once
     texts = [r["prompt"] + ("".join(r["completions"]) if kind == GROUPS else r["chosen"]) for r in rows]
     policy_path = build_policy_if_needed(inputs.policy, config, run_dir, texts)

@@ -79,13 +79,13 @@ def check_sweep(config: Config, dims: list[Dimension], trial_configs: list[Confi
     if tune.metric not in names:
         raise ConfigError(f"tune.metric: {tune.metric!r} is not reported by training; use one of {', '.join(names)}")
     for trial in [config, *trial_configs]:
-        if not (trial.data.eval_file or trial.data.eval_fraction > 0):
-            raise ConfigError("tune.metric: eval metrics need held-out pairs; set data.eval_fraction or "
-                              "data.eval_file")
+        if not (trial.data.eval_file or trial.data.eval_split or trial.data.eval_fraction > 0):
+            raise ConfigError("tune.metric: eval metrics need held-out pairs; set data.eval_fraction, "
+                              "data.eval_split or data.eval_file")
         if tune.scheduler == "asha" and trial.train.eval_every <= 0:
             raise ConfigError("tune.scheduler: asha stops trials on intermediate evaluations; set "
                               "train.eval_every > 0")
-    fixed = ("model.policy", "model.tokenizer", "data.train_file", "data.format")
+    fixed = ("model.policy", "model.tokenizer", "data.train_file", "data.split", "data.subset", "data.format")
     swept = [d.key for d in dims if d.key in fixed]
     if not config.model.policy and swept:
         raise ConfigError(f"tune.space.{swept[0]}: with model.policy empty the sweep builds one tiny model from "

@@ -22,6 +22,10 @@ EXAMPLES = {
         "chosen": [{"role": "assistant", "content": "hello"}],
         "rejected": [{"role": "assistant", "content": "go away"}],
     },
+    "implicit_conversational": {
+        "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}],
+    },
     "ultrafeedback": {
         "prompt": "hi",
         "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
@@ -30,6 +34,8 @@ EXAMPLES = {
         "score_rejected": 3,
     },
     "prompt_only": {"prompt": "Write a poem."},
+    "conversational_prompt_only": {"prompt": [{"role": "user", "content": "Write a poem."}]},
+    "messages": {"messages": [{"role": "user", "content": "Write a poem."}, {"role": "assistant", "content": "No."}]},
     "k_sample": {"prompt": "Q?", "completions": ["a", "b", "c"], "rewards": [1, 0.5, -2]},
     "gdpo": {
         "prompt": "Is tea good?", "target": [0.2, 0.5, 0.3], "belief": 1, "belief_text": "somewhat",
@@ -105,8 +111,8 @@ def test_conversational_errors():
     record = {**EXAMPLES["conversational"], "rejected": [{"role": "assistant"}]}
     assert problems_of(record, "conversational") == {"rejected[0].content": "must be a string, got null"}
     record = {k: v for k, v in EXAMPLES["conversational"].items() if k != "prompt"}
-    assert detect_format(record) == "conversational"
-    assert "implicit-prompt conversations are not" in problems_of(record, "conversational")["prompt"]
+    assert detect_format(record) == "implicit_conversational"
+    assert "rows without one are 'implicit_conversational'" in problems_of(record, "conversational")["prompt"]
     record = {**EXAMPLES["conversational"], "chosen": [{"role": "assistant", "content": "  "}]}
     assert "no content" in problems_of(record, "conversational")["chosen"]
     record = {**EXAMPLES["conversational"], "prompt": []}

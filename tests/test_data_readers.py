@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from rayalign.data import DataValidationError, load_rows, write_rows_parquet
+from rayalign.data import DataValidationError, Selection, load_rows, write_rows_parquet
 from rayalign.data.readers import read_records
 
 PAIRS = [
@@ -121,9 +121,9 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS[:1]),
                                "test": datasets.Dataset.from_list(PAIRS[1:])})
     dd.save_to_disk(tmp_path / "dd")
-    assert load_rows(tmp_path / "dd", split="test").rows == PAIRS[1:]
-    with pytest.raises(DataValidationError, match="no split 'valid'"):
-        load_rows(tmp_path / "dd", split="valid")
+    assert load_rows(tmp_path / "dd", select=Selection(split="test")).rows == PAIRS[1:]
+    with pytest.raises(DataValidationError, match="data.split: no split .valid.; the splits are test, train"):
+        load_rows(tmp_path / "dd", select=Selection(split="valid"))
 
 
 def test_plain_directory_is_not_a_dataset(tmp_path):

@@ -58,3 +58,17 @@ def test_iteration_0_of_a_k_sample_loss_trains_dpo_through_its_inputs(tmp_path, 
     assert seen["inputs"].loss_type == "dpo"
     assert seen["config"].loss.type == "exo_rw"  # the user's setting; the stage's loss is in its inputs
     assert seen["inputs"].stage_config(seen["config"]).loss.type == "dpo"
+
+
+def test_iteration_0_reads_the_users_seed_pairs_with_their_split_and_subset(tmp_path, monkeypatch):
+    from rayalign import loop, train
+
+    seen = []
+    monkeypatch.setattr(train, "run_train", lambda config, **kw: seen.append(kw["inputs"]) or 0)
+    config = load_config(None, ["data.train_file=uf", "data.split=train_prefs", "data.subset=en",
+                                f"run.dir={tmp_path}"])
+    for iteration, data in ((0, "uf"), (1, "judged.parquet")):
+        loop.train_iteration(config, tmp_path / f"it{iteration}", policy="p", reference="r", data=data, epochs=1,
+                             iteration=iteration, storage=StageStorage(config))
+    assert [(i.train_file, i.split, i.subset) for i in seen] == [("uf", "train_prefs", "en"),
+                                                                 ("judged.parquet", "train", None)]

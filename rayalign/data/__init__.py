@@ -5,25 +5,39 @@
     data.rows[0]                                       # {"prompt": ..., "chosen": ..., "rejected": ...}
 
 Modules: `readers` (files -> raw records), `formats` (detect, validate, normalize one record), `chat`
-(conversational rendering), `load` (`load_rows`: a whole source), `check` (`rayalign data check`), `errors`.
+(conversational rendering), `load` (`load_rows`: a whole source), `prompts` (loop prompts: text or messages),
+`check` (`rayalign data check`), `errors`.
 Nothing here imports ray, vllm or deepspeed; transformers, datasets and pyarrow are imported only inside
 the functions that need them. `check` is not imported here so `python -m rayalign.data.check` runs cleanly.
 """
 
 from rayalign.data.errors import DataValidationError, RowError
-from rayalign.data.formats import FORMATS, PAIR_FORMATS, detect_format, normalize_row, split_implicit_prompt
+from rayalign.data.formats import (
+    FORMATS,
+    PAIR_FORMATS,
+    PROMPT_FORMATS,
+    detect_format,
+    normalize_row,
+    split_implicit_prompt,
+)
 from rayalign.data.load import LoadedData, load_rows
-from rayalign.data.readers import write_rows_parquet
+from rayalign.data.prompts import Prompt, prompt_columns, prompt_from_row
+from rayalign.data.readers import Selection, write_rows_parquet
 
 __all__ = [
     "FORMATS",
     "PAIR_FORMATS",
+    "PROMPT_FORMATS",
     "DataValidationError",
     "LoadedData",
+    "Prompt",
     "RowError",
+    "Selection",
     "detect_format",
     "load_rows",
     "normalize_row",
+    "prompt_columns",
+    "prompt_from_row",
     "split_implicit_prompt",
     "write_rows_parquet",
 ]

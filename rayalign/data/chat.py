@@ -54,6 +54,42 @@ def check_messages(value: Any, field: str, problems: Problems) -> list[dict[str,
     return messages if ok else None
 
 
+class ImplicitPromptError(ValueError):
+    """Why a conversation pair has no implicit prompt; `field` is the field to report it under."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def split_implicit_conversation(
+    chosen: list[dict[str, str]], rejected: list[dict[str, str]]
+) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+    """(prompt, chosen completion, rejected completion) of two whole conversations, as TRL's `extract_prompt`:
+    the prompt is their longest common leading run of whole turns. Raises `ImplicitPromptError` when they
+    share no turn, when either side has no turn left (its completion would be empty; TRL would instead cut
+    one turn earlier), or when a completion does not start with the assistant's turn."""
+    if chosen == rejected:
+        raise ImplicitPromptError("chosen", "is identical to rejected")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise ImplicitPromptError("prompt", "chosen and rejected share no leading turn, so there is no implicit "
+                                            "prompt (their first turns differ)")
+    sides = (("chosen", chosen), ("rejected", rejected))
+    for name, messages in sides:
+        if len(messages) == shared:
+            raise ImplicitPromptError(name, f"has no turn after the {shared} it shares with the other side (the "
+                                            "implicit prompt): its completion would be empty")
+    for name, messages in sides:
+        if messages[shared]["role"] != "assistant":
+            raise ImplicitPromptError(name, f"its first turn after the {shared} shared ones (the implicit prompt) "
+                                            f"is {messages[shared]['role']!r}; a completion starts with the "
+                                            "assistant's turn")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
 def render_prompt(messages: list[dict[str, str]], tokenizer: Any = None) -> str:
     """The prompt text, ending with the generation prompt (the assistant's turn opener)."""
     if not _has_template(tokenizer):

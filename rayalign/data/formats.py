@@ -9,10 +9,21 @@ Formats (`FORMATS`) and the normalized rows they give (plain dicts; an optional 
   empty or whitespace-only (HH has such replies); the `data check` command counts them.
 - "conversational": TRL conversational, prompt/chosen/rejected as `{role, content}` message lists, rendered
   by `chat.py` (the tokenizer's chat template, else a documented fallback)  -> {prompt, chosen, rejected}
+- "implicit_conversational": TRL implicit-prompt conversational `{chosen, rejected}`, each a whole
+  conversation (no `prompt`). As TRL's `extract_prompt`, the prompt is the longest common leading run of
+  whole turns and the completions are the rest; rendered as "conversational". Errors: no shared turn, a
+  side with no turn left after the shared ones (an empty completion), a completion whose first turn is not
+  the assistant's (`chat.split_implicit_conversation`).              -> {prompt, chosen, rejected}
 - "ultrafeedback": `prompt` string, chosen/rejected message lists (user turn(s) + final assistant turn).
   The rendered prompt comes from the messages before the final turn (which must be the same in chosen and
   rejected); the `prompt` string is only checked to be non-empty text.   -> {prompt, chosen, rejected}
-- "prompt_only": `{prompt}` for generation                                  -> {prompt}
+- "prompt_only": `{prompt}` string for generation                           -> {prompt: str}
+- "conversational_prompt_only": `{prompt}` as a message list (TRL conversational prompt-only); its last
+  turn must not be the assistant's                                        -> {prompt: [messages]}
+- "messages": `{messages}` (TRL conversational language modeling, e.g. UltraFeedback's `*_gen` splits),
+  as a prompt: the trailing assistant turn(s) are dropped; a `prompt` string next to it is ignored
+                                                                           -> {prompt: [messages]}
+  Prompt rows keep their messages (not rendered): the stage that tokenizes renders them.
 - "k_sample": `{prompt, completions: [K], rewards: [K]}`, K >= 2, finite rewards -> same fields. Individual
   completions may be empty strings (a model may sample an empty answer).
 - "gdpo": ALGORITHMS.md §3 -> prompt, target, belief, belief_text, chosen, rejected, rejected_belief,
@@ -31,11 +42,23 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from rayalign.data.chat import Problems, check_messages, render_completion, render_prompt
+from rayalign.data.chat import (
+    ImplicitPromptError,
+    Problems,
+    check_messages,
+    render_completion,
+    render_prompt,
+    split_implicit_conversation,
+)
 from rayalign.data.errors import type_name
 
-FORMATS = ("explicit", "implicit", "conversational", "ultrafeedback", "prompt_only", "k_sample", "gdpo")
-PAIR_FORMATS = ("explicit", "implicit", "conversational", "ultrafeedback")
+FORMATS = ("explicit", "implicit", "conversational", "implicit_conversational", "ultrafeedback", "prompt_only",
+           "conversational_prompt_only", "messages", "k_sample", "gdpo")
+PAIR_FORMATS = ("explicit", "implicit", "conversational", "implicit_conversational", "ultrafeedback")
+PROMPT_FORMATS = ("prompt_only", "conversational_prompt_only", "messages")
+# Formats whose prompt is a message list (`prompts.prompt_of` gives it as messages, not rendered text).
+CONVERSATIONAL_FORMATS = ("conversational", "implicit_conversational", "ultrafeedback", "conversational_prompt_only",
+                          "messages")
 ASSISTANT_TAG = "\n\nAssistant:"
 
 _GDPO_FIELDS = ("target", "belief", "belief_text", "rejected_belief", "rejected_belief_text")
@@ -55,12 +78,14 @@ def detect_format(record: Any) -> str:
     if keys & {"chosen", "rejected"}:
         has_messages = any(isinstance(record.get(k), list) for k in ("chosen", "rejected"))
         if "prompt" not in keys:
-            return "conversational" if has_messages else "implicit"
+            return "implicit_conversational" if has_messages else "implicit"
         if isinstance(record["prompt"], list):
             return "conversational"
         return "ultrafeedback" if has_messages else "explicit"
+    if "messages" in keys:  # before "prompt": UltraFeedback's *_gen rows hold both, the messages are the prompt
+        return "messages"
     if "prompt" in keys:
-        return "prompt_only"
+        return "conversational_prompt_only" if isinstance(record["prompt"], list) else "prompt_only"
     raise ValueError(f"cannot detect the format: none of the known fields in {sorted(map(str, record))}")
 
 
@@ -124,6 +149,11 @@ def _text(record: dict, name: str, problems: Problems) -> str | None:
     return value
 
 
+def _messages_field(record: dict, name: str, problems: Problems) -> list[dict[str, str]] | None:
+    value = _required(record, name, problems)
+    return None if value is None else check_messages(value, name, problems)
+
+
 def _number(value: Any, name: str, problems: Problems) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         problems.append((name, f"must be a number, got {type_name(value)}"))
@@ -171,12 +201,23 @@ def _implicit(record: dict, problems: Problems, tokenizer: Any) -> dict:
 def _conversational(record: dict, problems: Problems, tokenizer: Any) -> dict:
     if "prompt" not in record or record["prompt"] is None:
         problems.append(("prompt", "missing field (conversational rows need the prompt messages in 'prompt'; "
-                                   "implicit-prompt conversations are not supported)"))
+                                   "rows without one are 'implicit_conversational')"))
         prompt_messages = None
     else:
         prompt_messages = check_messages(record["prompt"], "prompt", problems)
     chosen = check_messages(_required(record, "chosen", problems), "chosen", problems)
     rejected = check_messages(_required(record, "rejected", problems), "rejected", problems)
+    return _render_pair(prompt_messages, chosen, rejected, record, problems, tokenizer)
+
+
+def _implicit_conversational(record: dict, problems: Problems, tokenizer: Any) -> dict:
+    chosen, rejected = (_messages_field(record, name, problems) for name in ("chosen", "rejected"))
+    prompt_messages = None
+    if chosen is not None and rejected is not None:
+        try:
+            prompt_messages, chosen, rejected = split_implicit_conversation(chosen, rejected)
+        except ImplicitPromptError as e:
+            problems.append((e.field, str(e)))
     return _render_pair(prompt_messages, chosen, rejected, record, problems, tokenizer)
 
 
@@ -221,6 +262,34 @@ def _render_pair(prompt_messages: list | None, chosen: list | None, rejected: li
 
 def _prompt_only(record: dict, problems: Problems, tokenizer: Any) -> dict:
     return {"prompt": _text(record, "prompt", problems)}
+
+
+def _conversational_prompt_only(record: dict, problems: Problems, tokenizer: Any) -> dict:
+    return {"prompt": _prompt_messages(_messages_field(record, "prompt", problems), "prompt", problems)}
+
+
+def _messages(record: dict, problems: Problems, tokenizer: Any) -> dict:
+    messages = _messages_field(record, "messages", problems)
+    if messages is not None:
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # a prompt is the conversation before the assistant's (last) reply
+        if not messages:
+            problems.append(("messages", "has only assistant turns: no prompt is left once they are dropped"))
+            messages = None
+    return {"prompt": _prompt_messages(messages, "messages", problems)}
+
+
+def _prompt_messages(messages: list | None, name: str, problems: Problems) -> list | None:
+    """Messages that can prompt a model: some content, and not ending with the assistant's turn."""
+    if messages is None:
+        return None
+    if not any(m["content"].strip() for m in messages):
+        problems.append((name, "is empty (its messages have no content)"))
+        return None
+    if messages[-1]["role"] == "assistant":
+        problems.append((name, "ends with an assistant turn; a prompt ends with the turn the model answers"))
+        return None
+    return messages
 
 
 def _k_sample(record: dict, problems: Problems, tokenizer: Any) -> dict:
@@ -308,8 +377,11 @@ _NORMALIZERS: dict[str, Callable[[dict, Problems, Any], dict]] = {
     "explicit": _explicit,
     "implicit": _implicit,
     "conversational": _conversational,
+    "implicit_conversational": _implicit_conversational,
     "ultrafeedback": _ultrafeedback,
     "prompt_only": _prompt_only,
+    "conversational_prompt_only": _conversational_prompt_only,
+    "messages": _messages,
     "k_sample": _k_sample,
     "gdpo": _gdpo,
 }

@@ -15,7 +15,8 @@ from typing import Any
 
 from rayalign.data.errors import WHOLE, DataValidationError, RowError
 from rayalign.data.formats import FORMATS, detect_format, normalize_row
-from rayalign.data.readers import read_records
+from rayalign.data.prompts import prompt_of
+from rayalign.data.readers import DEFAULT_SELECTION, Selection, read_records
 
 
 @dataclass
@@ -23,20 +24,24 @@ class LoadedData:
     format: str  # one of FORMATS
     rows: list[dict[str, Any]]  # normalized rows, in file order
     path: str  # the source as given (a path or a hub id)
+    select: Selection = DEFAULT_SELECTION  # the split and subset read
 
 
 def load_rows(
-    source: str | os.PathLike, *, fmt: str | None = None, tokenizer: Any = None, split: str = "train"
+    source: str | os.PathLike, *, fmt: str | None = None, tokenizer: Any = None,
+    select: Selection = DEFAULT_SELECTION, as_prompts: bool = False,
 ) -> LoadedData:
     """Read, validate and normalize every row of `source`; raise `DataValidationError` listing all problems.
 
     `fmt` forces a format (rows that look like another one are errors). `tokenizer` is a loaded HF
     tokenizer whose chat template renders conversational rows (None: the fallback template, see chat.py).
-    `split` picks the split of a saved DatasetDict or a hub dataset.
+    `select` picks the split and subset (`readers.Selection`; default: split "train", no subset).
+    `as_prompts`: every valid row becomes `{"prompt": prompts.prompt_of(...)}`, a loop prompt (text, or the
+    messages of a conversational format), whatever the format (pairs give their prompt).
     """
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    raw = read_records(source, split=split)
+    raw = read_records(source, select=select)
     errors = list(raw.errors)
     detected = []
     for row_number, record in raw.records:
@@ -56,11 +61,11 @@ def load_rows(
         row, problems = normalize_row(record, file_format, tokenizer)
         errors.extend(RowError(raw.path, row_number, field, message) for field, message in problems)
         if row is not None:
-            rows.append(row)
+            rows.append({"prompt": prompt_of(record, file_format, row)} if as_prompts else row)
     if errors:
         # Reading errors and row errors were found in different passes; show them in file order.
         raise DataValidationError(sorted(errors, key=lambda e: e.row))
-    return LoadedData(format=file_format, rows=rows, path=raw.path)
+    return LoadedData(format=file_format, rows=rows, path=raw.path, select=select)
 
 
 def _file_format(detected: list[str], fmt: str | None) -> tuple[str | None, str]:

@@ -4,11 +4,18 @@
 could not (bad JSON, bad UTF-8, a corrupt or truncated file), so the caller can report all problems at once.
 It does not look at the fields: detecting and validating formats is `formats.py`'s job.
 
-Sources: an existing file is read by its suffix; an existing directory must come from
-`datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`, then `split` picks the split). A source that
-does not exist is treated as a Hugging Face hub id (`datasets.load_dataset(id, split=split)`) only if it
-could be one: at most one "/", no known file suffix and not starting with ".", "/" or "~". Anything else is a
-missing path, reported as such rather than sent to the hub.
+Sources, with the split and subset (dataset config name) they take:
+- an existing file, read by its suffix: one split, `train`; another split or any subset is an error;
+- a directory written by `DatasetDict.save_to_disk` (`split` picks one of its splits) or by
+  `Dataset.save_to_disk` (one split: `train`, or the split name it recorded when it was loaded with one);
+  such a directory has no subsets, so a subset is an error;
+- any other directory is read by `datasets.load_dataset(DIR, subset, split=split)`: a dataset repository's
+  files (e.g. downloaded from the hub: data/train-*.parquet, or a README declaring configs = subsets);
+- a source that does not exist is a Hugging Face hub id (`datasets.load_dataset(id, subset, split=split)`)
+  only if it could be one: at most one "/", no known file suffix and not starting with ".", "/" or "~".
+  Anything else is a missing path, reported as such rather than sent to the hub.
+A wrong split or subset is one `RowError` at row 0 naming the setting (`split_key`, `subset_key`: the
+config key or command-line option the caller took it from) and, where known, the splits that exist.
 
 `write_rows_parquet` writes stage artifacts atomically; reading the .parquet back gives the same rows, with
 a field missing from some rows coming back as None (the validators treat None as absent).
@@ -42,16 +49,46 @@ class RawData:
     errors: list[RowError] = field(default_factory=list)
 
 
-def read_records(source: str | os.PathLike, *, split: str = "train") -> RawData:
+@dataclass(frozen=True)
+class Selection:
+    """Which part of a source to read, and the settings to name when it does not exist."""
+
+    split: str = "train"
+    subset: str | None = None
+    split_key: str = "data.split"
+    subset_key: str = "data.subset"
+
+    def split_error(self, path: str, reason: str) -> RowError:
+        return RowError(path, 0, WHOLE, f"{self.split_key}: {reason}")
+
+    def subset_error(self, path: str, reason: str) -> RowError:
+        return RowError(path, 0, WHOLE, f"{self.subset_key}: {reason}")
+
+
+DEFAULT_SELECTION = Selection()  # split "train", no subset
+
+
+def read_records(source: str | os.PathLike, *, select: Selection = DEFAULT_SELECTION) -> RawData:
     """Read `source` into (row number, record) pairs, collecting read errors instead of raising."""
     path = os.fspath(source)
     raw = RawData(path=path)
     if os.path.isdir(path):
-        _read_saved_dataset(path, split, raw)
+        if _is_saved_dataset(path):
+            _read_saved_dataset(path, select, raw)
+        else:
+            _read_with_load_dataset(path, select, raw, what="a datasets save_to_disk directory")
     elif os.path.exists(path):
-        _read_file(path, raw)
+        if select.split != "train":
+            raw.errors.append(select.split_error(path, f"no split {select.split!r}: a single file holds one split, "
+                                                       "'train' (named splits need a save_to_disk directory or a "
+                                                       "hub id)"))
+        elif select.subset is not None:
+            raw.errors.append(select.subset_error(path, f"no subset {select.subset!r}: a single file has no subsets "
+                                                        "(dataset configs)"))
+        else:
+            _read_file(path, raw)
     elif _could_be_hub_id(path):
-        _read_hub(path, split, raw)
+        _read_with_load_dataset(path, select, raw, what="a local path")
     else:
         raw.errors.append(RowError(path, 0, WHOLE, "no such file or directory"))
     return raw
@@ -198,32 +235,61 @@ def _csv_json_cell(cell: str) -> Any:
         return cell  # left as a string, so validation reports the wrong type for this field
 
 
-def _read_saved_dataset(path: str, split: str, raw: RawData) -> None:
+def _is_saved_dataset(path: str) -> bool:
+    # What `save_to_disk` writes: dataset_dict.json for a DatasetDict, state.json for a Dataset.
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json"))
+
+
+def _read_saved_dataset(path: str, select: Selection, raw: RawData) -> None:
     import datasets
 
     try:
         loaded = datasets.load_from_disk(path)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raw.errors.append(RowError(path, 0, WHOLE, f"not a datasets save_to_disk directory: {e}"))
+        raw.errors.append(RowError(path, 0, WHOLE, f"not a datasets save_to_disk directory: {_one_line(e)}"))
+        return
+    if select.subset is not None:
+        raw.errors.append(select.subset_error(path, f"no subset {select.subset!r}: a save_to_disk directory has "
+                                                    "no subsets (dataset configs)"))
         return
     if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raw.errors.append(RowError(path, 0, WHOLE, f"no split {split!r} (has {sorted(loaded)})"))
+        if select.split not in loaded:
+            raw.errors.append(select.split_error(path, f"no split {select.split!r}; the splits are "
+                                                       f"{', '.join(sorted(loaded))}"))
             return
-        loaded = loaded[split]
+        loaded = loaded[select.split]
+    else:
+        # A single Dataset is one split: "train" (the default) or the name it was loaded with, if any.
+        names = ["train", *([str(loaded.split)] if loaded.split is not None else [])]
+        if select.split not in names:
+            raw.errors.append(select.split_error(path, f"no split {select.split!r}: a saved single Dataset holds "
+                                                       f"one split, {' or '.join(map(repr, dict.fromkeys(names)))}"))
+            return
     raw.records.extend(enumerate(loaded.to_list(), start=1))
 
 
-def _read_hub(name: str, split: str, raw: RawData) -> None:
+def _read_with_load_dataset(name: str, select: Selection, raw: RawData, *, what: str) -> None:
+    """A hub id or a dataset repository directory, through `datasets.load_dataset`."""
     import datasets
 
     try:
-        loaded = datasets.load_dataset(name, split=split)
+        loaded = datasets.load_dataset(name, select.subset, split=select.split)
     except Exception as e:  # noqa: BLE001 - the hub client raises many types; all mean "cannot load"
-        raw.errors.append(RowError(name, 0, WHOLE, f"not a local path, and loading it as a Hugging Face "
-                                                   f"hub dataset failed: {type(e).__name__}: {e}"))
+        message = _one_line(e)
+        if isinstance(e, ValueError) and message.startswith("Unknown split"):
+            raw.errors.append(select.split_error(name, message))
+        elif isinstance(e, ValueError) and ("BuilderConfig" in message or "Config name is missing" in message):
+            raw.errors.append(select.subset_error(name, message))
+        else:
+            raw.errors.append(RowError(name, 0, WHOLE, f"not {what}, and loading it with datasets.load_dataset "
+                                                       f"failed: {type(e).__name__}: {message}"))
         return
     raw.records.extend(enumerate(loaded.to_list(), start=1))
+
+
+def _one_line(error: Exception) -> str:
+    """An exception's message on one line (datasets' messages span several)."""
+    return " ".join(str(error).split())
 
 
 def write_rows_parquet(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
