@@ -1,8 +1,8 @@
 """`RUN_DIR/report.md` and PNG plots from the loop's `metrics.jsonl` and each iteration's training log.
 
-Plots: win rates and gold reward per iteration, judge accuracy and KL per iteration, with eval.reward_model
-the reward model's win rates and mean reward per iteration (the `rm/*` keys, next to the gold ones), and
-the training loss and reward margins of every iteration's update, step by step. Matplotlib with the Agg
+Plots: per iteration, the gold reward's win rates and mean and the judge accuracy (a task with a gold
+reward), KL to pi_SFT, and with eval.reward_model that model's win rates and mean reward (the `rm/*` keys);
+and the training loss and reward margins of every iteration's update, step by step. Matplotlib with the Agg
 backend; no computation beyond reading the logs.
 """
 
@@ -40,16 +40,17 @@ def _line(ax, records: list[dict], keys: tuple[str, ...], title: str, **style) -
 
 
 def _plot_iterations(plt, path: Path, records: list[dict]) -> Path:
-    panels = [  # (keys, title, style, a rate in [0, 1] with its 0.5 line)
+    gold = [  # (keys, title, style, a rate in [0, 1] with its 0.5 line); a task with a gold reward only
         (("win_rate_vs_sft", "win_rate_vs_prev"), "win rate (gold reward)", {}, True),
         (("gold_reward_mean",), "mean gold reward of samples", {"color": "tab:green"}, False),
-        (("judge_accuracy",), "judge accuracy (judged pairs vs gold)", {"color": "tab:purple"}, True),
-        (("kl_to_ref",), "KL to pi_SFT (nats per sample)", {"color": "tab:orange"}, False)]
+        (("judge_accuracy",), "judge accuracy (judged pairs vs gold)", {"color": "tab:purple"}, True)]
+    panels = list(gold) if any("gold_reward_mean" in r for r in records) else []
+    panels.append((("kl_to_ref",), "KL to pi_SFT (nats per sample)", {"color": "tab:orange"}, False))
     if any(key in r for r in records for key in RM_COLUMNS):
         panels += [(RM_COLUMNS[:2], "win rate (eval.reward_model)", {}, True),
                    (RM_COLUMNS[2:], "mean reward of samples (eval.reward_model)", {"color": "tab:brown"}, False)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
-    for ax, (keys, title, style, rate) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (keys, title, style, rate) in zip(axes[0], panels):
         _line(ax, records, keys, title, **style)
         if rate:
             ax.set(ylim=(0, 1))

@@ -218,3 +218,18 @@ def test_iteration_record_and_report_with_eval_reward_model(tmp_path):
            "rm/win_rate_vs_prev | rm/reward_mean | judge_accuracy |" in report
     assert "| 0 | 4 | - | - | - | 0.750 | 0.750 | 1.000 | - |" in report
     assert (tmp_path / "plots/iterations.png").stat().st_size > 0
+
+
+def test_cli_refuses_a_causal_lm_as_reward_model_before_any_work(tiny_model_dir, tmp_path, capsys):
+    """Exit 2, one line naming the key, nothing written, Ray never started (the check runs in prepare_run_dir)."""
+    from rayalign.cli import main
+
+    for key, extra in (("judge.reward_model", ["judge.type=reward_model"]), ("eval.reward_model", [])):
+        run_dir = tmp_path / key
+        code = main(["judge", "configs/quickstart.yaml", f"run.dir={run_dir}", f"model.policy={tiny_model_dir}",
+                     *extra, f"{key}={tiny_model_dir}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"rayalign: config error: {key}: {tiny_model_dir} is LlamaForCausalLM, not a "
+                                 "sequence classifier"), err
+        assert not run_dir.exists()

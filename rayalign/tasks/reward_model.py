@@ -120,10 +120,10 @@ def fit_reward_model(out_dir: str | Path, settings: FitSettings = FitSettings())
     """Build, fit on gold pairs, measure held-out accuracy, save to `out_dir`; returns the metrics."""
     import time
 
+    import torch
+
     from rayalign.io import atomic_directory
     from rayalign.tasks.sentiment import gold_pairs
-
-    import torch
 
     started, threads = time.perf_counter(), torch.get_num_threads()
     # One thread: these matrices are tiny, and on a busy machine more threads only wait for each other
