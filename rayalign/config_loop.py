@@ -109,8 +109,9 @@ class LoopConfig:
     sft_examples: int = 1200  # task SFT corpus size (used when model.policy is empty)
     sft_epochs: int = 2
     sft_lr: float = 3e-3
-    # What labels an iteration's samples: "judge" (SPA's implicit reward of the previous model) or "gold"
-    # (the task's reward). Pairwise losses take the best vs the worst sample, exo_rw/dpo_rw all K of them.
+    # What labels an iteration's samples: "judge" (judge.type: SPA's implicit reward of the previous model, or a
+    # reward model) or "gold" (the task's reward). Pairwise losses take the best vs the worst sample,
+    # exo_rw/dpo_rw all K of them.
     rewards: str = "judge"
 
     def __post_init__(self):

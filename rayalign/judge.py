@@ -144,8 +144,9 @@ GROUP_DROP_REASONS = ("empty", "identical", "tied")
 def sample_groups(samples: pd.DataFrame, judged: pd.DataFrame | None, *, rewards: str) -> tuple[list[dict], dict]:
     """An iteration's K samples per prompt as k_sample rows {id, prompt, completions, rewards}, and counts.
 
-    `samples` is the generation artifact (one row per sample). `rewards="judge"` takes the judge's implicit
-    rewards from `judged` (its kept prompts: the others tie or have an empty best/worst sample);
+    `samples` is the generation artifact (one row per sample). `rewards="judge"` takes the judge's rewards
+    from `judged` (implicit, or judge.reward_model's scores; its kept prompts: the others tie or have an
+    empty best/worst sample);
     `rewards="gold"` scores every sample with the sentiment task's gold reward. A group is dropped when a
     sample is empty (as the judge drops empty pairs), all K texts are the same, or all K rewards tie (the
     target is then uniform: no preference to learn).
