@@ -20,7 +20,7 @@ from tests.conftest import REPO
 from tests.test_stage_commands import _ok, ray_address, rayalign  # noqa: F401 (ray_address: a fixture)
 
 
-def _judged_again(base, iteration: int, reward_model_dir, overrides) -> pd.DataFrame:
+def _judged_again(base, iteration: int, reward_model_dir, overrides, out) -> pd.DataFrame:
     from rayalign.config_loader import load_config
     from rayalign.judge import Judge, write_judged
     from rayalign.stages import read_sample_groups
@@ -30,13 +30,13 @@ def _judged_again(base, iteration: int, reward_model_dir, overrides) -> pd.DataF
     judge = Judge(str(base / f"iter-{iteration - 1}/train/final"), str(base / "sft"), config)
     groups = read_sample_groups(base / f"iter-{iteration}/samples.parquet")
     batches = [judge(groups.iloc[i:i + 16].reset_index(drop=True)) for i in range(0, len(groups), 16)]
-    out = base.parent / f"rm-judged-{iteration}.parquet"
     write_judged(pd.concat(batches, ignore_index=True), out)
     return pd.read_parquet(out)
 
 
 @pytest.mark.slow
-def test_reward_model_judge_is_at_least_as_accurate_as_the_implicit_judge(quickstart_run, reward_model_dir):
+def test_reward_model_judge_is_at_least_as_accurate_as_the_implicit_judge(quickstart_run, reward_model_dir,
+                                                                           tmp_path):
     from rayalign.evaluate import judge_accuracy
     from rayalign.tasks.sentiment import gold_reward
 
@@ -44,7 +44,8 @@ def test_reward_model_judge_is_at_least_as_accurate_as_the_implicit_judge(quicks
     base = quickstart_run.run_dir
     for iteration in (1, 2):
         implicit = pd.read_parquet(base / f"iter-{iteration}/judged.parquet")
-        by_rm = _judged_again(base, iteration, reward_model_dir, quickstart_run.overrides)
+        by_rm = _judged_again(base, iteration, reward_model_dir, quickstart_run.overrides,
+                              tmp_path / f"judged-{iteration}.parquet")
         assert list(by_rm.columns) == list(implicit.columns)  # same artifact, RM scores in judge_rewards
         accuracy = {"implicit": judge_accuracy(implicit, gold_reward), "rm": judge_accuracy(by_rm, gold_reward)}
         print(f"iteration {iteration}: judge accuracy {accuracy}, pairs {len(implicit)} vs {len(by_rm)}")

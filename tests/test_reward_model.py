@@ -108,7 +108,7 @@ def _batch(prompt_ids: list[int]) -> pd.DataFrame:
     return pd.DataFrame({"prompt_id": prompt_ids, "prompt": prompts, "texts": texts})
 
 
-def test_judge_with_a_reward_model_ranks_by_its_scores(tiny_model_dir, reward_model_dir):
+def test_judge_with_a_reward_model_ranks_by_its_scores(tiny_model_dir, reward_model_dir, tmp_path):
     """Same columns as the implicit judge, the RM's scores in judge_rewards, best vs worst by them, the
     log-probs unchanged (the KL reads them); with eval.reward_model the eval prompts get rm_rewards."""
     from rayalign.judge import Judge, write_judged
@@ -132,7 +132,7 @@ def test_judge_with_a_reward_model_ranks_by_its_scores(tiny_model_dir, reward_mo
     assert out["chosen"][0] == batch["texts"][0][0] and out["rejected"][0] == batch["texts"][0][2]  # gold: +2 vs -2
     assert all(math.isnan(v) for v in out["rm_rewards"][0])  # a training prompt: not scored for evaluation
     assert out["rm_rewards"][1] == pytest.approx(scores[1].tolist(), abs=1e-5)
-    counts = write_judged(out, tmp := reward_model_dir.parent / "judged.parquet")
+    counts = write_judged(out, tmp := tmp_path / "judged.parquet")
     assert counts["pairs"] == 2 and "rm_rewards" not in pd.read_parquet(tmp).columns
     # a different evaluation model from the judge: scored separately, still only on the eval prompt
     only_eval = Judge(str(tiny_model_dir), str(tiny_model_dir), _config(f"eval.reward_model={reward_model_dir}"))
