@@ -9,6 +9,7 @@
     rayalign eval CONFIG [key=value ...]       one stage: model.policy vs a baseline [--baseline P]
     rayalign data check FILE [--tokenizer P]   detect, validate and describe a data file
     rayalign make-tiny-model OUT_DIR [...]     build a tiny local Llama + BPE tokenizer
+    rayalign fit-reward-model OUT_DIR [...]    fit a tiny reward model on the sentiment task's gold pairs
 
 Each handler imports its stage lazily, so `rayalign show` never pays for torch or Ray. Whatever ends a
 command is printed as one line (no traceback) by `main`, with the exit codes of `rayalign.errors`: 2 for
@@ -115,6 +116,12 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return run_make_tiny_model(args)
 
 
+def _cmd_fit_reward_model(args: argparse.Namespace) -> int:
+    from rayalign.tasks.reward_model import run_fit_reward_model
+
+    return run_fit_reward_model(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayalign", description="Iterative LLM preference alignment on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -155,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_make_tiny_model_arguments(tiny)
     tiny.set_defaults(handler=_cmd_make_tiny_model)
+
+    fit = commands.add_parser("fit-reward-model", help="fit a tiny reward model (sequence classifier) on the "
+                              "sentiment task's gold pairs, for judge.reward_model / eval.reward_model")
+    from rayalign.tasks.reward_model import add_fit_reward_model_arguments
+
+    add_fit_reward_model_arguments(fit)
+    fit.set_defaults(handler=_cmd_fit_reward_model)
     return parser
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from rayalign.config_checks import ConfigError, _one_of, _positive, _require  # noqa: F401 (re-exported)
 from rayalign.config_loop import (  # noqa: F401 (re-exported)
+    EvalConfig,
     LoopConfig,
     RunDirConfig,
     SamsConfig,
@@ -111,9 +112,13 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    """SPA direct preference judgment with the implicit reward beta * log(pi / pi_sft)."""
+    """How an iteration's samples are judged: SPA's implicit reward beta * log(pi / pi_sft), or a reward model."""
 
-    beta: float = 0.1
+    # implicit: SPA's direct preference judgment; reward_model: judge.reward_model scores every sample
+    # (its best vs worst sample is the pair, as with the implicit reward: the iterative DPO-with-RM baseline)
+    type: str = "implicit"
+    reward_model: str | None = None  # an AutoModelForSequenceClassification (num_labels=1): local dir or hub id
+    beta: float = 0.1  # the implicit reward's beta (judge.type=implicit)
     batch_size: int = 16
     num_actors: int = 1
     cpus_per_actor: float = 1.0
@@ -122,6 +127,13 @@ class JudgeConfig:
 
     def __post_init__(self):
         _check_resources(self.resources, "judge.resources")
+        _one_of(self.type, "judge.type", ("implicit", "reward_model"))
+        if self.type == "reward_model":
+            _require(bool(self.reward_model), "judge.reward_model",
+                     "set it to the reward model that judges (judge.type=reward_model)")
+        else:
+            _require(self.reward_model is None, "judge.reward_model",
+                     "is read only with judge.type=reward_model; set that too, or remove judge.reward_model")
         _positive(self.beta, "judge.beta")
         _positive(self.batch_size, "judge.batch_size")
         _positive(self.num_actors, "judge.num_actors")
@@ -276,6 +288,7 @@ class Config:
     sams: SamsConfig = field(default_factory=SamsConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunDirConfig = field(default_factory=RunDirConfig)
 
     def __post_init__(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -128,7 +129,21 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     return _coerce_scalar(value, tp, key)
 
 
+# Keys that moved: old dotted key -> new one. The old key still works (YAML, overrides, a run's recorded
+# config.yaml) and prints one deprecation line on stderr; `rayalign show` and config.yaml write the new key.
+RENAMED = {"loop.eval_prompts": "eval.prompts"}
+
+
+def _renamed(key: str) -> str:
+    new = RENAMED.get(key)
+    if new is None:
+        return key
+    print(f"rayalign: {key} is deprecated: read as {new} (write {new} instead)", file=sys.stderr, flush=True)
+    return new
+
+
 def _set_override(tree: dict, key: str, value: Any) -> None:
+    key = _renamed(key)
     section, _, name = key.partition(".")
     sections = section_types()
     if section not in sections or name not in _field_types(sections[section]):
@@ -175,8 +190,26 @@ def _one_line(exc: Exception) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
+def _move_renamed(tree: dict) -> dict:
+    """`tree` with the `RENAMED` keys under their new names; both names at once must agree."""
+    tree = {section: dict(body) if isinstance(body, dict) else body for section, body in tree.items()}
+    for old, new in RENAMED.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        if not isinstance(tree.get(old_section), dict) or old_name not in tree[old_section]:
+            continue
+        value = tree[old_section].pop(old_name)
+        _renamed(old)
+        target = tree.setdefault(new_section, {})
+        if new_name in target and target[new_name] != value:
+            raise ConfigError(f"{old}: renamed {new}, and both are set ({value!r} and {target[new_name]!r}); "
+                              f"keep {new} only")
+        target[new_name] = value
+    return tree
+
+
 def build_config(tree: dict) -> Config:
-    """Instantiate the dataclasses from a {section: {key: raw value}} tree."""
+    """Instantiate the dataclasses from a {section: {key: raw value}} tree (renamed keys moved first)."""
+    tree = _move_renamed(tree)
     sections = {}
     for section, cls in section_types().items():
         types_ = _field_types(cls)

@@ -1,4 +1,5 @@
-"""Config sections of the loop around the update: SPA refinement, SamS, Tune sweeps, the loop, run storage.
+"""Config sections of the loop around the update: SPA refinement, SamS, Tune sweeps, the loop, its evaluation,
+run storage.
 
 Part of the schema in `rayalign.config` (re-exported there); split out only to keep files small.
 """
@@ -105,12 +106,12 @@ class LoopConfig:
     prompts_per_iteration: int = 64  # 0 with data.prompts_file: split the file evenly across iterations
     task: str = "sentiment"  # an embedded task with a gold reward, or "none" (no win rates)
     seed_pairs: int = 128  # gold-labelled pairs of the task for iteration 0 (when data.train_file is empty)
-    eval_prompts: int = 64  # held-out prompts every model is evaluated on
     sft_examples: int = 1200  # task SFT corpus size (used when model.policy is empty)
     sft_epochs: int = 2
     sft_lr: float = 3e-3
-    # What labels an iteration's samples: "judge" (SPA's implicit reward of the previous model) or "gold"
-    # (the task's reward). Pairwise losses take the best vs the worst sample, exo_rw/dpo_rw all K of them.
+    # What labels an iteration's samples: "judge" (judge.type: SPA's implicit reward of the previous model, or a
+    # reward model) or "gold" (the task's reward). Pairwise losses take the best vs the worst sample,
+    # exo_rw/dpo_rw all K of them.
     rewards: str = "judge"
 
     def __post_init__(self):
@@ -119,10 +120,27 @@ class LoopConfig:
         _one_of(self.rewards, "loop.rewards", ("judge", "gold"))
         _require(self.rewards == "judge" or self.task == "sentiment", "loop.rewards",
                  "gold needs a task with a gold reward (loop.task=sentiment)")
-        for key in ("seed_epochs", "iteration_epochs", "seed_pairs", "eval_prompts", "sft_examples", "sft_epochs",
+        for key in ("seed_epochs", "iteration_epochs", "seed_pairs", "sft_examples", "sft_epochs",
                     "sft_lr"):
             _positive(getattr(self, key), f"loop.{key}")
         _require(self.prompts_per_iteration >= 0, "loop.prompts_per_iteration", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The loop's per-iteration evaluation (and `rayalign eval`): every model samples the same held-out prompts.
+
+    Reported for each model: KL to pi_SFT; with loop.task=sentiment the gold reward's win rates; with
+    `reward_model` that model's win rates and mean reward (`rm/*` keys), on any task.
+    """
+
+    prompts: int = 64  # held-out prompts every model is evaluated on (was loop.eval_prompts)
+    reward_model: str | None = None  # an AutoModelForSequenceClassification (num_labels=1): local dir or hub id
+
+    def __post_init__(self):
+        _positive(self.prompts, "eval.prompts")
+        _require(self.reward_model is None or bool(self.reward_model.strip()), "eval.reward_model",
+                 "must name a reward model (a local directory or a hub id), or be null")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,14 @@ implicit reward r = beta * (log pi_{i-1}(y|x) - log pi_SFT(y|x)); the prompt's c
 the rejected one the argmin (ALGORITHMS.md §5). Pairs whose completions are empty or identical, or whose
 rewards tie exactly, are dropped and counted. The output keeps the judgment's margin and confidence.
 
-The pure math is `rayalign.core.spa`; this module only moves data through the models.
+With judge.type=reward_model the judge ranks by judge.reward_model's scores instead (the iterative
+DPO-with-RM baseline; `rayalign.reward_judge`): same pair selection, same drops, same columns, the RM scores
+in `judge_rewards` and the margin and confidence (sigma(margin), Bradley-Terry) computed from them; the two
+log-probs are still computed (the evaluation's KL reads them). With eval.reward_model the evaluation
+prompts' samples also get that model's scores (`rm_rewards`), which judged.parquet leaves out.
+
+The pure math is `rayalign.core.spa` and `rayalign.core.reward_model`; this module only moves data through
+the models.
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ class Judge:
         self.policy = load_model(policy_path, dtype=config.model.dtype)
         self.sft = load_model(sft_path, dtype=config.model.dtype)
         self.config = config
+        self.reward_models = None
+        if config.judge.type == "reward_model" or config.eval.reward_model:
+            from rayalign.reward_judge import RewardModels
+
+            self.reward_models = RewardModels(config)
 
     def _logps(self, model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
         from rayalign.step import completion_logps
@@ -55,8 +67,14 @@ class Judge:
         sft = self._logps(self.sft, prompt_ids, completion_ids)
         shape = (len(batch), len(batch["texts"].iloc[0]))  # (prompts, samples per prompt)
         policy, sft = policy.view(shape), sft.view(shape)
-        rewards = implicit_rewards(policy, sft, beta=self.config.judge.beta)
-        chosen, rejected, margin = judge_pairs(rewards)[:3]
+        if self.config.judge.type == "reward_model":
+            from rayalign.core.reward_model import reward_model_judgment
+
+            rewards = self.reward_models.judge_scores(batch)
+            chosen, rejected, margin = reward_model_judgment(rewards)[:3]
+        else:
+            rewards = implicit_rewards(policy, sft, beta=self.config.judge.beta)
+            chosen, rejected, margin = judge_pairs(rewards)[:3]
         confidence = judge_confidence(margin)
         out = pd.DataFrame([self._row(batch, i, int(chosen[i]), int(rejected[i]), float(margin[i]),
                                       float(confidence[i]), rewards[i], policy[i], sft[i])
@@ -64,6 +82,11 @@ class Judge:
         for column in PASSTHROUGH:  # the generation columns, so one pipeline yields both artifacts
             if column in batch:
                 out[column] = list(batch[column])
+        if self.config.eval.reward_model:
+            from rayalign.reward_judge import EVAL_REWARDS
+
+            out[EVAL_REWARDS] = self.reward_models.eval_scores(
+                batch, rewards if self.config.judge.type == "reward_model" else None)
         return out
 
     @staticmethod
@@ -103,7 +126,11 @@ def write_judged(judged: pd.DataFrame, out_path: Path) -> dict:
     from rayalign.data import write_rows_parquet
 
     judged = judged.sort_values("prompt_id").reset_index(drop=True)
-    kept = judged[judged["dropped"] == ""].drop(columns=["dropped", *[c for c in PASSTHROUGH if c in judged]])
+    from rayalign.reward_judge import EVAL_REWARDS
+
+    # the pairs only: generation columns and the evaluation model's scores belong to the other artifacts
+    kept = judged[judged["dropped"] == ""].drop(
+        columns=["dropped", *[c for c in (*PASSTHROUGH, EVAL_REWARDS) if c in judged]])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_rows_parquet(kept.to_dict("records"), out_path)
     counts = {"prompts": len(judged), "pairs": len(kept)}
@@ -117,8 +144,9 @@ GROUP_DROP_REASONS = ("empty", "identical", "tied")
 def sample_groups(samples: pd.DataFrame, judged: pd.DataFrame | None, *, rewards: str) -> tuple[list[dict], dict]:
     """An iteration's K samples per prompt as k_sample rows {id, prompt, completions, rewards}, and counts.
 
-    `samples` is the generation artifact (one row per sample). `rewards="judge"` takes the judge's implicit
-    rewards from `judged` (its kept prompts: the others tie or have an empty best/worst sample);
+    `samples` is the generation artifact (one row per sample). `rewards="judge"` takes the judge's rewards
+    from `judged` (implicit, or judge.reward_model's scores; its kept prompts: the others tie or have an
+    empty best/worst sample);
     `rewards="gold"` scores every sample with the sentiment task's gold reward. A group is dropped when a
     sample is empty (as the judge drops empty pairs), all K texts are the same, or all K rewards tie (the
     target is then uniform: no preference to learn).

@@ -166,7 +166,8 @@ def iteration_record(config: Config, run_dir: Path, iteration: int, *, name: str
     """The per-iteration record of metrics.jsonl, from the stored evaluation samples."""
     import pandas as pd
 
-    from rayalign.evaluate import compare, judge_accuracy, kl_to_sft
+    from rayalign.evaluate import compare, compare_rm, judge_accuracy, kl_to_sft
+    from rayalign.reward_judge import EVAL_REWARDS
     from rayalign.tasks.sentiment import gold_reward
 
     def rows(model_name: str):
@@ -177,6 +178,13 @@ def iteration_record(config: Config, run_dir: Path, iteration: int, *, name: str
         record.update(compare(rows(name), {"sft": rows("sft"), "prev": rows(previous)}))
         record["judge_accuracy"] = (judge_accuracy(pd.read_parquet(judged_path), gold_reward)
                                     if judged_path else None)
+    if config.eval.reward_model:
+        frames = {"policy": rows(name), "sft": rows("sft"), "prev": rows(previous)}
+        if all(EVAL_REWARDS in f for f in frames.values()):
+            record.update(compare_rm(frames.pop("policy"), frames))
+        else:  # samples evaluated before eval.reward_model was set (a resume with --accept-changes)
+            _log(f"iteration {iteration}: no eval.reward_model scores in the stored evaluation samples of "
+                 f"{name}, sft or {previous}: rm/* metrics left out")
     train_steps = read_jsonl(run_dir / f"iter-{iteration}" / "train" / "metrics.jsonl")
     record.update(train_loss=train_steps[-1]["loss"], train_margin=train_steps[-1]["rewards/margins"],
                   seconds=round(seconds, 1))
@@ -256,5 +264,6 @@ def _count_rows(path: str, config: Config) -> int:
 
 
 def _summary(record: dict) -> str:
-    keys = ("win_rate_vs_sft", "win_rate_vs_prev", "gold_reward_mean", "judge_accuracy", "kl_to_ref")
+    keys = ("win_rate_vs_sft", "win_rate_vs_prev", "gold_reward_mean", "rm/win_rate_vs_sft", "rm/win_rate_vs_prev",
+            "rm/reward_mean", "judge_accuracy", "kl_to_ref")
     return ", ".join(f"{k} {record[k]:.3f}" for k in keys if record.get(k) is not None)

@@ -1,8 +1,9 @@
 """`RUN_DIR/report.md` and PNG plots from the loop's `metrics.jsonl` and each iteration's training log.
 
-Plots: win rates and gold reward per iteration, judge accuracy and KL per iteration, and the training
-loss and reward margins of every iteration's update, step by step. Matplotlib with the Agg backend; no
-computation beyond reading the logs.
+Plots: per iteration, the gold reward's win rates and mean and the judge accuracy (a task with a gold
+reward), KL to pi_SFT, and with eval.reward_model that model's win rates and mean reward (the `rm/*` keys);
+and the training loss and reward margins of every iteration's update, step by step. Matplotlib with the Agg
+backend; no computation beyond reading the logs.
 """
 
 from __future__ import annotations
@@ -14,39 +15,53 @@ from rayalign.metrics_log import read_jsonl
 
 COLUMNS = ("iteration", "pairs", "win_rate_vs_sft", "win_rate_vs_prev", "gold_reward_mean", "judge_accuracy",
            "kl_to_ref", "train_loss", "seconds")
+RM_COLUMNS = ("rm/win_rate_vs_sft", "rm/win_rate_vs_prev", "rm/reward_mean")  # with eval.reward_model
+
+
+def _columns(records: list[dict]) -> tuple[str, ...]:
+    """COLUMNS, with the reward model's after the gold ones when some record has them."""
+    if not any(key in r for r in records for key in RM_COLUMNS):
+        return COLUMNS
+    at = COLUMNS.index("gold_reward_mean") + 1
+    return (*COLUMNS[:at], *RM_COLUMNS, *COLUMNS[at:])
 
 
 def _fmt(value) -> str:
     return "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
-def _plot(run_dir: Path, records: list[dict]) -> list[Path]:
-    import matplotlib
+def _line(ax, records: list[dict], keys: tuple[str, ...], title: str, **style) -> None:
+    iterations = [r["iteration"] for r in records]
+    for key in keys:
+        ax.plot(iterations, [r.get(key) for r in records], marker="o", label=key, **style)
+    ax.set(title=title, xlabel="iteration", xticks=iterations)
+    if len(keys) > 1:
+        ax.legend()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    plots, iterations = run_dir / "plots", [r["iteration"] for r in records]
-    plots.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for key in ("win_rate_vs_sft", "win_rate_vs_prev"):
-        axes[0].plot(iterations, [r.get(key) for r in records], marker="o", label=key)
-    axes[0].set(title="win rate (gold reward)", ylim=(0, 1))
-    axes[0].legend()
-    axes[1].plot(iterations, [r.get("gold_reward_mean") for r in records], marker="o", color="tab:green")
-    axes[1].set(title="mean gold reward of samples")
-    axes[2].plot(iterations, [r.get("judge_accuracy") for r in records], marker="o", color="tab:purple")
-    axes[2].set(title="judge accuracy (self-judged vs gold)", ylim=(0, 1))
-    axes[3].plot(iterations, [r.get("kl_to_ref") for r in records], marker="s", color="tab:orange")
-    axes[3].set(title="KL to pi_SFT (nats per sample)")
-    for ax in axes:
-        ax.set(xlabel="iteration", xticks=iterations)
-    for ax in axes[:3:2]:
-        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+def _plot_iterations(plt, path: Path, records: list[dict]) -> Path:
+    gold = [  # (keys, title, style, a rate in [0, 1] with its 0.5 line); a task with a gold reward only
+        (("win_rate_vs_sft", "win_rate_vs_prev"), "win rate (gold reward)", {}, True),
+        (("gold_reward_mean",), "mean gold reward of samples", {"color": "tab:green"}, False),
+        (("judge_accuracy",), "judge accuracy (judged pairs vs gold)", {"color": "tab:purple"}, True)]
+    panels = list(gold) if any("gold_reward_mean" in r for r in records) else []
+    panels.append((("kl_to_ref",), "KL to pi_SFT (nats per sample)", {"color": "tab:orange"}, False))
+    if any(key in r for r in records for key in RM_COLUMNS):
+        panels += [(RM_COLUMNS[:2], "win rate (eval.reward_model)", {}, True),
+                   (RM_COLUMNS[2:], "mean reward of samples (eval.reward_model)", {"color": "tab:brown"}, False)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (keys, title, style, rate) in zip(axes[0], panels):
+        _line(ax, records, keys, title, **style)
+        if rate:
+            ax.set(ylim=(0, 1))
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     fig.tight_layout()
-    paths = [plots / "iterations.png"]
-    fig.savefig(paths[0], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def _plot_training(plt, run_dir: Path, path: Path, records: list[dict]) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in records:
         log = run_dir / f"iter-{r['iteration']}" / "train" / "metrics.jsonl"
@@ -58,19 +73,35 @@ def _plot(run_dir: Path, records: list[dict]) -> list[Path]:
     for ax in axes:
         ax.legend()
     fig.tight_layout()
-    paths.append(plots / "training.png")
-    fig.savefig(paths[1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path
+
+
+def _plot(run_dir: Path, records: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = run_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    return [_plot_iterations(plt, plots / "iterations.png", records),
+            _plot_training(plt, run_dir, plots / "training.png", records)]
 
 
 def write_report(run_dir: Path) -> Path:
     records = read_jsonl(run_dir / "metrics.jsonl")
-    plots = _plot(run_dir, records)
+    plots, columns = _plot(run_dir, records), _columns(records)
     lines = ["# rayalign run report", "", f"Run directory: `{run_dir}`", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in records]
-    lines += ["", "Iteration 0 is DPO on the gold-labelled seed pairs; later iterations train on pairs the",
-              "previous model judged itself. Win rates compare gold rewards on held-out prompts (ties = 1/2).", ""]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in records]
+    lines += ["", "Iteration 0 is DPO on the gold-labelled seed pairs; later iterations train on the judge's pairs",
+              "(judge.type: the previous model's implicit reward, or a reward model). Win rates compare gold rewards",
+              "on held-out prompts (ties = 1/2)."]
+    if columns is not COLUMNS:
+        lines += ["The rm/* columns are the same metrics by eval.reward_model's rewards (mean reward per prompt",
+                  "over its samples, ties = 1/2)."]
+    lines += [""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
     return atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -6,7 +6,8 @@ until all have passed:
      (or a run.storage holding a run), `train` one with checkpoints, `tune` one with a sweep; the one-stage
      commands (`generate|judge|eval`) refuse a run.dir that holds any of those, whose record they would
      otherwise replace;
-  2. model paths: a local-looking path that does not exist, or (offline) a hub id that is not cached;
+  2. model paths: a local-looking path that does not exist, or (offline) a hub id that is not cached; a
+     reward model (judge.reward_model, eval.reward_model) that is not a one-output sequence classifier;
   3. on --resume, the settings against the run's `config.yaml`: a change is refused, listing each key
      (old -> new), unless `accept_changes` (`--accept-changes`).
 Then `run.dir` is created and `config.yaml` written atomically; a `config.yaml` with other settings is
@@ -109,6 +110,12 @@ def check_models(config: Config) -> None:
                 check_model_name(value, f"model.{key}", model=key != "tokenizer")
         except ModelNotFoundError as exc:
             raise ConfigError(str(exc)) from None
+    reward_models = {"judge.reward_model": config.judge.reward_model, "eval.reward_model": config.eval.reward_model}
+    for key, value in reward_models.items():
+        if value:  # and it is a sequence classifier with one output, not e.g. a causal LM
+            from rayalign.reward_model import check_reward_model
+
+            check_reward_model(value, key, trust_remote_code=config.model.trust_remote_code)
 
 
 def _settings(config: Config) -> dict[str, object]:

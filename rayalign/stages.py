@@ -31,7 +31,7 @@ def _log(command: str, message: str) -> None:
 def plan_prompts(config: Config) -> tuple[list[list[Prompt]], list[Prompt]]:
     """The loop's prompt set of every iteration and its held-out evaluation prompts.
 
-    From `data.prompts_file` (`load_prompts`; the first `loop.eval_prompts`, at most a fifth, are held out),
+    From `data.prompts_file` (`load_prompts`; the first `eval.prompts`, at most a fifth, are held out),
     else the embedded sentiment task's seeded prompts. A prompt's place in these lists gives its id
     (`iteration_frame`, `eval_frame`), so the same source, split and settings give the same ids on resume.
     """
@@ -40,12 +40,12 @@ def plan_prompts(config: Config) -> tuple[list[list[Prompt]], list[Prompt]]:
     iterations, per = config.loop.iterations, config.loop.prompts_per_iteration
     if config.data.prompts_file:
         prompts = load_prompts(config)
-        held = min(config.loop.eval_prompts, len(prompts) // 5)
+        held = min(config.eval.prompts, len(prompts) // 5)
         eval_prompts, prompts = prompts[:held], prompts[held:]
         per = per or len(prompts) // max(1, iterations)
     else:
         prompts = sentiment.make_prompts(per * iterations, seed=config.data.seed + 101)
-        eval_prompts = sentiment.make_prompts(config.loop.eval_prompts, seed=config.data.seed + 202)
+        eval_prompts = sentiment.make_prompts(config.eval.prompts, seed=config.data.seed + 202)
     return [prompts[i * per:(i + 1) * per] for i in range(iterations)], eval_prompts
 
 
@@ -203,8 +203,7 @@ def run_judge(config: Config, *, samples: str | None = None) -> int:
 def run_eval(config: Config, *, baseline: str | None = None) -> int:
     """model.policy vs a baseline on the loop's held-out prompts -> RUN_DIR/eval/ and summary.json."""
     _no_storage(config, "eval")
-    from rayalign.evaluate import compare, kl_to_sft
-    from rayalign.generate import generation_dataset
+    from rayalign.evaluate import kl_to_sft
     from rayalign.train import ensure_ray
 
     policy = _require_model(config, "model.policy", "the model to evaluate")
@@ -227,11 +226,30 @@ def run_eval(config: Config, *, baseline: str | None = None) -> int:
     rows = write_eval(judged_pass(config, eval_frame(eval_prompts), model=policy, sft_path=sft), config,
                       out / "policy.parquet")
     summary = {"policy": policy, "baseline": baseline, "prompts": len(rows), "kl_to_sft": kl_to_sft(rows)}
-    if config.loop.task == "sentiment":
-        base = generation_dataset(eval_frame(eval_prompts), baseline, config.generate, dtype=config.model.dtype)
-        base_rows = write_eval(base.to_pandas(), config, out / "baseline.parquet")
-        scores = compare(rows, {"baseline": base_rows})
-        summary.update(scores, baseline_gold_reward_mean=compare(base_rows, {})["gold_reward_mean"])
+    if config.loop.task == "sentiment" or config.eval.reward_model:
+        summary.update(_baseline_scores(config, rows, eval_frame(eval_prompts), baseline=baseline, sft=sft,
+                                        out=out / "baseline.parquet"))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # completion marker, last
     print(json.dumps(summary, indent=2), flush=True)
     return 0
+
+
+def _baseline_scores(config: Config, rows: pd.DataFrame, prompts: pd.DataFrame, *, baseline: str, sft: str,
+                     out: Path) -> dict:
+    """The policy's win rates against the baseline's samples (gold reward; eval.reward_model's `rm/*`)."""
+    from rayalign.evaluate import RM_PREFIX, compare, compare_rm
+    from rayalign.generate import generation_dataset
+
+    if config.eval.reward_model:  # the Judge actors score the samples with it: the policy's pass, on the baseline
+        base = judged_pass(config, prompts, model=baseline, sft_path=sft)
+    else:
+        base = generation_dataset(prompts, baseline, config.generate, dtype=config.model.dtype).to_pandas()
+    base_rows = write_eval(base, config, out)
+    scores = {}
+    if config.loop.task == "sentiment":
+        scores.update(compare(rows, {"baseline": base_rows}),
+                      baseline_gold_reward_mean=compare(base_rows, {})["gold_reward_mean"])
+    if config.eval.reward_model:
+        scores.update(compare_rm(rows, {"baseline": base_rows}))
+        scores[f"{RM_PREFIX}baseline_reward_mean"] = compare_rm(base_rows, {})[f"{RM_PREFIX}reward_mean"]
+    return scores

@@ -21,12 +21,12 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART_REDUCED = ("loop.iterations=2", "loop.prompts_per_iteration=48", "loop.eval_prompts=48",
+QUICKSTART_REDUCED = ("loop.iterations=2", "loop.prompts_per_iteration=48", "eval.prompts=48",
                       "loop.seed_pairs=96", "loop.sft_examples=800")
 # The smallest quickstart loop that still runs every stage once (SFT, seed DPO, generate, judge, train,
 # eval): ~100 s on a quiet 2-core machine. For scale-out tests (jobs, autoscaling, shared storage) that
 # check plumbing, not learning; append `run.dir=...` and test-specific keys.
-MICRO_LOOP = ("loop.iterations=1", "loop.prompts_per_iteration=16", "loop.eval_prompts=16", "loop.seed_pairs=32",
+MICRO_LOOP = ("loop.iterations=1", "loop.prompts_per_iteration=16", "eval.prompts=16", "loop.seed_pairs=32",
               "loop.seed_epochs=1", "loop.sft_examples=200", "loop.sft_epochs=1", "generate.num_samples=2",
               "generate.max_new_tokens=16")
 # MICRO_LOOP without its self-judged iteration: SFT, seed DPO and two evaluation passes still put every
@@ -71,3 +71,14 @@ def quickstart_run(tmp_path_factory) -> QuickstartRun:
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1200)
     return QuickstartRun(run_dir, QUICKSTART_REDUCED, result, time.perf_counter() - started)
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(tmp_path_factory) -> Path:
+    """A tiny reward model fitted on the sentiment task's gold pairs (`rayalign fit-reward-model` defaults:
+    ~7 s on one core, held-out pairwise accuracy ~0.95); treat it as read-only."""
+    from rayalign.tasks.reward_model import fit_reward_model
+
+    out = tmp_path_factory.mktemp("reward_model") / "rm"
+    fit_reward_model(out)
+    return out

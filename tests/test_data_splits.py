@@ -161,7 +161,7 @@ def test_loop_prompts_from_splits_keep_messages_and_ids(ultrafeedback_dir, tmp_p
     from rayalign.stages import iteration_frame, plan_prompts
 
     base = [f"data.prompts_file={ultrafeedback_dir}", "loop.iterations=2", "loop.prompts_per_iteration=2",
-            "loop.eval_prompts=1"]
+            "eval.prompts=1"]
     sets, held = plan_prompts(load_config(None, [*base, "data.prompts_split=train_gen"]))
     assert held == [[user("Question 100: what is 100 plus 100?")]]  # `messages` rows lose their assistant turn
     assert sets == [[[user(f"Question {i}: what is {i} plus {i}?")] for i in pair] for pair in ((101, 102), (103, 104))]

@@ -20,7 +20,7 @@ import yaml
 
 from tests.conftest import REPO
 
-FEW = ("loop.prompts_per_iteration=8", "loop.eval_prompts=8")
+FEW = ("loop.prompts_per_iteration=8", "eval.prompts=8")
 
 
 def rayalign(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
