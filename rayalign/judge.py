@@ -178,7 +178,9 @@ def sample_groups(samples: pd.DataFrame, judged: pd.DataFrame | None, *, rewards
         if is_messages(prompt):
             if tokenizer is None:
                 raise ValueError("K-sample groups of message-list prompts need the policy's tokenizer to render them")
-            prompt, texts = render_prompt(tokenizer, prompt), [render_completion(tokenizer, prompt, t) for t in texts]
+            text = render_prompt(tokenizer, prompt)
+            texts = [render_completion(tokenizer, prompt, t, text) for t in texts]
+            prompt = text
         rows.append({"id": int(prompt_id), "prompt": prompt, "completions": texts, "rewards": values})
     counts["groups"] = len(rows)
     return rows, counts

@@ -155,6 +155,25 @@ def test_train_refuses_conversational_data_on_a_tokenizer_without_template(tok, 
     assert not (tmp_path / "run" / "prepared").exists()
 
 
+def test_k_sample_groups_of_message_prompts_are_rendered(tok):
+    """exo_rw / dpo_rw in the loop: the groups file holds rendered text, which encodes like the judge's ids."""
+    from rayalign.data_kind import GROUPS
+    from rayalign.encode import encode_row
+    from rayalign.judge import sample_groups
+
+    samples = pd.DataFrame({"prompt_id": [5, 5], "sample_index": [0, 1], **prompt_columns([MESSAGES, MESSAGES]),
+                            "text": ["Good.", "Bad."]})
+    judged = pd.DataFrame({"prompt_id": [5], "judge_rewards": [[0.5, -0.5]]})
+    (row,), counts = sample_groups(samples, judged, rewards="judge", tokenizer=tok)
+    assert counts["groups"] == 1 and row["prompt"] == RENDERED
+    assert row["completions"] == ["Good.<|im_end|>\n", "Bad.<|im_end|>\n"] and row["rewards"] == [0.5, -0.5]
+    encoded = encode_row(tok, row, GROUPS, max_prompt_length=64, max_completion_length=8)
+    assert encoded["completion_ids"] == [encode_prompt_completion(tok, MESSAGES, t)["completion_ids"]
+                                         for t in ("Good.", "Bad.")]
+    with pytest.raises(ValueError, match="need the policy's tokenizer"):
+        sample_groups(samples, judged, rewards="judge")
+
+
 @pytest.fixture(scope="module")
 def eos_chat_dir(tmp_path_factory):
     """The ChatML tiny model, edited so that "<|im_end|>" gets a few % raw probability after any context:
