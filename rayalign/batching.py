@@ -1,9 +1,10 @@
 """Preference pairs -> token ids -> right-padded training tensors.
 
-Prompt and completion are tokenized separately and concatenated (as TRL does), so the completion mask
-is exact and never depends on how a BPE merges across the boundary. EOS is appended to every
-completion. Truncation keeps the *end* of a long prompt and the *start* of a long completion, and says
-so in the returned flags: nothing is truncated or dropped silently.
+Prompt and completion are tokenized separately and concatenated, so the completion mask is exact and
+never depends on how a BPE merges across the boundary; both go through `rayalign.templating`, the one
+tokenization of every stage (a completion ends at the tokenizer's eos: appended to raw text, or the
+end-of-turn token a chat template put there). Truncation keeps the *end* of a long prompt and the *start*
+of a long completion, and says so in the returned flags: nothing is truncated or dropped silently.
 
 It does not read files (see `rayalign.data`) and knows nothing of Ray or of the losses; it does not choose
 between data kinds either (`rayalign.encode` dispatches on the kind decided once per run).
@@ -15,32 +16,32 @@ from typing import Any
 
 import torch
 
+from rayalign import templating
 from rayalign.data_kind import LEVEL_TARGET
+from rayalign.templating import Completion, Prompt, completion_ids, render_prompt
 
 
 def encode_pair(
-    tokenizer: Any, prompt: str, chosen: str, rejected: str, *, max_prompt_length: int, max_completion_length: int
+    tokenizer: Any, prompt: Prompt, chosen: Completion, rejected: Completion, *, max_prompt_length: int,
+    max_completion_length: int
 ) -> dict:
-    """Token ids of one pair: {prompt_ids, chosen_ids, rejected_ids, prompt_truncated, completion_truncated}."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    """Token ids of one pair: {prompt_ids, chosen_ids, rejected_ids, prompt_truncated, completion_truncated}.
+
+    `prompt` is a string or messages (then chosen/rejected are assistant contents or message lists)."""
+    text = render_prompt(tokenizer, prompt)
+    prompt_ids, prompt_truncated = templating.prompt_ids(tokenizer, prompt, max_prompt_length, prompt_text=text)
     completions = {}
     completion_truncated = False
-    for name, text in (("chosen", chosen), ("rejected", rejected)):
-        ids, truncated = encode_completion(tokenizer, text, max_completion_length)
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        ids, truncated = completion_ids(tokenizer, prompt, completion, max_completion_length, prompt_text=text)
         completion_truncated |= truncated
         completions[f"{name}_ids"] = ids
     return {
-        "prompt_ids": prompt_ids[-max_prompt_length:],
+        "prompt_ids": prompt_ids,
         **completions,
-        "prompt_truncated": len(prompt_ids) > max_prompt_length,
+        "prompt_truncated": prompt_truncated,
         "completion_truncated": completion_truncated,
     }
-
-
-def encode_completion(tokenizer: Any, text: str, max_length: int) -> tuple[list[int], bool]:
-    """Completion ids with EOS appended, cut to `max_length` (start kept); and whether it was cut."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return ids[:max_length], len(ids) > max_length
 
 
 def pad_rows(rows: list[list[int]], length: int, value: int) -> torch.Tensor:

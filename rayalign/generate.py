@@ -4,8 +4,11 @@
 
 The actors emit one row per prompt (list columns, so a chained stage such as the judge sees whole
 groups); the artifact has one row per sample: prompt_id, sample_index, prompt, text, token_ids, logprobs
-(model log-prob of each sampled token), logp_sum, finish_reason. The file is written atomically, so a
-resumed loop either finds the whole stage output or redoes the stage. Backends live in `rayalign.samplers`.
+(model log-prob of each sampled token), logp_sum, finish_reason, and `prompt_messages` when the prompt
+frame has it (a prompt is a string or a message list: `rayalign.templating.prompt_columns`; messages are
+rendered with the model's chat template, `text` is the assistant's content, `token_ids` end at eos).
+The file is written atomically, so a resumed loop either finds the whole stage output or redoes the
+stage. Backends live in `rayalign.samplers`.
 """
 
 from __future__ import annotations
@@ -31,10 +34,14 @@ class Generator:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # One row per prompt with list columns, so a downstream stage always sees a prompt's whole group.
+        from rayalign.templating import MESSAGES_COLUMN, messages_flag, prompt_values
+
         prompt_ids = [int(i) for i in batch["prompt_id"]]
-        results = self.sampler.sample(list(batch["prompt"]), prompt_ids)
+        results = self.sampler.sample(prompt_values(batch), prompt_ids)
+        flags = {MESSAGES_COLUMN: [messages_flag(f) for f in batch[MESSAGES_COLUMN]]} if MESSAGES_COLUMN in batch \
+            else {}
         return pd.DataFrame({
-            "prompt_id": prompt_ids, "prompt": list(batch["prompt"]),
+            "prompt_id": prompt_ids, "prompt": list(batch["prompt"]), **flags,
             "texts": [[s.text for s in samples] for samples in results],
             "token_ids": [[s.token_ids for s in samples] for samples in results],
             "logprobs": [[s.logprobs for s in samples] for samples in results],
@@ -44,11 +51,14 @@ class Generator:
 
 def explode_samples(groups: pd.DataFrame) -> pd.DataFrame:
     """Per-prompt groups -> the stage artifact's one row per sample (with `sample_index` and `logp_sum`)."""
+    from rayalign.templating import MESSAGES_COLUMN, messages_flag
+
     rows = []
     for group in groups.sort_values("prompt_id").itertuples(index=False):
+        flag = {MESSAGES_COLUMN: messages_flag(getattr(group, MESSAGES_COLUMN))} if MESSAGES_COLUMN in groups else {}
         for index, text in enumerate(group.texts):
             logprobs = list(group.logprobs[index])
-            rows.append({"prompt_id": int(group.prompt_id), "sample_index": index, "prompt": group.prompt,
+            rows.append({"prompt_id": int(group.prompt_id), "sample_index": index, "prompt": group.prompt, **flag,
                          "text": text, "token_ids": list(group.token_ids[index]), "logprobs": logprobs,
                          "logp_sum": float(sum(logprobs)), "finish_reason": group.finish_reasons[index]})
     return pd.DataFrame(rows)
@@ -56,7 +66,8 @@ def explode_samples(groups: pd.DataFrame) -> pd.DataFrame:
 
 def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateConfig, *, dtype: str = "float32",
                        tokenizer_path: str | None = None):
-    """The lazy Ray Data pipeline of one generation pass over `prompts` (columns prompt_id, prompt).
+    """The lazy Ray Data pipeline of one generation pass over `prompts` (columns prompt_id, prompt and,
+    for message-list prompts, prompt_messages: `rayalign.templating.prompt_columns`).
 
     Samples are seeded per (generate.seed, prompt_id), so callers give prompts stable, distinct ids.
     """
@@ -66,7 +77,10 @@ def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateC
     resources = {"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {}
     if config.resources:
         resources["resources"] = dict(config.resources)
-    return ray.data.from_pandas(prompts[["prompt_id", "prompt"]]).map_batches(
+    from rayalign.templating import MESSAGES_COLUMN
+
+    columns = ["prompt_id", "prompt", *([MESSAGES_COLUMN] if MESSAGES_COLUMN in prompts else [])]
+    return ray.data.from_pandas(prompts[columns]).map_batches(
         Generator, fn_constructor_args=(model_path, config, tokenizer_path, dtype), batch_format="pandas",
         batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=config.cpus_per_actor, **resources)

@@ -2,9 +2,10 @@
 
 A group is one prompt, K sampled completions and a reward per completion (the "k_sample" format,
 `{prompt, completions[K], rewards[K]}`). The prompt is tokenized once and each completion on its own,
-exactly as `rayalign.batching.encode_pair` does for a pair: EOS appended, the *end* of a long prompt and
-the *start* of a long completion kept, with flags saying so. Collation puts completion k of group b at
-row b*K + k, so one forward over the batch gives log-probs that `.view(B, K)` turns back into groups.
+exactly as `rayalign.batching.encode_pair` does for a pair (`rayalign.templating`: ending at eos, the
+*end* of a long prompt and the *start* of a long completion kept, with flags saying so). Collation puts
+completion k of group b at row b*K + k, so one forward over the batch gives log-probs that `.view(B, K)`
+turns back into groups.
 `rayalign.encode` hands rows of the GROUPS kind here, so the oracle, the Ray Data preparation and the
 workers carry groups through the same calls as pairs.
 
@@ -17,8 +18,9 @@ from typing import Any
 
 import torch
 
-from rayalign.batching import encode_completion, pad_rows
+from rayalign.batching import pad_rows
 from rayalign.config import ConfigError
+from rayalign.templating import completion_ids, prompt_ids, render_prompt
 
 GROUP_REF_KEY = "ref_logps"  # cached reference log-probs of a group: (K,) per row, (B, K) in a batch
 
@@ -26,10 +28,12 @@ GROUP_REF_KEY = "ref_logps"  # cached reference log-probs of a group: (K,) per r
 def encode_group(tokenizer: Any, row: dict, *, max_prompt_length: int, max_completion_length: int) -> dict:
     """Token ids of one group: {prompt_ids, completion_ids[K], rewards[K], prompt_truncated,
     completion_truncated} (the latter: whether any of the K completions was cut)."""
-    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-    completions = [encode_completion(tokenizer, text, max_completion_length) for text in row["completions"]]
-    return {"prompt_ids": prompt_ids[-max_prompt_length:], "completion_ids": [ids for ids, _ in completions],
-            "rewards": [float(r) for r in row["rewards"]], "prompt_truncated": len(prompt_ids) > max_prompt_length,
+    prompt, text = row["prompt"], render_prompt(tokenizer, row["prompt"])
+    ids, prompt_truncated = prompt_ids(tokenizer, prompt, max_prompt_length, prompt_text=text)
+    completions = [completion_ids(tokenizer, prompt, c, max_completion_length, prompt_text=text)
+                   for c in row["completions"]]
+    return {"prompt_ids": ids, "completion_ids": [c for c, _ in completions],
+            "rewards": [float(r) for r in row["rewards"]], "prompt_truncated": prompt_truncated,
             "completion_truncated": any(cut for _, cut in completions)}
 
 

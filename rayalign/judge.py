@@ -1,10 +1,15 @@
 """The judging stage (Ray Data): SPA direct preference judgment of each prompt's own samples.
 
 A `Judge` actor holds the current policy pi_{i-1} and the initial SFT model. For every sample it computes
-both sequence log-probs exactly (a forward pass each, on the same tokenization the trainer uses) and the
+both sequence log-probs exactly (a forward pass each, on the tokenization every stage uses,
+`rayalign.templating`: a message-list prompt through the chat template, the sample as that assistant
+turn, ending at the end-of-turn eos the generator stopped at) and the
 implicit reward r = beta * (log pi_{i-1}(y|x) - log pi_SFT(y|x)); the prompt's chosen sample is the argmax,
 the rejected one the argmin (ALGORITHMS.md §5). Pairs whose completions are empty or identical, or whose
 rewards tie exactly, are dropped and counted. The output keeps the judgment's margin and confidence.
+A pair of a message-list prompt is written as its rendered text (`prompt` = the templated prompt, `chosen` /
+`rejected` = what the template puts after it, e.g. "...<|im_end|>\n"): an ordinary pair file that training
+tokenizes to the very ids judged here; `chosen_text` / `rejected_text` keep the plain contents.
 
 With judge.type=reward_model the judge ranks by judge.reward_model's scores instead (the iterative
 DPO-with-RM baseline; `rayalign.reward_judge`): same pair selection, same drops, same columns, the RM scores
@@ -24,8 +29,10 @@ import pandas as pd
 import torch
 
 from rayalign.config import Config
+from rayalign.templating import MESSAGES_COLUMN
 
 DROP_REASONS = ("empty", "identical", "tie")
+RENDERED_PROMPT = "rendered_prompt"  # a frame with message-list prompts: the templated prompt text
 PASSTHROUGH = ("texts", "token_ids", "logprobs", "finish_reasons")
 
 
@@ -52,17 +59,24 @@ class Judge:
 
         return completion_logps(model, prompts, completions, pad_token_id=self.tokenizer.pad_token_id)
 
+    def encode(self, batch: pd.DataFrame) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt and completion ids of every sample of `batch`, prompt-major (`rayalign.templating`)."""
+        from rayalign.templating import completion_ids, prompt_ids, prompt_values, render_prompt
+
+        data, prompts, completions = self.config.data, [], []
+        for prompt, texts in zip(prompt_values(batch), batch["texts"]):
+            rendered = render_prompt(self.tokenizer, prompt)
+            ids = prompt_ids(self.tokenizer, prompt, data.max_prompt_length, prompt_text=rendered)[0]
+            for text in texts:
+                prompts.append(ids)
+                completions.append(completion_ids(self.tokenizer, prompt, text, data.max_completion_length,
+                                                  prompt_text=rendered)[0])
+        return prompts, completions
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from rayalign.batching import encode_completion
         from rayalign.core.spa import implicit_rewards, judge_confidence, judge_pairs
 
-        data = self.config.data
-        prompt_ids, completion_ids = [], []
-        for prompt, texts in zip(batch["prompt"], batch["texts"]):
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"][-data.max_prompt_length:]
-            for text in texts:
-                prompt_ids.append(ids)
-                completion_ids.append(encode_completion(self.tokenizer, text, data.max_completion_length)[0])
+        prompt_ids, completion_ids = self.encode(batch)
         policy = self._logps(self.policy, prompt_ids, completion_ids)
         sft = self._logps(self.sft, prompt_ids, completion_ids)
         shape = (len(batch), len(batch["texts"].iloc[0]))  # (prompts, samples per prompt)
@@ -87,6 +101,22 @@ class Judge:
 
             out[EVAL_REWARDS] = self.reward_models.eval_scores(
                 batch, rewards if self.config.judge.type == "reward_model" else None)
+        return self._render_chat_pairs(batch, out)
+
+    def _render_chat_pairs(self, batch: pd.DataFrame, out: pd.DataFrame) -> pd.DataFrame:
+        """Pairs of message-list prompts as rendered text (see the module docstring); string pairs as they are."""
+        from rayalign.templating import is_messages, prompt_values, render_completion, render_prompt
+
+        if MESSAGES_COLUMN not in batch:  # a frame of string prompts only (every batch of it: one schema)
+            return out
+        prompts = prompt_values(batch)
+        out[MESSAGES_COLUMN] = [is_messages(p) for p in prompts]  # `prompt` as given: eval/*.parquet keeps it
+        out["chosen_text"], out["rejected_text"] = list(out["chosen"]), list(out["rejected"])
+        rendered = [render_prompt(self.tokenizer, p) for p in prompts]
+        for side in ("chosen", "rejected"):
+            out[side] = [render_completion(self.tokenizer, p, c, text)
+                         for p, c, text in zip(prompts, out[side], rendered)]
+        out[RENDERED_PROMPT] = rendered
         return out
 
     @staticmethod
@@ -131,6 +161,8 @@ def write_judged(judged: pd.DataFrame, out_path: Path) -> dict:
     # the pairs only: generation columns and the evaluation model's scores belong to the other artifacts
     kept = judged[judged["dropped"] == ""].drop(
         columns=["dropped", *[c for c in (*PASSTHROUGH, EVAL_REWARDS) if c in judged]])
+    if RENDERED_PROMPT in kept:  # message-list prompts: the pair file holds the rendered text (module docstring)
+        kept = kept.assign(prompt=kept[RENDERED_PROMPT]).drop(columns=[RENDERED_PROMPT, MESSAGES_COLUMN])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_rows_parquet(kept.to_dict("records"), out_path)
     counts = {"prompts": len(judged), "pairs": len(kept)}
@@ -141,7 +173,8 @@ def write_judged(judged: pd.DataFrame, out_path: Path) -> dict:
 GROUP_DROP_REASONS = ("empty", "identical", "tied")
 
 
-def sample_groups(samples: pd.DataFrame, judged: pd.DataFrame | None, *, rewards: str) -> tuple[list[dict], dict]:
+def sample_groups(samples: pd.DataFrame, judged: pd.DataFrame | None, *, rewards: str,
+                  tokenizer=None) -> tuple[list[dict], dict]:
     """An iteration's K samples per prompt as k_sample rows {id, prompt, completions, rewards}, and counts.
 
     `samples` is the generation artifact (one row per sample). `rewards="judge"` takes the judge's rewards
@@ -149,9 +182,11 @@ def sample_groups(samples: pd.DataFrame, judged: pd.DataFrame | None, *, rewards
     empty best/worst sample);
     `rewards="gold"` scores every sample with the sentiment task's gold reward. A group is dropped when a
     sample is empty (as the judge drops empty pairs), all K texts are the same, or all K rewards tie (the
-    target is then uniform: no preference to learn).
+    target is then uniform: no preference to learn). A message-list prompt's row holds its rendered text
+    and its completions as the template renders them (as the judge writes pairs), with `tokenizer`.
     """
     from rayalign.tasks.sentiment import gold_reward
+    from rayalign.templating import is_messages, prompt_value, render_completion, render_prompt
 
     judge_rewards = dict(zip(judged["prompt_id"], judged["judge_rewards"])) if rewards == "judge" else None
     rows, counts = [], {"prompts": 0, "groups": 0, **{f"dropped_{r}": 0 for r in GROUP_DROP_REASONS}}
@@ -167,7 +202,14 @@ def sample_groups(samples: pd.DataFrame, judged: pd.DataFrame | None, *, rewards
         if reason:
             counts[f"dropped_{reason}"] += 1
             continue
-        rows.append({"id": int(prompt_id), "prompt": group["prompt"].iloc[0], "completions": texts, "rewards": values})
+        prompt = prompt_value(group.iloc[0])
+        if is_messages(prompt):
+            if tokenizer is None:
+                raise ValueError("K-sample groups of message-list prompts need the policy's tokenizer to render them")
+            text = render_prompt(tokenizer, prompt)
+            texts = [render_completion(tokenizer, prompt, t, text) for t in texts]
+            prompt = text
+        rows.append({"id": int(prompt_id), "prompt": prompt, "completions": texts, "rewards": values})
     counts["groups"] = len(rows)
     return rows, counts
 
@@ -184,7 +226,8 @@ def best_worst_pairs(groups: list[dict]) -> list[dict]:
     return pairs
 
 
-def training_data(config: Config, data: str, iteration: int) -> tuple[str | None, str]:
+def training_data(config: Config, data: str, iteration: int, *, tokenizer_path: str | None = None
+                  ) -> tuple[str | None, str]:
     """The loss (None: `loss.type`) and the data file that loop iteration `iteration` trains on.
 
     Iteration 0 trains on the gold seed pairs: a K-sample loss (exo_rw, dpo_rw) cannot, so it is DPO there
@@ -193,7 +236,8 @@ def training_data(config: Config, data: str, iteration: int) -> tuple[str | None
       pairwise loss, loop.rewards=judge   judged.parquet itself (the judge's best vs worst pair)
       pairwise loss, loop.rewards=gold    gold_pairs.parquet: best vs worst sample by gold reward
       exo_rw / dpo_rw                     groups.parquet (judge rewards) or gold_groups.parquet: all K
-    The files are written atomically once; a resumed loop reuses them.
+    The files are written atomically once; a resumed loop reuses them. `tokenizer_path` (the judging
+    policy's) renders message-list prompts there; it is loaded only when the samples have such prompts.
     """
     from rayalign.data import write_rows_parquet
     from rayalign.objective import GROUP_LOSSES
@@ -210,9 +254,13 @@ def training_data(config: Config, data: str, iteration: int) -> tuple[str | None
         return None, data
     out = judged_path.with_name(("gold_" if gold else "") + ("groups" if grouped else "pairs") + ".parquet")
     if not out.exists():
-        judged = pd.read_parquet(judged_path)
-        groups, counts = sample_groups(pd.read_parquet(judged_path.with_name("samples.parquet")), judged,
-                                       rewards=config.loop.rewards)
+        judged, samples = pd.read_parquet(judged_path), pd.read_parquet(judged_path.with_name("samples.parquet"))
+        tokenizer = None
+        if tokenizer_path and MESSAGES_COLUMN in samples and samples[MESSAGES_COLUMN].any():
+            from rayalign.models import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
+        groups, counts = sample_groups(samples, judged, rewards=config.loop.rewards, tokenizer=tokenizer)
         write_rows_parquet(groups if grouped else best_worst_pairs(groups), out)
         print(f"rayalign run: iteration {iteration}: {out.name}: {counts}", flush=True)
     return None, str(out)

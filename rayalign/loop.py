@@ -49,6 +49,7 @@ def setup(config: Config, run_dir: Path) -> Plan:
     """pi_SFT, the seed pairs and the prompt sets; built for the embedded task when not given."""
     from rayalign.stages import plan_prompts
     from rayalign.tasks import sentiment
+    from rayalign.templating import check_prompts_template
 
     data = run_dir / "data"
     if config.loop.task == "none" and not (config.model.policy and config.data.train_file and config.data.prompts_file):
@@ -61,7 +62,10 @@ def setup(config: Config, run_dir: Path) -> Plan:
         if not Path(seed_pairs).exists():
             _write_jsonl(Path(seed_pairs), sentiment.gold_pairs(config.loop.seed_pairs, seed=config.data.seed))
             storage.commit(seed_pairs)
-    return Plan(storage, sft_path, seed_pairs, *plan_prompts(config))
+    plan = Plan(storage, sft_path, seed_pairs, *plan_prompts(config))
+    check_prompts_template([p for prompts in plan.prompt_sets for p in prompts] + plan.eval_prompts, sft_path,
+                           source=config.data.prompts_file, trust_remote_code=config.model.trust_remote_code)
+    return plan
 
 
 def build_task_sft(config: Config, run_dir: Path, storage: StageStorage) -> Path:
@@ -102,7 +106,7 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     _log(f"iteration {iteration}: training {policy} -> {final}")
     run_dir.mkdir(parents=True, exist_ok=True)
     # loop.rewards=gold relabels the judged samples; exo_rw/dpo_rw train on all K (DPO in iteration 0)
-    loss_type, data = training_data(config, data, iteration)
+    loss_type, data = training_data(config, data, iteration, tokenizer_path=policy)  # policy: it judged `data`
     location, store = storage.training(run_dir)  # run.storage: outputs go to STORAGE/<its run dir>
     # Self-refinement de-noises self-judged labels: iteration 0 trains on gold labels without it.
     refine = config.spa.refine and iteration > 0

@@ -25,7 +25,8 @@ from rayalign.config import Config
 from rayalign.encode import TEXT_FIELDS, collate, encode_row, encoded_rows
 from rayalign.loss_registry import needs_dispersion
 
-CACHE_VERSION = 2  # bump when the encoding or scoring code changes what an entry holds (2: token ids too)
+CACHE_VERSION = 3  # bump when the encoding or scoring code changes what an entry holds (2: token ids too;
+# 3: `rayalign.templating` ends a completion at its own trailing eos instead of appending a second one)
 
 
 class PairEncoder:

@@ -43,7 +43,10 @@ class RewardModels:
 
     @staticmethod
     def _groups(batch: pd.DataFrame) -> tuple[list, list[list[str]]]:
-        return list(batch["prompt"]), [list(texts) for texts in batch["texts"]]
+        from rayalign.templating import prompt_values
+
+        # a message-list prompt as messages: the reward model renders it with its own chat template
+        return prompt_values(batch), [list(texts) for texts in batch["texts"]]
 
     def judge_scores(self, batch: pd.DataFrame) -> torch.Tensor:
         """judge.reward_model's reward of each prompt's samples, (P, K) float32."""

@@ -1,7 +1,11 @@
 """Samplers: n completions per prompt with their token ids and log-probs; HF `generate` or vLLM.
 
-Both backends have one interface, `sample(prompts, prompt_ids) -> list[list[Sample]]`, and return for
-every sampled token the log-prob of the *model* distribution (log-softmax of the raw logits, before
+Both backends have one interface, `sample(prompts, prompt_ids) -> list[list[Sample]]`, where a prompt is a
+string or a list of `{role, content}` messages, tokenized by `rayalign.templating.prompt_ids` (the chat
+template with the generation prompt for messages), the ids every later stage uses; both load the tokenizer
+with `rayalign.models.load_tokenizer` and stop at its eos (a ChatML template's "<|im_end|>"), keeping it as
+the completion's last token, where `rayalign.templating` ends a completion too. They return for every
+sampled token the log-prob of the *model* distribution (log-softmax of the raw logits, before
 temperature and top-p), which is what an HF forward pass of the same weights gives. The HF sampler seeds
 each prompt from (seed, prompt id), so the same seed gives the same samples whatever the batching or the
 number of actors. vLLM seeds each request the same way, but its kernels are not bit-reproducible.
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from rayalign.config import GenerateConfig
+from rayalign.templating import Prompt, as_prompt
+from rayalign.templating import prompt_ids as template_prompt_ids
 
 
 @dataclass
@@ -44,9 +50,10 @@ class HFSampler:
         self.config = config
 
     @torch.no_grad()
-    def _sample_one(self, prompt: str, seed: int) -> list[Sample]:
+    def _sample_one(self, prompt: Prompt, seed: int) -> list[Sample]:
         c = self.config
-        encoded = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        ids = torch.tensor([template_prompt_ids(self.tokenizer, as_prompt(prompt))[0]])
+        encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         torch.manual_seed(seed)
         out = self.model.generate(
             **encoded, do_sample=True, temperature=c.temperature, top_p=c.top_p, top_k=0,
@@ -64,7 +71,7 @@ class HFSampler:
         text = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
         return Sample(text, ids[:length], logps[:length].tolist(), "stop" if eos in ids[:length] else "length")
 
-    def sample(self, prompts: list[str], prompt_ids: list[int]) -> list[list[Sample]]:
+    def sample(self, prompts: list[Prompt], prompt_ids: list[int]) -> list[list[Sample]]:
         return [self._sample_one(p, prompt_seed(self.config.seed, i)) for p, i in zip(prompts, prompt_ids)]
 
 
@@ -83,7 +90,7 @@ class VLLMSampler:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from rayalign.models import resolve_name_or_path
+        from rayalign.models import load_tokenizer, resolve_name_or_path
 
         on_cpu = current_platform.is_cpu()
         if on_cpu:
@@ -105,10 +112,12 @@ class VLLMSampler:
             # CPU: eager. vLLM's torch.compile pass would take longer than the small CPU runs it speeds up.
             enforce_eager=on_cpu,
             **({} if on_cpu else {"gpu_memory_utilization": 0.85}))
-        self.tokenizer = self.llm.get_tokenizer()
+        # The same HF tokenizer HFSampler and every later stage load (not vLLM's wrapper), so prompts render and
+        # tokenize identically (`rayalign.templating`).
+        self.tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
         self.config = config
 
-    def sample(self, prompts: list[str], prompt_ids: list[int]) -> list[list[Sample]]:
+    def sample(self, prompts: list[Prompt], prompt_ids: list[int]) -> list[list[Sample]]:
         from vllm import SamplingParams
 
         c = self.config
@@ -119,9 +128,8 @@ class VLLMSampler:
                                  max_tokens=c.max_new_tokens, seed=prompt_seed(c.seed, i), logprobs=0,
                                  detokenize=False)
                   for i in prompt_ids]
-        # Token prompts, tokenized without special tokens like HFSampler, so vLLM adds no BOS of its own.
-        token_prompts = [{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)}
-                         for p in prompts]
+        # Token prompts, tokenized as HFSampler does (no special tokens added), so vLLM adds no BOS of its own.
+        token_prompts = [{"prompt_token_ids": template_prompt_ids(self.tokenizer, as_prompt(p))[0]} for p in prompts]
         outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
         return [[self._sample(o) for o in sorted(request.outputs, key=lambda o: o.index)]
                 for request in outputs]

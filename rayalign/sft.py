@@ -20,11 +20,15 @@ from rayalign.io import atomic_directory
 
 def sft_batches(tokenizer, examples: list[tuple[str, str]], *, batch_size: int, epochs: int, seed: int,
                 max_length: int):
-    """Right-padded (input_ids, attention_mask, labels) batches; labels are -100 on prompt and padding."""
+    """Right-padded (input_ids, attention_mask, labels) batches; labels are -100 on prompt and padding.
+
+    Prompt and response are tokenized as every stage does (`rayalign.templating`): the response ends at eos."""
+    from rayalign.templating import encode_prompt_completion
+
     encoded = []
     for prompt, response in examples:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        pair = encode_prompt_completion(tokenizer, prompt, response)
+        p, r = pair["prompt_ids"], pair["completion_ids"]
         ids = (p + r)[:max_length]
         encoded.append((ids, [-100] * len(p) + r))
     rng = random.Random(seed)

@@ -114,6 +114,7 @@ def read_sample_groups(path: str | Path) -> pd.DataFrame:
 
     Checks what the judge relies on and names the file and field when it is not so.
     """
+    from rayalign.templating import MESSAGES_COLUMN, messages_flag
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--samples: {path} does not exist (write it with `rayalign generate`)")
@@ -128,7 +129,9 @@ def read_sample_groups(path: str | Path) -> pd.DataFrame:
             raise ConfigError(f"--samples: {path}: prompt_id {prompt_id}: sample_index must be 0..{len(group) - 1}, "
                               f"got {list(group['sample_index'])}")
         # Only what the judge reads: the judged file leaves the generation columns out anyway.
-        groups.append({"prompt_id": int(prompt_id), "prompt": group["prompt"].iloc[0], "texts": list(group["text"])})
+        flag = {MESSAGES_COLUMN: messages_flag(group[MESSAGES_COLUMN].iloc[0])} if MESSAGES_COLUMN in group else {}
+        groups.append({"prompt_id": int(prompt_id), "prompt": group["prompt"].iloc[0], **flag,
+                       "texts": list(group["text"])})
     sizes = {len(g["texts"]) for g in groups}
     if not groups or len(sizes) != 1 or min(sizes) < 2:
         raise ConfigError(f"--samples: {path}: every prompt needs the same number (>= 2) of samples; "
@@ -148,6 +151,14 @@ def _require_model(config: Config, field: str, why: str) -> str:
         raise ConfigError(f"{field}: {exc}") from None
 
 
+def _check_template(prompts: list, model: str, config: Config) -> None:
+    """Message-list prompts need a chat template on `model`'s tokenizer: a config error before any work."""
+    from rayalign.templating import check_prompts_template
+
+    check_prompts_template(prompts, model, source=config.data.prompts_file,
+                           trust_remote_code=config.model.trust_remote_code)
+
+
 def _no_storage(config: Config, command: str) -> None:
     if config.run.storage:
         raise ConfigError(f"run.storage: not supported by `rayalign {command}` yet (its outputs stay in run.dir); "
@@ -162,6 +173,7 @@ def run_generate(config: Config, *, iteration: int | None = None) -> int:
 
     policy = _require_model(config, "model.policy", "the model to sample from")
     sets, _ = plan_prompts(config)
+    _check_template([p for prompts in sets for p in prompts], policy, config)
     if iteration is not None and not 1 <= iteration <= len(sets):
         raise ConfigError(f"--iteration: must be in 1..{len(sets)} (loop.iterations); got {iteration}")
     chosen = [iteration] if iteration is not None else range(1, len(sets) + 1)
@@ -217,6 +229,7 @@ def run_eval(config: Config, *, baseline: str | None = None) -> int:
             raise ConfigError(f"--baseline: {exc}") from None
     baseline = baseline or sft
     _, eval_prompts = plan_prompts(config)
+    _check_template(eval_prompts, policy, config)
     out = Path(config.run.dir) / "eval"
     ensure_ray()
     from rayalign.stage_storage import StageStorage

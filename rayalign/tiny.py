@@ -15,6 +15,10 @@ Choices that later stages rely on:
 - The tokenizer depends only on the corpus and vocab_size: training BPE uses no randomness, and
   `seed` only seeds the weights, so models with different seeds share one tokenizer.
 - No BOS is prepended on encode (GPT-2 style); the chat template is Anthropic-HH style.
+- `chat_template="chatml"` (`--chat-template chatml`) instead writes a ChatML template laid out as Qwen's:
+  "<|im_start|>" and "<|im_end|>" are added special tokens (ids 1 and 2, right after "<|endoftext|>"),
+  eos is "<|im_end|>" (the end of every turn, where generation stops), pad and bos stay "<|endoftext|>",
+  and the generation prompt is "<|im_start|>assistant\n". The default ("hh") files are unchanged by it.
 
 It does not train the model, download anything, or import ray/vllm/deepspeed itself (transformers'
 `save_pretrained` imports deepspeed on its own when it is installed).
@@ -49,6 +53,17 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
 )
+
+# ChatML, as Qwen2.5 lays it out (without Qwen's default system message): every turn is
+# "<|im_start|>{role}\n{content}<|im_end|>\n"; an assistant completion is "{content}<|im_end|>\n".
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_TEMPLATES = ("hh", "chatml")
 
 _SUBJECTS = [
     "the movie", "this book", "the food", "my day", "the weather", "that song", "the service", "our trip",
@@ -107,11 +122,11 @@ def read_corpus(path: str | Path) -> list[str]:
     return docs
 
 
-def train_bpe(docs: list[str], vocab_size: int = 512):
+def train_bpe(docs: list[str], vocab_size: int = 512, special_tokens: tuple[str, ...] = (EOS_TOKEN,)):
     """Train the raw byte-level BPE `tokenizers.Tokenizer` (no transformers import); deterministic.
 
     `vocab_size` is an upper bound: BPE stops early when the corpus has no pair left to merge. The byte
-    alphabet is always complete, so any text encodes.
+    alphabet is always complete, so any text encodes. `special_tokens` get the first ids, in order.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -124,31 +139,41 @@ def train_bpe(docs: list[str], vocab_size: int = 512):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(docs, trainer=trainer)
     return tok
 
 
-def train_tokenizer(docs: list[str], vocab_size: int = 512, max_length: int = 512) -> PreTrainedTokenizerFast:
+def train_tokenizer(docs: list[str], vocab_size: int = 512, max_length: int = 512,
+                    chat_template: str = "hh") -> PreTrainedTokenizerFast:
     """`train_bpe` wrapped as a transformers tokenizer with eos/bos/pad and the chat template.
 
+    `chat_template`: "hh" (eos = bos = pad = "<|endoftext|>") or "chatml" (see the module docstring).
     Saved padding side is "right" (training); callers choose per use with
     `rayalign.models.load_tokenizer(padding_side=...)`.
     """
     from transformers import PreTrainedTokenizerFast
 
+    if chat_template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {chat_template!r}")
+    if chat_template == "chatml":
+        specials = {"eos_token": IM_END, "extra_special_tokens": [IM_START, IM_END], "chat_template": CHATML_TEMPLATE}
+        bpe = train_bpe(docs, vocab_size, special_tokens=(EOS_TOKEN, IM_START, IM_END))
+    else:
+        specials = {"eos_token": EOS_TOKEN, "chat_template": CHAT_TEMPLATE}
+        bpe = train_bpe(docs, vocab_size)
     # padding_side goes to the constructor: assigning it afterwards is not written by save_pretrained.
     return PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe(docs, vocab_size), bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN, padding_side="right", chat_template=CHAT_TEMPLATE, model_max_length=max_length,
-        clean_up_tokenization_spaces=False,
+        tokenizer_object=bpe, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN, padding_side="right",
+        model_max_length=max_length, clean_up_tokenization_spaces=False, **specials,
     )
 
 
 def build_tiny_model(
     *, corpus: str | Path | None = None, layers: int = 2, hidden: int = 64, heads: int = 2,
     intermediate: int | None = None, vocab_size: int = 512, max_position: int = 512, seed: int = 0,
+    chat_template: str = "hh",
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """In-memory (model, tokenizer); see `make_tiny_model` for the arguments. The model is in eval mode."""
     import torch
@@ -161,12 +186,13 @@ def build_tiny_model(
         raise ValueError(f"layers ({layers}), max_position ({max_position}) and intermediate "
                          f"({intermediate}) must be positive")
     docs = read_corpus(corpus) if corpus is not None else builtin_corpus()
-    tokenizer = train_tokenizer(docs, vocab_size, max_length=max_position)
-    eos_id = tokenizer.eos_token_id
+    tokenizer = train_tokenizer(docs, vocab_size, max_length=max_position, chat_template=chat_template)
+    # "hh": one id for all three. "chatml": eos "<|im_end|>" ends a turn, "<|endoftext|>" is bos and pad.
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads, head_dim=HEAD_DIM, intermediate_size=intermediate or 4 * hidden,
-        max_position_embeddings=max_position, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        max_position_embeddings=max_position, bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id,
         # Untied: embeddings and lm_head are separate tensors, the layout most real checkpoints use.
         tie_word_embeddings=False, dtype="float32",
     )
@@ -174,7 +200,7 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id)
     return model.eval(), tokenizer
 
 
@@ -201,18 +227,18 @@ def save_tiny_model(model, tokenizer, out_dir: str | Path) -> Path:
 def make_tiny_model(
     out_dir: str | Path, *, corpus: str | Path | None = None, layers: int = 2, hidden: int = 64,
     heads: int = 2, intermediate: int | None = None, vocab_size: int = 512, max_position: int = 512,
-    seed: int = 0,
+    seed: int = 0, chat_template: str = "hh",
 ) -> Path:
     """Build the tiny model and tokenizer and save them as a Hugging Face directory; return its path.
 
     corpus: text file (one document per line) or .jsonl with a "text" field; None uses `builtin_corpus()`.
     hidden must be heads * 32. intermediate defaults to 4 * hidden. vocab_size is an upper bound (see
     `train_tokenizer`); the model's vocab is exactly len(tokenizer). Same arguments give byte-identical
-    files; `seed` changes the weights only.
+    files; `seed` changes the weights only. `chat_template`: "hh" or "chatml" (see the module docstring).
     """
     model, tokenizer = build_tiny_model(corpus=corpus, layers=layers, hidden=hidden, heads=heads,
                                         intermediate=intermediate, vocab_size=vocab_size,
-                                        max_position=max_position, seed=seed)
+                                        max_position=max_position, seed=seed, chat_template=chat_template)
     return save_tiny_model(model, tokenizer, out_dir)
 
 
@@ -228,6 +254,9 @@ def add_make_tiny_model_arguments(parser: argparse.ArgumentParser) -> argparse.A
     parser.add_argument("--vocab-size", type=int, default=512, help="upper bound on the BPE vocabulary")
     parser.add_argument("--max-position", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights (the tokenizer has no RNG)")
+    parser.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="hh",
+                        help="hh: '\\n\\nHuman:/\\n\\nAssistant:' turns, eos <|endoftext|>; chatml: Qwen-style "
+                             "<|im_start|>/<|im_end|> special tokens, eos <|im_end|>")
     return parser
 
 
@@ -240,12 +269,12 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
         model, tokenizer = build_tiny_model(
             corpus=args.corpus, layers=args.layers, hidden=args.hidden, heads=args.heads,
             intermediate=args.intermediate, vocab_size=args.vocab_size, max_position=args.max_position,
-            seed=args.seed,
+            seed=args.seed, chat_template=args.chat_template,
         )
     except ValueError as e:
         print(f"make-tiny-model: error: {e}", file=sys.stderr)
         return 2
     out = save_tiny_model(model, tokenizer, args.out_dir)
     print(f"wrote {out}: {count_parameters(model):,} parameters, vocab {len(tokenizer)}, "
-          f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads")
+          f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, {args.chat_template} chat template")
     return 0

@@ -25,6 +25,7 @@ from rayalign.io import atomic_write_text
 from rayalign.stage_inputs import StageInputs
 from rayalign.storage import RunStorage
 from rayalign.storage_train import pull_outputs, ray_storage, worker_paths
+from rayalign.templating import check_data_template
 
 
 def _log(message: str) -> None:
@@ -84,6 +85,8 @@ def split_eval(rows: list[dict], config: Config, tokenizer, kind: str | None = N
         else:
             key, source, select = "data.eval_split", inputs.train_file, inputs.selection(evaluation=True)
         data = load_rows(source, fmt=inputs.format, tokenizer=tokenizer, select=select)
+        check_data_template(tokenizer, data.format, key=key, source=source,
+                            name=config.model.tokenizer or inputs.policy)
         eval_kind, eval_rows = pair_rows(data.format, data.rows, config, source)
         # GDPO rows as the eval of plain pairs are pairs (their level target is not read)
         if kind and eval_kind != kind and (kind, eval_kind) != (PAIRS, LEVEL_PAIRS):
@@ -166,13 +169,14 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     _check_resume(run_dir, resume, store)
     if not inputs.train_file:
         raise ConfigError("data.train_file: set it to a preference file (see `rayalign data check`)")
-    # A given tokenizer renders conversational rows with its chat template; the tiny model built from the
-    # data uses the plain "\n\nHuman:/\n\nAssistant:" template, which is also the readers' fallback.
+    # A given tokenizer renders conversational rows with its chat template (none: a config error); the tiny
+    # model built from the data uses the plain "\n\nHuman:/\n\nAssistant:" template, the readers' fallback.
     tokenizer_path = config.model.tokenizer or inputs.policy
     tokenizer = None
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
     data = load_rows(inputs.train_file, fmt=inputs.format, tokenizer=tokenizer, select=inputs.selection())
+    check_data_template(tokenizer, data.format, key="data.train_file", source=inputs.train_file, name=tokenizer_path)
     kind, rows = pair_rows(data.format, data.rows, config, inputs.train_file)  # the data kind, decided once
     texts = [r["prompt"] + ("".join(r["completions"]) if kind == GROUPS else r["chosen"]) for r in rows]
     policy_path = build_policy_if_needed(inputs.policy, config, run_dir, texts)

