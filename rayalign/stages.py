@@ -16,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from rayalign.config import Config, ConfigError
-from rayalign.data.prompts import Prompt, prompt_columns
+from rayalign.data.prompts import Prompt
 from rayalign.io import atomic_write_text
+from rayalign.templating import prompt_columns
 
 ITERATION_PROMPT_ID = 1_000_000  # iteration i's k-th prompt has id i * ITERATION_PROMPT_ID + k
 EVAL_PROMPT_ID = 10**9  # evaluation prompts keep these ids (so the same seeds) for every model
@@ -65,7 +66,7 @@ def load_prompts(config: Config) -> list[Prompt]:
 
 
 def prompt_frame(prompts: list[Prompt], first_id: int) -> pd.DataFrame:
-    """Columns prompt_id, prompt and, for message prompts, prompt_messages (`rayalign.data.prompts`)."""
+    """Columns prompt_id, prompt and prompt_messages (`rayalign.templating.prompt_columns`)."""
     return pd.DataFrame({"prompt_id": [first_id + k for k in range(len(prompts))], **prompt_columns(prompts)})
 
 

@@ -77,9 +77,12 @@ def is_messages(prompt: Prompt) -> bool:
 def prompt_columns(prompts: Sequence[Any]) -> dict[str, list]:
     """Frame columns for `prompts` (strings and/or message lists): {"prompt": [...], "prompt_messages": [...]}.
 
-    A message list is stored as JSON text in `prompt`, so Ray Data and Parquet see one string column.
+    A message list is stored as JSON text in `prompt`, so Ray Data and Parquet see one string column. Without
+    any message list the flag column is left out: text-only frames and artifacts keep their columns.
     """
     values = [as_prompt(p) for p in prompts]
+    if not any(is_messages(p) for p in values):
+        return {"prompt": values}
     return {"prompt": [json.dumps(p, ensure_ascii=False) if is_messages(p) else p for p in values],
             MESSAGES_COLUMN: [is_messages(p) for p in values]}
 

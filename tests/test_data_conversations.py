@@ -10,10 +10,11 @@ import json
 import pandas as pd
 import pytest
 
-from rayalign.data import DataValidationError, detect_format, load_rows, normalize_row, prompt_columns, prompt_from_row
+from rayalign.data import DataValidationError, detect_format, load_rows, normalize_row
 from rayalign.data.chat import ImplicitPromptError, split_implicit_conversation
 from rayalign.data.check import run_data_check
 from rayalign.data.readers import write_rows_parquet
+from rayalign.templating import prompt_columns, prompt_values
 
 
 def turn(role, content):
@@ -132,13 +133,10 @@ def test_any_format_gives_loop_prompts(tmp_path):
 def test_prompt_columns_round_trip_through_parquet(tmp_path):
     prompts = ["plain text", [turn("system", "Be brief."), U1]]
     columns = prompt_columns(prompts)
-    assert columns == {"prompt": ["plain text", "\n\nSystem: Be brief.\n\nHuman: What color is the sky?\n\nAssistant:"],
-                       "prompt_messages": ['"plain text"', json.dumps(prompts[1])]}
-    assert prompt_columns(["a", "b"]) == {"prompt": ["a", "b"]}  # text only: the column is left out
+    assert columns == {"prompt": ["plain text", json.dumps(prompts[1])], "prompt_messages": [False, True]}
     path = tmp_path / "p.parquet"
     write_rows_parquet(pd.DataFrame({"prompt_id": [1, 2], **columns}).to_dict("records"), path)
-    back = pd.read_parquet(path)
-    assert [prompt_from_row(row) for _, row in back.iterrows()] == prompts
+    assert prompt_values(pd.read_parquet(path)) == prompts
 
 
 def test_implicit_conversations_render_with_the_chat_template():

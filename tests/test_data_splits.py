@@ -159,6 +159,7 @@ def test_eval_split_holds_out_that_split_of_the_training_source(ultrafeedback_di
 
 def test_loop_prompts_from_splits_keep_messages_and_ids(ultrafeedback_dir, tmp_path):
     from rayalign.stages import iteration_frame, plan_prompts
+    from rayalign.templating import prompt_values
 
     base = [f"data.prompts_file={ultrafeedback_dir}", "loop.iterations=2", "loop.prompts_per_iteration=2",
             "eval.prompts=1"]
@@ -168,8 +169,8 @@ def test_loop_prompts_from_splits_keep_messages_and_ids(ultrafeedback_dir, tmp_p
     frame = iteration_frame(sets[1], 2)
     assert list(frame.columns) == ["prompt_id", "prompt", "prompt_messages"]
     assert list(frame["prompt_id"]) == [2_000_000, 2_000_001]
-    assert json.loads(frame["prompt_messages"][0]) == sets[1][0]
-    assert frame["prompt"][0] == "\n\nHuman: Question 103: what is 103 plus 103?\n\nAssistant:"
+    assert list(frame["prompt_messages"]) == [True, True] and json.loads(frame["prompt"][0]) == sets[1][0]
+    assert prompt_values(frame) == sets[1]
     # planned again (a resume): the same prompts, so the same ids and per-prompt seeds
     assert iteration_frame(plan_prompts(load_config(None, [*base, "data.prompts_split=train_gen"]))[0][1], 2).equals(
         frame)

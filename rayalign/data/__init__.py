@@ -21,7 +21,7 @@ from rayalign.data.formats import (
     split_implicit_prompt,
 )
 from rayalign.data.load import LoadedData, load_rows
-from rayalign.data.prompts import Prompt, prompt_columns, prompt_from_row
+from rayalign.data.prompts import Prompt
 from rayalign.data.readers import Selection, write_rows_parquet
 
 __all__ = [
@@ -36,8 +36,6 @@ __all__ = [
     "detect_format",
     "load_rows",
     "normalize_row",
-    "prompt_columns",
-    "prompt_from_row",
     "split_implicit_prompt",
     "write_rows_parquet",
 ]
