@@ -26,13 +26,14 @@ class Judge:
     """Ray Data callable class: per-prompt rows with their sample texts -> one judged pair per prompt."""
 
     def __init__(self, policy_path: str, sft_path: str, config: Config):
-        from rayalign.models import load_model, load_tokenizer
+        from rayalign.models import LoadOptions, load_model, load_tokenizer
         from rayalign.storage import materialize
 
         policy_path, sft_path = materialize(policy_path), materialize(sft_path)  # run.storage: node-local copies
-        self.tokenizer = load_tokenizer(policy_path)
-        self.policy = load_model(policy_path, dtype=config.model.dtype)
-        self.sft = load_model(sft_path, dtype=config.model.dtype)
+        load = LoadOptions.of(config.model)
+        self.tokenizer = load_tokenizer(policy_path, load)
+        self.policy = load_model(policy_path, load, dtype=config.model.dtype)
+        self.sft = load_model(sft_path, load, dtype=config.model.dtype)
         self.config = config
 
     def _logps(self, model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:

@@ -66,6 +66,7 @@ def setup(config: Config, run_dir: Path) -> Plan:
 
 def build_task_sft(config: Config, run_dir: Path, storage: StageStorage) -> Path:
     from rayalign.io import atomic_directory
+    from rayalign.models import LoadOptions
     from rayalign.sft import run_sft
     from rayalign.tasks.sentiment import sft_examples
     from rayalign.tiny import make_tiny_model
@@ -83,7 +84,7 @@ def build_task_sft(config: Config, run_dir: Path, storage: StageStorage) -> Path
         storage.commit(corpus, tiny)
     _log(f"SFT of the tiny model on {len(examples)} task examples")
     sft = run_sft(str(tiny), examples, out, epochs=config.loop.sft_epochs, lr=config.loop.sft_lr,
-                  seed=config.train.seed, log=_log)
+                  seed=config.train.seed, log=_log, load=LoadOptions.of(config.model))
     storage.commit(sft)  # run.storage: actors on other nodes load pi_SFT from there
     return sft
 

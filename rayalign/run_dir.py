@@ -106,7 +106,7 @@ def check_models(config: Config) -> None:
         value = getattr(config.model, key)
         try:
             if value:
-                check_model_name(value, f"model.{key}", model=key != "tokenizer")
+                check_model_name(value, f"model.{key}", model=key != "tokenizer", revision=config.model.revision)
         except ModelNotFoundError as exc:
             raise ConfigError(str(exc)) from None
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from rayalign.config import Config, ConfigError
 from rayalign.io import atomic_write_text
+from rayalign.models import LoadOptions
 
 ITERATION_PROMPT_ID = 1_000_000  # iteration i's k-th prompt has id i * ITERATION_PROMPT_ID + k
 EVAL_PROMPT_ID = 10**9  # evaluation prompts keep these ids (so the same seeds) for every model
@@ -70,7 +71,8 @@ def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: 
     from rayalign.generate import generation_dataset
     from rayalign.judge import judge_dataset
 
-    dataset = generation_dataset(prompts, model, config.generate, dtype=config.model.dtype)
+    dataset = generation_dataset(prompts, model, config.generate, dtype=config.model.dtype,
+                                 load=LoadOptions.of(config.model))
     return judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config).to_pandas()
 
 
@@ -155,7 +157,8 @@ def run_generate(config: Config, *, iteration: int | None = None) -> int:
     out = Path(config.run.dir) / "samples.parquet"
     ensure_ray()
     _log("generate", f"{len(prompts)} prompts x {config.generate.num_samples} samples with {policy}")
-    groups = generation_dataset(prompts, policy, config.generate, dtype=config.model.dtype).to_pandas()
+    groups = generation_dataset(prompts, policy, config.generate, dtype=config.model.dtype,
+                                load=LoadOptions.of(config.model)).to_pandas()
     samples = write_samples(groups, out)
     _log("generate", f"wrote {len(samples)} samples to {out}")
     return 0
@@ -212,7 +215,8 @@ def run_eval(config: Config, *, baseline: str | None = None) -> int:
                       out / "policy.parquet")
     summary = {"policy": policy, "baseline": baseline, "prompts": len(rows), "kl_to_sft": kl_to_sft(rows)}
     if config.loop.task == "sentiment":
-        base = generation_dataset(eval_frame(eval_prompts), baseline, config.generate, dtype=config.model.dtype)
+        base = generation_dataset(eval_frame(eval_prompts), baseline, config.generate, dtype=config.model.dtype,
+                                  load=LoadOptions.of(config.model))
         base_rows = write_eval(base.to_pandas(), config, out / "baseline.parquet")
         scores = compare(rows, {"baseline": base_rows})
         summary.update(scores, baseline_gold_reward_mean=compare(base_rows, {})["gold_reward_mean"])

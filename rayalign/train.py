@@ -146,7 +146,7 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     (default: run.dir bound to run.storage, if set): workers then read and write through it. `inputs`: what
     this stage trains (models, data, epochs, SPA mix; the loop's per iteration), by default the config's."""
     from rayalign.data import load_rows
-    from rayalign.models import load_tokenizer
+    from rayalign.models import LoadOptions, load_tokenizer
 
     run_dir = Path(config.run.dir).expanduser().absolute()
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
@@ -165,13 +165,13 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     tokenizer_path = config.model.tokenizer or inputs.policy
     tokenizer = None
     if tokenizer_path:
-        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
+        tokenizer = load_tokenizer(tokenizer_path, LoadOptions.of(config.model))
     data = load_rows(inputs.train_file, fmt=inputs.format, tokenizer=tokenizer)
     kind, rows = pair_rows(data.format, data.rows, config, inputs.train_file)  # the data kind, decided once
     texts = [r["prompt"] + ("".join(r["completions"]) if kind == GROUPS else r["chosen"]) for r in rows]
     policy_path = build_policy_if_needed(inputs.policy, config, run_dir, texts)
     tokenizer_path = tokenizer_path or policy_path
-    tokenizer = tokenizer or load_tokenizer(tokenizer_path)
+    tokenizer = tokenizer or load_tokenizer(tokenizer_path, LoadOptions.of(config.model))
     train_rows, eval_rows = split_eval(rows, config, tokenizer, kind, inputs)
     paths = {"policy_path": _absolute(policy_path), "tokenizer_path": _absolute(tokenizer_path),
              "reference_path": _absolute(inputs.reference or policy_path)}

@@ -90,7 +90,7 @@ class Worker:
     def __init__(self, loop_config: dict):
         import ray.train
 
-        from rayalign.models import load_model, load_tokenizer
+        from rayalign.models import LoadOptions, load_model, load_tokenizer
 
         self.inputs = StageInputs(**loop_config["inputs"])  # this stage's run state (epochs, SPA mix, loss)
         self.config: Config = self.inputs.stage_config(build_config(loop_config["config"]))
@@ -125,16 +125,17 @@ class Worker:
 
             self.device = ray.train.torch.get_device()
             torch.cuda.set_device(self.device)
-        self.tokenizer = load_tokenizer(materialize(loop_config["tokenizer_path"]))
-        self.policy = load_model(weights, dtype=self.config.model.dtype, device=self.device)
+        load = LoadOptions.of(self.config.model)
+        self.tokenizer = load_tokenizer(materialize(loop_config["tokenizer_path"]), load)
+        self.policy = load_model(weights, load, dtype=self.config.model.dtype, device=self.device)
         self.policy.train()
         if self.config.train.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         refine = self.inputs.spa_mix is not None
         needs_reference = not self.config.ref.cache or refine
         self.reference = (None if not needs_reference
-                          else load_model(materialize(loop_config["reference_path"]), dtype=self.config.model.dtype,
-                                          device=self.device))
+                          else load_model(materialize(loop_config["reference_path"]), load,
+                                          dtype=self.config.model.dtype, device=self.device))
         self.engine = build_engine(self.policy, self.config, self.total)
         self.refiner = (SpaRefiner(self.config.spa, mix=self.inputs.spa_mix, beta_total_steps=self.total) if refine
                         else None)
