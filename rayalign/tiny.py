@@ -228,6 +228,12 @@ def add_make_tiny_model_arguments(parser: argparse.ArgumentParser) -> argparse.A
     parser.add_argument("--vocab-size", type=int, default=512, help="upper bound on the BPE vocabulary")
     parser.add_argument("--max-position", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights (the tokenizer has no RNG)")
+    from rayalign.arch import ARCHS
+
+    parser.add_argument("--arch", default=None, choices=sorted(ARCHS),
+                        help="the exact shape of a real architecture, random weights (rayalign.arch); the shape "
+                             "options above do not apply, --corpus/--vocab-size/--seed do")
+    parser.add_argument("--config-only", action="store_true", help="with --arch: config and tokenizer, no weights")
     return parser
 
 
@@ -236,6 +242,10 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
 
     A bad argument (e.g. hidden != heads * 32, a missing corpus) prints the reason and returns 2.
     """
+    if getattr(args, "arch", None) or getattr(args, "config_only", False):
+        from rayalign.arch import run_make_arch_model
+
+        return run_make_arch_model(args)
     try:
         model, tokenizer = build_tiny_model(
             corpus=args.corpus, layers=args.layers, hidden=args.hidden, heads=args.heads,
