@@ -6,6 +6,9 @@
                pi_{i-1} with reference pi_{i-1}, loop.iteration_epochs; then evaluate pi_i
     report     RUN_DIR/report.md + plots/
 
+Tracking (`run.loggers`, `rayalign.tracking`): the loop is one tracker run of its per-iteration records and
+the report's plots, and each iteration's update one more (`NAME/iter-N/train`), in the same group.
+
 Every stage writes its artifacts atomically, its completion marker last; a stage whose marker exists is
 skipped (and logged as such), so `--resume` after a kill anywhere redoes no finished work (training resumes
 from its own checkpoints) and, with the HF backend, ends exactly where an uninterrupted run ends. This file
@@ -94,6 +97,7 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     """Run the Ray Train stage into `run_dir` (resuming its checkpoints); returns the final model path."""
     from rayalign.judge import training_data
     from rayalign.stage_inputs import StageInputs
+    from rayalign.tracking import TrackingSettings
     from rayalign.train import run_train
 
     final = run_dir / "final"
@@ -111,7 +115,9 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
                          spa_mix=config.spa.mix_for(iteration) if refine else None, loss_type=loss_type)
     stage = dataclasses.replace(  # the user's settings, run in the stage's own directory
         config, run=dataclasses.replace(config.run, dir=str(run_dir), storage=location))
-    if run_train(stage, resume=True, storage=store, inputs=inputs) != 0:  # it printed why; the CLI prints one line
+    tracking = TrackingSettings.resolve(config, config.run.dir).stage(f"iter-{iteration}/train", run_dir)
+    # a non-zero exit: run_train printed why; the CLI prints one line
+    if run_train(stage, resume=True, storage=store, inputs=inputs, tracking=tracking) != 0:
         from rayalign.errors import StageFailed
 
         raise StageFailed("train", f"iteration {iteration}: training in {run_dir} failed (the error is above); "
@@ -209,6 +215,7 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
     start_run(config, resume=resume)  # run.storage: a stored run needs --resume, which mirrors it into run_dir
     ensure_ray()
     plan = setup(config, run_dir)
+    trackers = open_trackers(config, run_dir)
     _log(f"setup done after {time.perf_counter() - started:.0f} s: pi_SFT {plan.sft_path}")
     sample_model(config, run_dir, plan, model=plan.sft_path, name="sft")
     stage_start = time.perf_counter()
@@ -220,7 +227,7 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
         stage_start, it_dir = time.perf_counter(), run_dir / f"iter-{i}"
         counts = sample_model(config, run_dir, plan, model=policy, name=f"iter-{i - 1}", it_dir=it_dir,
                               prompts=prompts, iteration=i)
-        _finish_record(config, run_dir, plan.storage, name=f"iter-{i - 1}", **pending)
+        _finish_record(config, run_dir, plan.storage, trackers, name=f"iter-{i - 1}", **pending)
         _log(f"iteration {i}: judged {counts['prompts']} prompts -> {counts['pairs']} pairs "
              f"(dropped: {counts['dropped_empty']} empty, {counts['dropped_identical']} identical, "
              f"{counts['dropped_tie']} ties)")
@@ -230,19 +237,34 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
         pending = {"iteration": i, "previous": f"iter-{i - 1}", "pairs": counts["pairs"], "judged_path":
                    it_dir / "judged.parquet", "seconds": _stage_seconds(plan.storage, run_dir, i, stage_start)}
     sample_model(config, run_dir, plan, model=policy, name=f"iter-{pending['iteration']}")
-    _finish_record(config, run_dir, plan.storage, name=f"iter-{pending['iteration']}", **pending)
+    _finish_record(config, run_dir, plan.storage, trackers, name=f"iter-{pending['iteration']}", **pending)
     report = write_report(run_dir)
     plan.storage.commit(*[p for p in (run_dir / "plots", report) if p.exists()])
+    trackers.log_images(sorted((run_dir / "plots").glob("*.png")), step=pending["iteration"])
+    trackers.close()
     _log(f"done in {time.perf_counter() - started:.0f} s; report {report}; final model {policy}")
     return 0
 
 
-def _finish_record(config: Config, run_dir: Path, storage: StageStorage, *, name: str, iteration: int,
+def open_trackers(config: Config, run_dir: Path):
+    """The loop's tracker run (`rayalign.tracking`). A resumed loop recomputes every iteration's record from
+    the stored samples (`_finish_record`), so a new tracker run gets them all again, in order; TensorBoard
+    hides the earlier events of those iterations."""
+    from rayalign.config_loader import config_to_dict
+    from rayalign.tracking import Trackers, TrackingSettings
+
+    resumed = (run_dir / "metrics.jsonl").exists()
+    return Trackers(TrackingSettings.resolve(config, run_dir), tb_dir=run_dir / "tb", config=config_to_dict(config),
+                    purge_step=0 if resumed else None)
+
+
+def _finish_record(config: Config, run_dir: Path, storage: StageStorage, trackers, *, name: str, iteration: int,
                    previous: str, pairs: int, judged_path: Path | None, seconds: float) -> None:
     record = iteration_record(config, run_dir, iteration, name=name, previous=previous, pairs=pairs,
                               seconds=seconds, judged_path=judged_path)
     _append_metrics(run_dir, record)
     storage.commit(run_dir / "metrics.jsonl")
+    trackers.log(record, step=iteration)
     _log(f"iteration {iteration}: {_summary(record)}")
 
 

@@ -137,14 +137,16 @@ def _absolute(path: str) -> str:
 
 
 def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), prepare_only: bool = False,
-              storage=None, inputs: StageInputs | None = None) -> int:
+              storage=None, inputs: StageInputs | None = None, tracking=None) -> int:
     """Run the training stage; returns the process exit code.
 
     `callbacks`: extra Ray Train callbacks (a Tune trial passes TuneReportCallback). `prepare_only`: stop
     after the prepared Parquet is written (`rayalign tune` builds the tiny model and warms the shared
     reference cache once in its driver this way). `storage`: the loop's `rayalign.storage.RunStorage`
     (default: run.dir bound to run.storage, if set): workers then read and write through it. `inputs`: what
-    this stage trains (models, data, epochs, SPA mix; the loop's per iteration), by default the config's."""
+    this stage trains (models, data, epochs, SPA mix; the loop's per iteration), by default the config's.
+    `tracking`: the stage's `rayalign.tracking.TrackingSettings` (the loop's and a sweep's name their stages),
+    by default resolved from the config and run.dir."""
     from rayalign.data import load_rows
     from rayalign.models import LoadOptions, load_tokenizer
 
@@ -187,7 +189,10 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
         paths.update(worker_paths(store, paths, run_dir))
     _log(f"prepared after {time.perf_counter() - started:.0f} s; starting {config.train.num_workers} "
          f"{config.train.engine} worker(s)")
-    paths.update(data_kind=kind, inputs=inputs.to_dict())
+    from rayalign.tracking import TrackingSettings
+
+    paths.update(data_kind=kind, inputs=inputs.to_dict(),
+                 tracking=(tracking or TrackingSettings.resolve(config, run_dir)).to_dict())
     paths["kill_worker_at"] = os.environ.get("RAYALIGN_KILL_WORKER_AT")  # fault drills (tests), else None
     try:
         _fit(config, paths, run_dir, callbacks)

@@ -42,6 +42,7 @@ from rayalign.spa_refine import SpaRefiner
 from rayalign.stage_inputs import StageInputs
 from rayalign.step import ENTROPY_KEYS, GAP_METRIC, REF_KEYS, belief_gap_sums, micro_batch_loss
 from rayalign.storage import materialize
+from rayalign.tracking import TrackingSettings
 
 FAILURE_FILE = "FAILED.json"
 HF_ARTIFACTS = ("optimizer.pt", "deepspeed", ckpt.STATE_FILE, SAMS_FILE)
@@ -151,7 +152,8 @@ class Worker:
             if self.refiner:
                 self.refiner.load_state_dict(ckpt.read_state(self.resume_from)["spa_window"])
         self.log = MetricsLog(self.run_dir, enabled=self.rank == 0, total_steps=self.total,
-                              resume_step=self.start_step)
+                              resume_step=self.start_step, config=loop_config["config"],
+                              tracking=TrackingSettings.from_dict(loop_config.get("tracking")))
 
     def _autocast(self):
         bf16 = self.config.train.precision == "bf16" and self.config.train.engine == "ddp"

@@ -9,7 +9,7 @@ mode, the `Judge`, the `Generator`, the `PairEncoder`, the `ReferenceScorer`, SF
 
 from __future__ import annotations
 
-import dataclasses
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -144,40 +144,49 @@ def test_sft_loads_with_the_options(hub, tmp_path, monkeypatch):
     assert load_model(out).get_input_embeddings().weight.shape[0] == V1_VOCAB
 
 
-def test_a_training_worker_loads_policy_reference_and_tokenizer_with_the_options(hub, tmp_path):
-    """The real `rayalign.train_loop.Worker`, built by Ray Train's local mode (num_workers=0: in this process,
-    no cluster), from a prepared Parquet written by the real `PairEncoder`."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def local_loop_config(config, policy: str, tmp_path, *, pairs: int = 4) -> dict:
+    """Ray Train's `train_loop_config` for `rayalign.train_loop.Worker`, as `rayalign.train` builds it, with a
+    prepared Parquet of `pairs` gold pairs tokenized by the real `PairEncoder` (no Ray, no reference columns:
+    give `ref.cache=false`)."""
     from rayalign.data import write_rows_parquet
     from rayalign.prepare import PairEncoder
     from rayalign.stage_inputs import StageInputs
     from rayalign.tasks.sentiment import gold_pairs
+
+    frame = pd.DataFrame(gold_pairs(pairs, seed=0))[["prompt", "chosen", "rejected"]]
+    encoded = PairEncoder(policy, 32, 32, LoadOptions.of(config.model), kind="pairs")(
+        frame.assign(pair_index=range(len(frame))))
+    prepared = tmp_path / "train.parquet"
+    write_rows_parquet(encoded.to_dict("records"), prepared)
+    Path(config.run.dir).mkdir(parents=True, exist_ok=True)
+    return {"config": config_to_dict(config), "inputs": StageInputs.from_config(config).to_dict(),
+            "train_path": str(prepared), "eval_path": None, "policy_path": policy, "tokenizer_path": policy,
+            "reference_path": policy, "data_kind": "pairs", "kill_worker_at": None}
+
+
+def run_locally(train_fn, loop_config: dict) -> None:
+    """`train_fn(loop_config)` under Ray Train's local mode (num_workers=0): in this process, no cluster."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=ScalingConfig(num_workers=0),
+                 run_config=RunConfig(name="rayalign-local")).fit()
+
+
+def test_a_training_worker_loads_policy_reference_and_tokenizer_with_the_options(hub, tmp_path):
+    """The real `rayalign.train_loop.Worker`, built by Ray Train's local mode."""
     from rayalign.train_loop import Worker
 
     config = eager_v1_config(tmp_path, "ref.cache=false", "train.global_batch_size=2", "train.num_workers=1")
-    pairs = pd.DataFrame(gold_pairs(4, seed=0))[["prompt", "chosen", "rejected"]]
-    encoded = PairEncoder(HUB_ID, 32, 32, LoadOptions.of(config.model), kind="pairs")(
-        pairs.assign(pair_index=range(len(pairs))))
-    prepared = tmp_path / "train.parquet"
-    write_rows_parquet(encoded.to_dict("records"), prepared)
-    (tmp_path / "run").mkdir()
-    loop_config = {"config": config_to_dict(config), "inputs": StageInputs.from_config(config).to_dict(),
-                   "train_path": str(prepared), "eval_path": None, "policy_path": HUB_ID, "tokenizer_path": HUB_ID,
-                   "reference_path": HUB_ID, "data_kind": "pairs", "kill_worker_at": None}
     seen = {}
 
     def build(loop_config):
         worker = Worker(loop_config)
         seen.update(policy=worker.policy, reference=worker.reference, tokenizer=worker.tokenizer)
 
-    TorchTrainer(build, train_loop_config=loop_config, scaling_config=ScalingConfig(num_workers=0),
-                 run_config=RunConfig(name="load-options")).fit()
+    run_locally(build, local_loop_config(config, HUB_ID, tmp_path))
     expected = embeddings(load_model(hub))
     for name in ("policy", "reference"):
         assert seen[name].config._attn_implementation == "eager", name
         assert torch.equal(embeddings(seen[name]).detach(), expected), name
     assert len(seen["tokenizer"]) == V1_VOCAB
-    assert dataclasses.asdict(LoadOptions.of(config.model)) == {
-        "revision": "v1", "trust_remote_code": False, "attn_implementation": "eager"}
