@@ -232,3 +232,12 @@ def test_tensorboard_alone_is_the_default_and_needs_no_tracking_package(tmp_path
     trackers.close()
     assert tensorboard_scalars(tmp_path / "tb") == {"loss": [(1, 0.25)]}
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_where_a_run_is_logged_may_change_on_resume():
+    from rayalign.run_dir import config_changes
+
+    old = load_config(None, [])
+    new = load_config(None, [ALL, "run.project=other", "run.tracking_uri=http://127.0.0.1:5000"])
+    assert config_changes(old, new) == []
+    assert config_changes(old, load_config(None, ["loss.beta=0.2"])) == ["loss.beta: 0.1 -> 0.2"]
