@@ -65,6 +65,11 @@ class LoadOptions:
             kwargs["revision"] = self.revision
         return kwargs
 
+    def model_kwargs(self, path: str) -> dict:
+        """`hub_kwargs` plus the attention implementation: for any `AutoModel*.from_pretrained` of `path`."""
+        attention = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
+        return {**self.hub_kwargs(path), **attention}
+
 
 # huggingface_hub's errors for "no such repo here" (by name: importing the hub just to compare is not worth it)
 _HUB_NOT_FOUND = ("LocalEntryNotFoundError", "RepositoryNotFoundError", "HFValidationError", "GatedRepoError",
@@ -232,10 +237,8 @@ def load_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     path = resolve_name_or_path(name_or_path)
-    options = options or LoadOptions()
-    attention = {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, **options.hub_kwargs(path), **attention,
-                             dtype=getattr(torch, dtype))
+    kwargs = (options or LoadOptions()).model_kwargs(path)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, **kwargs, dtype=getattr(torch, dtype))
     if tokenizer is not None:
         resize_for_tokenizer(model, tokenizer)
     if device is not None:

@@ -102,7 +102,11 @@ def scoring_settings(config: Config) -> dict:
     return {"dtype": config.model.dtype, "max_prompt_length": config.data.max_prompt_length,
             "max_completion_length": config.data.max_completion_length,
             "temperature": config.loss.logit_temperature, "padding_free": config.train.padding_free,
-            "entropy": needs_dispersion(config.loss)}
+            "entropy": needs_dispersion(config.loss),
+            # which weights a hub id names, and the attention kernel (last bits); only when set, so the keys
+            # of existing cache entries stay valid
+            **{f"model.{key}": value for key in ("revision", "attn_implementation")
+               if (value := getattr(config.model, key)) is not None}}
 
 
 def cache_key(frame: pd.DataFrame, config: Config, *, kind: str, reference_path: str, tokenizer_path: str) -> str:

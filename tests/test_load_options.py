@@ -61,6 +61,7 @@ def test_options_from_the_config_and_local_directories_have_no_revision(tiny_mod
     assert options == LoadOptions(revision="v1", trust_remote_code=True, attn_implementation="sdpa")
     assert options.hub_kwargs(HUB_ID) == {"trust_remote_code": True, "revision": "v1"}
     assert options.hub_kwargs(str(tiny_model_dir)) == {"trust_remote_code": True}
+    assert options.model_kwargs(HUB_ID) == {"trust_remote_code": True, "revision": "v1", "attn_implementation": "sdpa"}
     assert LoadOptions.of(load_config(None, []).model) == LoadOptions()
     # vLLM takes the same revision (model and tokenizer) and trust_remote_code; attention is its own choice
     assert vllm_load_kwargs(HUB_ID, HUB_ID, options) == {"trust_remote_code": True, "revision": "v1",
@@ -190,3 +191,17 @@ def test_a_training_worker_loads_policy_reference_and_tokenizer_with_the_options
         assert seen[name].config._attn_implementation == "eager", name
         assert torch.equal(embeddings(seen[name]).detach(), expected), name
     assert len(seen["tokenizer"]) == V1_VOCAB
+
+
+def test_the_reference_cache_key_tells_revisions_and_attention_apart():
+    from rayalign.prepare import cache_key
+
+    frame = pd.DataFrame({"prompt": ["p"], "chosen": [" a"], "rejected": [" b"]})
+
+    def key(*overrides):
+        return cache_key(frame, load_config(None, list(overrides)), kind="pairs", reference_path=HUB_ID,
+                         tokenizer_path=HUB_ID)
+
+    keys = {key(), key("model.revision=v1"), key("model.revision=v2"), key("model.attn_implementation=eager")}
+    assert len(keys) == 4
+    assert key() == key("model.trust_remote_code=true")  # what code runs is not what it computes
