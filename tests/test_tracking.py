@@ -241,3 +241,13 @@ def test_where_a_run_is_logged_may_change_on_resume():
     new = load_config(None, [ALL, "run.project=other", "run.tracking_uri=http://127.0.0.1:5000"])
     assert config_changes(old, new) == []
     assert config_changes(old, load_config(None, ["loss.beta=0.2"])) == ["loss.beta: 0.1 -> 0.2"]
+
+
+def test_wandb_and_mlflow_are_imported_only_when_chosen():
+    import subprocess
+
+    code = ("import sys, rayalign.cli, rayalign.run_dir, rayalign.tracking, rayalign.metrics_log, rayalign.arch\n"
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'mlflow'))))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == ""
