@@ -1,18 +1,20 @@
 """Throughput of one DPO policy update: rayalign's training step against TRL 1.16's `DPOTrainer`.
 
-One process, one model (Llama config, random weights, BPE tokenizer trained on the data), one data set (HH
-pairs from ../shared, else synthetic pairs of varying length), the same settings (batch, lengths, dtype, beta,
-AdamW, one worker): each trainer runs `--warmup-steps` untimed, then `--steps` timed steps over the same
-batches in the same order. Tokens = real (non-pad) prompt+completion tokens of chosen and rejected. Model
-FLOPs = 6 x params x trained tokens + 2 x params x reference-forward tokens actually run, params without the
-input embedding table (a lookup). rayalign's one-off reference pass is timed and amortised over its pairs.
+One process, one model (a Llama config or `--arch`'s real shape, random weights, BPE tokenizer trained on the
+data), one data set (HH pairs from ../shared, else synthetic pairs of varying length), the same settings (batch,
+lengths, dtype, beta, AdamW, one worker): each trainer runs `--warmup-steps` untimed, then `--steps` timed steps
+over the same batches in the same order. Tokens = real (non-pad) prompt+completion tokens of chosen and
+rejected. Model FLOPs = 6 x params x trained tokens + 2 x params x reference-forward tokens actually run, params
+without the input embedding table (a lookup; tied to the head, it counts once, as the head). rayalign's one-off
+reference pass is timed and amortised over its pairs.
 
 It prints where the time goes (step phases, padding, the reference pass, padded vs `train.padding_free=true`,
 a profiler split of one forward+backward, AdamW against a fused one), timed by the wall clock and the process
 CPU clock (equal on an idle machine with one thread; on a shared one the CPU clock leaves out time spent
-descheduled). The last line is one JSON object, by `--clock`. `--device cuda` measures MFU on a GPU (bf16, a
-~0.5B config, the bf16 matmul peak) and skips TRL; trl/datasets are imported only when TRL runs. It checks no
-numerics (tests/test_trl_reference.py does) and asserts no speed: the targets are read, not tested.
+descheduled). The last line is one JSON object, by `--clock`. `--device cuda` measures MFU on a GPU (bf16, the
+real-shape Qwen2.5-0.5B model with random weights from `rayalign.arch`, the bf16 matmul peak) and skips TRL;
+trl/datasets are imported only when TRL runs. It checks no numerics (tests/test_trl_reference.py does) and
+asserts no speed: the targets are read, not tested.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout where ray
 # CPU: the whole run (4 trainers x 6 steps) takes ~4-5 minutes here with a ~25M model and <= 128 tokens.
 # One intra-op thread: a Ray Train CPU worker gets 1 CPU, and Ray sets OMP_NUM_THREADS=1 in it.
 DEFAULTS = {
-    "cpu": dict(layers=8, hidden=384, heads=12, vocab_size=8192, batch_size=8, max_length=128, steps=5,
+    "cpu": dict(arch="none", layers=8, hidden=384, heads=12, vocab_size=8192, batch_size=8, max_length=128, steps=5,
                 warmup_steps=1, matmul_size=4096, threads=1, trl_variants="default,no_gc", clock="cpu"),
-    "cuda": dict(layers=30, hidden=1024, heads=16, vocab_size=8192, batch_size=16, max_length=512, steps=10,
-                 warmup_steps=3, matmul_size=8192, threads=0, trl_variants="", clock="wall"),
+    "cuda": dict(arch="qwen2.5-0.5b", layers=30, hidden=1024, heads=16, vocab_size=8192, batch_size=16,
+                 max_length=512, steps=10, warmup_steps=3, matmul_size=8192, threads=0, trl_variants="", clock="wall"),
 }
 # DPOConfig overrides per TRL variant. "default" is TRL's defaults (gradient checkpointing on, a reference
 # forward in every step); the others measure how much of the gap one default accounts for.
@@ -59,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "warmup-steps", "batch-size", "max-length", "layers", "hidden", "heads", "vocab-size",
                  "matmul-size", "threads"):
         p.add_argument(f"--{name}", type=int, default=None, help="default depends on --device; threads 0: torch's")
+    p.add_argument("--arch", default=None, help="a real architecture's shape (rayalign.arch: qwen2.5-0.5b, "
+                   "llama-3-8b) or 'none' for the Llama config of --layers/--hidden/--heads")
     p.add_argument("--trl-variants", default=None, help=f"comma list of {', '.join(TRL_VARIANTS)}; '' skips TRL")
     p.add_argument("--clock", choices=("wall", "cpu"), default=None,
                    help="clock of the headline (default: cpu on CPU, a shared machine here; wall on cuda)")
@@ -66,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.device].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    from rayalign.arch import ARCHS
+
+    if args.arch not in ("none", *ARCHS):
+        p.error(f"--arch must be one of none, {', '.join(ARCHS)}")
     if args.hidden % args.heads or args.steps < 1 or args.warmup_steps < 1:
         p.error("--hidden must be a multiple of --heads; --steps and --warmup-steps must be >= 1")
     if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
@@ -126,20 +134,27 @@ def fit_pairs(rows: list[dict], tokenizer, *, prompt_len: int, completion_len: i
 
 
 def build_model(args, texts: list[str]):
-    """A random LlamaForCausalLM (head_dim = hidden / heads, untied head) and a BPE tokenizer trained on `texts`."""
+    """A BPE tokenizer trained on `texts` and a random model: `--arch`'s real shape (its full vocabulary: the
+    tokenizer's ids use the first rows), or a LlamaForCausalLM (head_dim = hidden / heads, untied head)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rayalign.tiny import train_tokenizer
 
     tokenizer = train_tokenizer(texts, args.vocab_size, max_length=1 << 20)
     eos = tokenizer.eos_token_id
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.arch != "none":
+        from rayalign.arch import build_arch_model
+
+        model = build_arch_model(args.arch, seed=0, device=args.device)
+        model.config.bos_token_id = model.config.eos_token_id = model.config.pad_token_id = eos
+        return model.to(dtype=dtype), tokenizer
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.heads,
                          head_dim=args.hidden // args.heads, intermediate_size=4 * args.hidden,
                          max_position_embeddings=max(512, args.max_length), bos_token_id=eos, eos_token_id=eos,
                          pad_token_id=eos, tie_word_embeddings=False)
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     return LlamaForCausalLM(config).eval().to(device=args.device, dtype=dtype), tokenizer
 
 
@@ -393,7 +408,9 @@ def main(argv=None) -> dict:
     rows = fit_pairs(raw, tokenizer, prompt_len=args.max_length // 2,
                      completion_len=args.max_length - args.max_length // 2, count=n_pairs)
     n_params = sum(p.numel() for p in model.parameters())
-    matmul_params = n_params - model.get_input_embeddings().weight.numel()
+    # The input embedding is a lookup, not a matmul; tied to the head, the one tensor is the head's matmul.
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    matmul_params = n_params - (0 if tied else model.get_input_embeddings().weight.numel())
     clock = ("wall", "cpu").index(args.clock)
     peaks = [matmul_peak(args.device, args.matmul_size)[clock]]  # again at the end: the machine may be shared
     runs = run_trainers(model, tokenizer, rows, args)
@@ -403,7 +420,8 @@ def main(argv=None) -> dict:
                 for name, run in runs.items() if "steps" in run}
     info = {"device": args.device, "torch threads": torch.get_num_threads(), "clock": args.clock, "data": source,
             "pairs": n_pairs, "params": n_params, "matmul params": matmul_params, "batch (pairs)": args.batch_size,
-            "model": f"Llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {len(tokenizer)}",
+            "model": (f"{args.arch} (random weights), tokenizer vocab {len(tokenizer)}" if args.arch != "none" else
+                      f"Llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {len(tokenizer)}"),
             "max length": args.max_length, "steps (warm-up + timed)": f"{args.warmup_steps} + {args.steps}",
             "matmul peak GFLOP/s (start / end)": " / ".join(f"{p / 1e9:.1f}" for p in peaks),
             "load average before/after": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}"}

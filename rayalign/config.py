@@ -24,6 +24,9 @@ from rayalign.config_loop import (  # noqa: F401 (re-exported)
 from rayalign.data_kind import BELIEFS
 from rayalign.loss_registry import LOSS_TYPES, LOSSES, SOFT_LABEL_LOSSES, needs_dispersion  # noqa: F401 (re-exported)
 
+# model.attn_implementation: None lets transformers pick (sdpa where it can); these are the ones accepted.
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
 
 def _check_resources(resources: dict, key: str) -> None:
     for name, amount in resources.items():
@@ -38,11 +41,19 @@ class ModelConfig:
     policy: str = ""  # "": build the tiny local model into RUN_DIR/tiny-model (quickstart, tests)
     reference: str | None = None  # None: the initial policy is the reference
     tokenizer: str | None = None  # None: the policy's tokenizer
+    # The next three reach every load of a model or tokenizer (workers, judge, generator, scorer, SFT, eval),
+    # through `rayalign.models.LoadOptions`.
+    revision: str | None = None  # hub branch, tag or commit of every hub id above; local directories ignore it
     trust_remote_code: bool = False
+    attn_implementation: str | None = None  # None: transformers' choice; sdpa, eager, flash_attention_2 (HF only)
     dtype: str = "float32"
 
     def __post_init__(self):
         _one_of(self.dtype, "model.dtype", ("float32", "bfloat16"))
+        _require(self.revision is None or bool(self.revision.strip()), "model.revision",
+                 "must be a branch, tag or commit, or null")
+        if self.attn_implementation is not None:
+            _one_of(self.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
 
 
 @dataclass(frozen=True)

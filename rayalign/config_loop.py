@@ -11,6 +11,8 @@ from typing import Any
 
 from rayalign.config_checks import _one_of, _positive, _require
 
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # run.loggers (rayalign.tracking)
+
 
 @dataclass(frozen=True)
 class SpaConfig:
@@ -155,6 +157,16 @@ class RunDirConfig:
     # first, entries in use never; 0: unbounded (see rayalign.storage_cache).
     cache_max_gb: float = 50.0
     name: str = "rayalign"
+    # Experiment tracking (rayalign.tracking): any of tensorboard (RUN_DIR/tb), wandb, mlflow; [] logs nothing
+    # beyond metrics.jsonl. The same metric names, the resolved config and the report's plots go to each.
+    loggers: tuple[str, ...] = ("tensorboard",)
+    project: str = "rayalign"  # W&B project and MLflow experiment
+    # MLflow: a server URL, a database URI or a directory; None: MLFLOW_TRACKING_URI, else RUN_DIR/mlruns
+    tracking_uri: str | None = None
 
     def __post_init__(self):
         _require(self.cache_max_gb >= 0, "run.cache_max_gb", f"must be >= 0 (0: unbounded); got {self.cache_max_gb}")
+        for logger in self.loggers:
+            _one_of(logger, "run.loggers", LOGGERS)
+        _require(len(set(self.loggers)) == len(self.loggers), "run.loggers", f"lists a logger twice: {self.loggers}")
+        _require(bool(self.project.strip()), "run.project", "must not be empty")

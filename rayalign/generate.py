@@ -18,19 +18,21 @@ from pathlib import Path
 import pandas as pd
 
 from rayalign.config import GenerateConfig
+from rayalign.models import LoadOptions
 
 
 class Generator:
     """Ray Data callable class holding one sampler (HF or vLLM) for the actor's lifetime."""
 
     def __init__(self, model_path: str, config: GenerateConfig, tokenizer_path: str | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", load: LoadOptions | None = None):
         from rayalign.samplers import build_sampler
         from rayalign.storage import materialize
 
         # A storage location (run.storage) becomes this node's cached copy; a local path or hub id stays.
         model_path, tokenizer_path = materialize(model_path), tokenizer_path and materialize(tokenizer_path)
-        self.sampler = build_sampler(config.backend, model_path, config, tokenizer_path=tokenizer_path, dtype=dtype)
+        self.sampler = build_sampler(config.backend, model_path, config, tokenizer_path=tokenizer_path, dtype=dtype,
+                                     load=load)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # One row per prompt with list columns, so a downstream stage always sees a prompt's whole group.
@@ -65,7 +67,7 @@ def explode_samples(groups: pd.DataFrame) -> pd.DataFrame:
 
 
 def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateConfig, *, dtype: str = "float32",
-                       tokenizer_path: str | None = None):
+                       tokenizer_path: str | None = None, load: LoadOptions | None = None):
     """The lazy Ray Data pipeline of one generation pass over `prompts` (columns prompt_id, prompt and,
     for message-list prompts, prompt_messages: `rayalign.templating.prompt_columns`).
 
@@ -81,7 +83,7 @@ def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateC
 
     columns = ["prompt_id", "prompt", *([MESSAGES_COLUMN] if MESSAGES_COLUMN in prompts else [])]
     return ray.data.from_pandas(prompts[columns]).map_batches(
-        Generator, fn_constructor_args=(model_path, config, tokenizer_path, dtype), batch_format="pandas",
+        Generator, fn_constructor_args=(model_path, config, tokenizer_path, dtype, load), batch_format="pandas",
         batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=config.cpus_per_actor, **resources)
 

@@ -40,13 +40,14 @@ class Judge:
     """Ray Data callable class: per-prompt rows with their sample texts -> one judged pair per prompt."""
 
     def __init__(self, policy_path: str, sft_path: str, config: Config):
-        from rayalign.models import load_model, load_tokenizer
+        from rayalign.models import LoadOptions, load_model, load_tokenizer
         from rayalign.storage import materialize
 
         policy_path, sft_path = materialize(policy_path), materialize(sft_path)  # run.storage: node-local copies
-        self.tokenizer = load_tokenizer(policy_path)
-        self.policy = load_model(policy_path, dtype=config.model.dtype)
-        self.sft = load_model(sft_path, dtype=config.model.dtype)
+        load = LoadOptions.of(config.model)
+        self.tokenizer = load_tokenizer(policy_path, load)
+        self.policy = load_model(policy_path, load, dtype=config.model.dtype)
+        self.sft = load_model(sft_path, load, dtype=config.model.dtype)
         self.config = config
         self.reward_models = None
         if config.judge.type == "reward_model" or config.eval.reward_model:
@@ -257,9 +258,9 @@ def training_data(config: Config, data: str, iteration: int, *, tokenizer_path: 
         judged, samples = pd.read_parquet(judged_path), pd.read_parquet(judged_path.with_name("samples.parquet"))
         tokenizer = None
         if tokenizer_path and MESSAGES_COLUMN in samples and samples[MESSAGES_COLUMN].any():
-            from rayalign.models import load_tokenizer
+            from rayalign.models import LoadOptions, load_tokenizer
 
-            tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
+            tokenizer = load_tokenizer(tokenizer_path, LoadOptions.of(config.model))
         groups, counts = sample_groups(samples, judged, rewards=config.loop.rewards, tokenizer=tokenizer)
         write_rows_parquet(groups if grouped else best_worst_pairs(groups), out)
         print(f"rayalign run: iteration {iteration}: {out.name}: {counts}", flush=True)

@@ -6,6 +6,9 @@
                pi_{i-1} with reference pi_{i-1}, loop.iteration_epochs; then evaluate pi_i
     report     RUN_DIR/report.md + plots/
 
+Tracking (`run.loggers`, `rayalign.tracking`): the loop is one tracker run of its per-iteration records and
+the report's plots, and each iteration's update one more (`NAME/iter-N/train`), in the same group.
+
 Every stage writes its artifacts atomically, its completion marker last; a stage whose marker exists is
 skipped (and logged as such), so `--resume` after a kill anywhere redoes no finished work (training resumes
 from its own checkpoints) and, with the HF backend, ends exactly where an uninterrupted run ends. This file
@@ -47,6 +50,7 @@ class Plan:
 
 def setup(config: Config, run_dir: Path) -> Plan:
     """pi_SFT, the seed pairs and the prompt sets; built for the embedded task when not given."""
+    from rayalign.models import LoadOptions
     from rayalign.stages import plan_prompts
     from rayalign.tasks import sentiment
     from rayalign.templating import check_prompts_template
@@ -64,12 +68,13 @@ def setup(config: Config, run_dir: Path) -> Plan:
             storage.commit(seed_pairs)
     plan = Plan(storage, sft_path, seed_pairs, *plan_prompts(config))
     check_prompts_template([p for prompts in plan.prompt_sets for p in prompts] + plan.eval_prompts, sft_path,
-                           source=config.data.prompts_file, trust_remote_code=config.model.trust_remote_code)
+                           source=config.data.prompts_file, load=LoadOptions.of(config.model))
     return plan
 
 
 def build_task_sft(config: Config, run_dir: Path, storage: StageStorage) -> Path:
     from rayalign.io import atomic_directory
+    from rayalign.models import LoadOptions
     from rayalign.sft import run_sft
     from rayalign.tasks.sentiment import sft_examples
     from rayalign.tiny import make_tiny_model
@@ -87,7 +92,7 @@ def build_task_sft(config: Config, run_dir: Path, storage: StageStorage) -> Path
         storage.commit(corpus, tiny)
     _log(f"SFT of the tiny model on {len(examples)} task examples")
     sft = run_sft(str(tiny), examples, out, epochs=config.loop.sft_epochs, lr=config.loop.sft_lr,
-                  seed=config.train.seed, log=_log)
+                  seed=config.train.seed, log=_log, load=LoadOptions.of(config.model))
     storage.commit(sft)  # run.storage: actors on other nodes load pi_SFT from there
     return sft
 
@@ -97,6 +102,7 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     """Run the Ray Train stage into `run_dir` (resuming its checkpoints); returns the final model path."""
     from rayalign.judge import training_data
     from rayalign.stage_inputs import StageInputs
+    from rayalign.tracking import TrackingSettings
     from rayalign.train import run_train
 
     final = run_dir / "final"
@@ -116,7 +122,9 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
                          spa_mix=config.spa.mix_for(iteration) if refine else None, loss_type=loss_type, **user_data)
     stage = dataclasses.replace(  # the user's settings, run in the stage's own directory
         config, run=dataclasses.replace(config.run, dir=str(run_dir), storage=location))
-    if run_train(stage, resume=True, storage=store, inputs=inputs) != 0:  # it printed why; the CLI prints one line
+    tracking = TrackingSettings.resolve(config, config.run.dir).stage(f"iter-{iteration}/train", run_dir)
+    # a non-zero exit: run_train printed why; the CLI prints one line
+    if run_train(stage, resume=True, storage=store, inputs=inputs, tracking=tracking) != 0:
         from rayalign.errors import StageFailed
 
         raise StageFailed("train", f"iteration {iteration}: training in {run_dir} failed (the error is above); "
@@ -222,6 +230,7 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
     start_run(config, resume=resume)  # run.storage: a stored run needs --resume, which mirrors it into run_dir
     ensure_ray()
     plan = setup(config, run_dir)
+    trackers = open_trackers(config, run_dir)
     _log(f"setup done after {time.perf_counter() - started:.0f} s: pi_SFT {plan.sft_path}")
     sample_model(config, run_dir, plan, model=plan.sft_path, name="sft")
     stage_start = time.perf_counter()
@@ -233,7 +242,7 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
         stage_start, it_dir = time.perf_counter(), run_dir / f"iter-{i}"
         counts = sample_model(config, run_dir, plan, model=policy, name=f"iter-{i - 1}", it_dir=it_dir,
                               prompts=prompts, iteration=i)
-        _finish_record(config, run_dir, plan.storage, name=f"iter-{i - 1}", **pending)
+        _finish_record(config, run_dir, plan.storage, trackers, name=f"iter-{i - 1}", **pending)
         _log(f"iteration {i}: judged {counts['prompts']} prompts -> {counts['pairs']} pairs "
              f"(dropped: {counts['dropped_empty']} empty, {counts['dropped_identical']} identical, "
              f"{counts['dropped_tie']} ties)")
@@ -243,19 +252,34 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
         pending = {"iteration": i, "previous": f"iter-{i - 1}", "pairs": counts["pairs"], "judged_path":
                    it_dir / "judged.parquet", "seconds": _stage_seconds(plan.storage, run_dir, i, stage_start)}
     sample_model(config, run_dir, plan, model=policy, name=f"iter-{pending['iteration']}")
-    _finish_record(config, run_dir, plan.storage, name=f"iter-{pending['iteration']}", **pending)
+    _finish_record(config, run_dir, plan.storage, trackers, name=f"iter-{pending['iteration']}", **pending)
     report = write_report(run_dir)
     plan.storage.commit(*[p for p in (run_dir / "plots", report) if p.exists()])
+    trackers.log_images(sorted((run_dir / "plots").glob("*.png")), step=pending["iteration"])
+    trackers.close()
     _log(f"done in {time.perf_counter() - started:.0f} s; report {report}; final model {policy}")
     return 0
 
 
-def _finish_record(config: Config, run_dir: Path, storage: StageStorage, *, name: str, iteration: int,
+def open_trackers(config: Config, run_dir: Path):
+    """The loop's tracker run (`rayalign.tracking`). A resumed loop recomputes every iteration's record from
+    the stored samples (`_finish_record`), so a new tracker run gets them all again, in order; TensorBoard
+    hides the earlier events of those iterations."""
+    from rayalign.config_loader import config_to_dict
+    from rayalign.tracking import Trackers, TrackingSettings
+
+    resumed = (run_dir / "metrics.jsonl").exists()
+    return Trackers(TrackingSettings.resolve(config, run_dir), tb_dir=run_dir / "tb", config=config_to_dict(config),
+                    purge_step=0 if resumed else None)
+
+
+def _finish_record(config: Config, run_dir: Path, storage: StageStorage, trackers, *, name: str, iteration: int,
                    previous: str, pairs: int, judged_path: Path | None, seconds: float) -> None:
     record = iteration_record(config, run_dir, iteration, name=name, previous=previous, pairs=pairs,
                               seconds=seconds, judged_path=judged_path)
     _append_metrics(run_dir, record)
     storage.commit(run_dir / "metrics.jsonl")
+    trackers.log(record, step=iteration)
     _log(f"iteration {iteration}: {_summary(record)}")
 
 

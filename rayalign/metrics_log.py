@@ -1,4 +1,5 @@
-"""Per-step training metrics: `RUN_DIR/metrics.jsonl`, TensorBoard under `RUN_DIR/tb/`, a progress bar.
+"""Per-step training metrics: `RUN_DIR/metrics.jsonl`, `run.loggers` (TensorBoard under `RUN_DIR/tb/` by
+default, W&B, MLflow: `rayalign.tracking`), a progress bar.
 
 Only one process (training rank 0) writes; the others hold a disabled log. On resume the lines after the
 checkpoint's step are dropped from `metrics.jsonl` (they describe work that is being redone), so the file
@@ -42,18 +43,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, resume_step: int = 0):
+    """tracking: where the metrics go besides metrics.jsonl (default: TensorBoard only); config: the resolved
+    config (`config_to_dict`), logged with them."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, resume_step: int = 0,
+                 tracking=None, config: dict | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.writer = self.bar = None
+        self.trackers = self.bar = None
         if not enabled:
             return
         self._truncate_after(resume_step)
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
+        from rayalign.tracking import Trackers, TrackingSettings
+
         # purge_step drops TensorBoard events from the redone steps, like the JSONL truncation above.
-        self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.trackers = Trackers(tracking or TrackingSettings(), tb_dir=Path(run_dir) / "tb", config=config,
+                                 purge_step=resume_step + 1 if resume_step else None)
         self.bar = tqdm(total=total_steps, initial=resume_step, desc="train", unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
@@ -67,9 +74,7 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(metrics) + "\n")
-        for name, value in metrics.items():
-            if name not in ("step", "epoch"):
-                self.writer.add_scalar(name, value, metrics["step"])
+        self.trackers.log(metrics, metrics["step"])
         self.bar.update(1)
         shown = {"loss": f"{metrics['loss']:.4f}", "acc": f"{metrics['rewards/accuracies']:.2f}"}
         if "eval/rewards/accuracies" in metrics:
@@ -79,10 +84,8 @@ class MetricsLog:
     def close(self, final_metrics: dict) -> None:
         if not self.enabled:
             return
-        for name, value in final_metrics.items():
-            if name != "step":
-                self.writer.add_scalar(name, value, final_metrics["step"])
+        self.trackers.log(final_metrics, final_metrics["step"])
         if len(final_metrics) > 1:
             atomic_write_text(self.path.with_name("final_metrics.json"), json.dumps(final_metrics, indent=2) + "\n")
-        self.writer.close()
+        self.trackers.close()
         self.bar.close()

@@ -11,7 +11,10 @@
 - A name that looks like a local path but does not exist fails with a `ModelNotFoundError` (a ValueError)
   naming it, instead of a confusing hub lookup; so does a hub id that cannot be found (offline: not in the
   local cache). `check_model_name` runs those checks before anything loads, naming the config key.
-  `trust_remote_code` is off unless asked for.
+- `LoadOptions` (revision, trust_remote_code, attn_implementation; from `model.*`) is the one bundle of
+  loading settings every stage passes here, so a training worker, the judge, the generator, the reference
+  scorer and SFT load a model the same way. `trust_remote_code` is off unless asked for; a revision
+  applies to hub ids only (a local directory has no revisions).
 
 The tiny offline test model lives in `rayalign.tiny` and is re-exported here. This module does not
 download on its own (set HF_HUB_OFFLINE=1 to forbid it), train, or import ray/vllm/deepspeed;
@@ -21,6 +24,7 @@ transformers and torch are imported inside the functions so `import rayalign.mod
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -38,6 +42,33 @@ if TYPE_CHECKING:
 PAD_TOKEN_IF_NO_EOS = "<|pad|>"
 DTYPES = ("float32", "bfloat16")
 PADDING_SIDES = ("left", "right")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load every model and tokenizer of a run (`model.revision`, `model.trust_remote_code`,
+    `model.attn_implementation`). Plain and picklable: it travels to Ray actors and workers as is."""
+
+    revision: str | None = None  # a hub branch, tag or commit; ignored for local directories
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None  # None: transformers' choice; HF models only (vLLM picks its own)
+
+    @classmethod
+    def of(cls, model_config) -> LoadOptions:
+        """The options of a `rayalign.config.ModelConfig` (any object with these three attributes)."""
+        return cls(model_config.revision, model_config.trust_remote_code, model_config.attn_implementation)
+
+    def hub_kwargs(self, path: str) -> dict:
+        """`from_pretrained` keyword arguments shared by models and tokenizers of `path` (a resolved name)."""
+        kwargs = {"trust_remote_code": self.trust_remote_code}
+        if self.revision is not None and not Path(path).exists():  # a local directory has no revisions
+            kwargs["revision"] = self.revision
+        return kwargs
+
+    def model_kwargs(self, path: str) -> dict:
+        """`hub_kwargs` plus the attention implementation: for any `AutoModel*.from_pretrained` of `path`."""
+        attention = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
+        return {**self.hub_kwargs(path), **attention}
 
 
 # huggingface_hub's errors for "no such repo here" (by name: importing the hub just to compare is not worth it)
@@ -87,15 +118,17 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _not_found(name: str) -> ModelNotFoundError:
+def _not_found(name: str, revision: str | None = None) -> ModelNotFoundError:
     where = "a hub id in the local cache (HF_HUB_OFFLINE=1)" if _offline() else "a hub id that can be found"
-    return ModelNotFoundError(f"{name!r} is neither an existing local path nor {where}; check the spelling")
+    at = f" at model.revision={revision!r}" if revision is not None else ""
+    return ModelNotFoundError(f"{name!r} is neither an existing local path nor {where}{at}; check the spelling")
 
 
-def check_model_name(name: str, key: str, *, model: bool = True) -> None:
+def check_model_name(name: str, key: str, *, model: bool = True, revision: str | None = None) -> None:
     """Raise ModelNotFoundError naming `key` when `name` cannot be a model: a missing local path, a local
-    directory without config.json (`model`: a model, not only a tokenizer), or offline an uncached hub id.
-    Online, a hub id is not looked up here (that needs the network); loading reports it."""
+    directory without config.json (`model`: a model, not only a tokenizer), or offline an uncached hub id
+    (at `revision`, when given). Online, a hub id is not looked up here (that needs the network); loading
+    reports it."""
     if "://" in name:  # a storage location, read by the stages themselves
         return
     try:
@@ -110,11 +143,11 @@ def check_model_name(name: str, key: str, *, model: bool = True) -> None:
         from huggingface_hub import snapshot_download
 
         try:
-            snapshot_download(name, local_files_only=True)
+            snapshot_download(name, revision=revision, local_files_only=True)
         except Exception as exc:  # noqa: BLE001  (not cached, or not even a valid id: the same advice)
             if type(exc).__name__ not in (*_HUB_NOT_FOUND, "ValueError"):
                 raise
-            raise ModelNotFoundError(f"{key}: {_not_found(name)}") from None
+            raise ModelNotFoundError(f"{key}: {_not_found(name, revision)}") from None
 
 
 def _from_pretrained(load, path: str, **kwargs):
@@ -127,14 +160,23 @@ def _from_pretrained(load, path: str, **kwargs):
             names.add(type(cause).__name__)
             cause = cause.__cause__ or cause.__context__
         if names & set(_HUB_NOT_FOUND):
-            raise _not_found(path) from exc
+            raise _not_found(path, kwargs.get("revision")) from exc
+        raise
+    except ImportError as exc:  # e.g. attn_implementation=flash_attention_2 without the flash_attn package
+        if kwargs.get("attn_implementation"):
+            from rayalign.config_checks import ConfigError
+
+            raise ConfigError(f"model.attn_implementation: {kwargs['attn_implementation']} cannot load {path}: "
+                              f"{str(exc).splitlines()[0]}") from exc
         raise
 
 
 def load_tokenizer(
-    name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, padding_side: str = "right"
+    name_or_path: str | os.PathLike, options: LoadOptions | None = None, *, padding_side: str = "right"
 ) -> PreTrainedTokenizerBase:
     """Load a tokenizer, guarantee a pad token, and set the padding side ("right": train, "left": generate).
+
+    options: revision and trust_remote_code (`LoadOptions.of(config.model)`); None: the defaults.
 
     If the tokenizer has no pad token, eos becomes pad; if it has no eos either, "<|pad|>" is added and
     len(tokenizer) grows by one, so pass the tokenizer to `load_model` to resize the embeddings.
@@ -145,7 +187,7 @@ def load_tokenizer(
         raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
     path = resolve_name_or_path(name_or_path)
     # padding_side as a from_pretrained kwarg, so it is also what save_pretrained writes back.
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, path, trust_remote_code=trust_remote_code,
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, path, **(options or LoadOptions()).hub_kwargs(path),
                                  padding_side=padding_side)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
@@ -180,13 +222,14 @@ def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 
 def load_model(
-    name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, dtype: str = "float32",
+    name_or_path: str | os.PathLike, options: LoadOptions | None = None, *, dtype: str = "float32",
     device: str | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> PreTrainedModel:
     """Load an `AutoModelForCausalLM` in eval mode with dtype "float32" or "bfloat16".
 
-    device: None leaves the model on the CPU. tokenizer: when given, the embeddings are resized to it and
-    its pad id is written into the config (see `resize_for_tokenizer`).
+    options: revision, trust_remote_code and attn_implementation (`LoadOptions.of(config.model)`); None:
+    the defaults. device: None leaves the model on the CPU. tokenizer: when given, the embeddings are
+    resized to it and its pad id is written into the config (see `resize_for_tokenizer`).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -194,8 +237,8 @@ def load_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     path = resolve_name_or_path(name_or_path)
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, trust_remote_code=trust_remote_code,
-                             dtype=getattr(torch, dtype))
+    kwargs = (options or LoadOptions()).model_kwargs(path)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, **kwargs, dtype=getattr(torch, dtype))
     if tokenizer is not None:
         resize_for_tokenizer(model, tokenizer)
     if device is not None:
@@ -204,17 +247,16 @@ def load_model(
 
 
 def load_policy_and_reference(
-    policy: str | os.PathLike, reference: str | os.PathLike | None = None, *,
-    trust_remote_code: bool = False, dtype: str = "float32", device: str | None = None,
-    padding_side: str = "right",
+    policy: str | os.PathLike, reference: str | os.PathLike | None = None, options: LoadOptions | None = None, *,
+    dtype: str = "float32", device: str | None = None, padding_side: str = "right",
 ) -> PolicyAndReference:
     """Load the policy, a frozen reference (default: the policy's weights) and the policy's tokenizer.
 
     Both models come back in eval mode; the reference has requires_grad False on every parameter.
     """
-    tokenizer = load_tokenizer(policy, trust_remote_code=trust_remote_code, padding_side=padding_side)
-    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, device=device, tokenizer=tokenizer)
-    policy_model = load_model(policy, **kwargs)
-    reference_model = load_model(policy if reference is None else reference, **kwargs)
+    tokenizer = load_tokenizer(policy, options, padding_side=padding_side)
+    kwargs = dict(dtype=dtype, device=device, tokenizer=tokenizer)
+    policy_model = load_model(policy, options, **kwargs)
+    reference_model = load_model(policy if reference is None else reference, options, **kwargs)
     reference_model.requires_grad_(False)
     return PolicyAndReference(policy_model, reference_model, tokenizer)

@@ -24,6 +24,7 @@ import pandas as pd
 from rayalign.config import Config
 from rayalign.encode import TEXT_FIELDS, collate, encode_row, encoded_rows
 from rayalign.loss_registry import needs_dispersion
+from rayalign.models import LoadOptions
 
 CACHE_VERSION = 3  # bump when the encoding or scoring code changes what an entry holds (2: token ids too;
 # 3: `rayalign.templating` ends a completion at its own trailing eos instead of appending a second one)
@@ -33,11 +34,11 @@ class PairEncoder:
     """Ray Data callable class: text pairs -> token ids and truncation flags (pandas batches)."""
 
     def __init__(self, tokenizer_path: str, max_prompt_length: int, max_completion_length: int,
-                 trust_remote_code: bool = False, *, kind: str):
+                 load: LoadOptions | None = None, *, kind: str):
         from rayalign.models import load_tokenizer
         from rayalign.storage import materialize
 
-        self.tokenizer = load_tokenizer(materialize(tokenizer_path), trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(materialize(tokenizer_path), load)
         self.lengths = {"max_prompt_length": max_prompt_length, "max_completion_length": max_completion_length}
         self.kind = kind
 
@@ -60,8 +61,7 @@ class ReferenceScorer:
 
         reference_path = materialize(reference_path)  # run.storage: this node's cached copy
         torch.set_num_threads(max(1, int(os.environ.get("RAYALIGN_SCORER_THREADS", torch.get_num_threads()))))
-        self.model = load_model(reference_path, trust_remote_code=config.model.trust_remote_code,
-                                dtype=config.model.dtype)
+        self.model = load_model(reference_path, LoadOptions.of(config.model), dtype=config.model.dtype)
         self.config, self.pad_token_id, self.kind = config, pad_token_id, kind
         self.want_entropy = needs_dispersion(config.loss)
 
@@ -103,7 +103,11 @@ def scoring_settings(config: Config) -> dict:
     return {"dtype": config.model.dtype, "max_prompt_length": config.data.max_prompt_length,
             "max_completion_length": config.data.max_completion_length,
             "temperature": config.loss.logit_temperature, "padding_free": config.train.padding_free,
-            "entropy": needs_dispersion(config.loss)}
+            "entropy": needs_dispersion(config.loss),
+            # which weights a hub id names, and the attention kernel (last bits); only when set, so the keys
+            # of existing cache entries stay valid
+            **{f"model.{key}": value for key in ("revision", "attn_implementation")
+               if (value := getattr(config.model, key)) is not None}}
 
 
 def cache_key(frame: pd.DataFrame, config: Config, *, kind: str, reference_path: str, tokenizer_path: str) -> str:
@@ -137,7 +141,7 @@ def _run_pipeline(frame: pd.DataFrame, config: Config, *, kind: str, tokenizer_p
     ctx.execution_options.preserve_order = True
     dataset = ray.data.from_pandas(frame).map_batches(
         PairEncoder, fn_constructor_args=(tokenizer_path, config.data.max_prompt_length,
-                                          config.data.max_completion_length, config.model.trust_remote_code),
+                                          config.data.max_completion_length, LoadOptions.of(config.model)),
         fn_constructor_kwargs={"kind": kind}, batch_format="pandas", batch_size=256,
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
     if reference_path:

@@ -22,11 +22,11 @@ EVAL_REWARDS = "rm_rewards"  # per-sample rewards of eval.reward_model in the ev
 
 
 def _load(name: str, key: str, config: Config):
-    from rayalign.reward_model import RewardModel
+    from rayalign.reward_model import RewardModel, reward_load_options
     from rayalign.storage import materialize
 
     return RewardModel(materialize(name), key=key, dtype=config.model.dtype,
-                       trust_remote_code=config.model.trust_remote_code,
+                       load=reward_load_options(config.model),
                        max_length=config.data.max_prompt_length + config.data.max_completion_length,
                        batch_size=config.judge.batch_size)
 

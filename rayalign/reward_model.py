@@ -21,6 +21,7 @@ It does not fit reward models (`rayalign.tasks.reward_model`), run Ray, or choos
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -53,17 +54,26 @@ def check_classifier(model_config: Any, name: str, key: str) -> None:
                           "output (num_labels=1)")
 
 
-def check_reward_model(name: str, key: str, *, trust_remote_code: bool = False) -> None:
+def reward_load_options(model_config: Any):
+    """How reward models load: the run's trust_remote_code and attention setting, not `model.revision`
+    (a revision names a commit of the policy's repository, not of another one)."""
+    from rayalign.models import LoadOptions
+
+    return dataclasses.replace(LoadOptions.of(model_config), revision=None)
+
+
+def check_reward_model(name: str, key: str, *, load=None) -> None:
     """Before anything loads: `name` exists (local path, or a cached hub id offline) and is a reward model."""
     from transformers import AutoConfig
 
-    from rayalign.models import ModelNotFoundError, check_model_name, resolve_name_or_path
+    from rayalign.models import LoadOptions, ModelNotFoundError, check_model_name, resolve_name_or_path
 
     if "://" in name:  # a storage location, read by the stage itself (and checked there)
         return
     try:
         check_model_name(name, key)
-        model_config = AutoConfig.from_pretrained(resolve_name_or_path(name), trust_remote_code=trust_remote_code)
+        path = resolve_name_or_path(name)
+        model_config = AutoConfig.from_pretrained(path, **(load or LoadOptions()).hub_kwargs(path))
     except ModelNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     except (OSError, ValueError) as exc:  # unreadable config.json, an unknown model_type
@@ -114,17 +124,17 @@ def score_ids(model, ids: list[list[int]], *, pad_token_id: int, batch_size: int
 class RewardModel:
     """A loaded reward model and its tokenizer; `score(prompts, texts)` -> (P, K) rewards."""
 
-    def __init__(self, name: str, *, key: str, dtype: str = "float32", trust_remote_code: bool = False,
+    def __init__(self, name: str, *, key: str, dtype: str = "float32", load=None,
                  max_length: int = 512, batch_size: int = 16, device: str | None = None):
         from transformers import AutoModelForSequenceClassification
 
-        from rayalign.models import _from_pretrained, load_tokenizer, resolve_name_or_path
+        from rayalign.models import LoadOptions, _from_pretrained, load_tokenizer, resolve_name_or_path
 
-        path = resolve_name_or_path(name)
+        path, load = resolve_name_or_path(name), load or LoadOptions()
         self.key, self.max_length, self.batch_size = key, max_length, batch_size
-        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, padding_side="right")
+        self.tokenizer = load_tokenizer(path, load, padding_side="right")
         self.model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, path,
-                                      trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype))
+                                      **load.model_kwargs(path), dtype=getattr(torch, dtype))
         check_classifier(self.model.config, name, key)
         text_config = self.model.config.get_text_config()
         if text_config.pad_token_id is None:  # the model reads its score before the first pad: it needs one

@@ -6,14 +6,16 @@ until all have passed:
      (or a run.storage holding a run), `train` one with checkpoints, `tune` one with a sweep; the one-stage
      commands (`generate|judge|eval`) refuse a run.dir that holds any of those, whose record they would
      otherwise replace;
-  2. model paths: a local-looking path that does not exist, or (offline) a hub id that is not cached; a
-     reward model (judge.reward_model, eval.reward_model) that is not a one-output sequence classifier;
+  2. model paths: a local-looking path that does not exist, or (offline) a hub id that is not cached (at
+     model.revision); a reward model (judge.reward_model, eval.reward_model) that is not a one-output
+     sequence classifier; then each of run.loggers has its package installed;
   3. on --resume, the settings against the run's `config.yaml`: a change is refused, listing each key
      (old -> new), unless `accept_changes` (`--accept-changes`).
 Then `run.dir` is created and `config.yaml` written atomically; a `config.yaml` with other settings is
 first kept as `config.1.yaml`, `config.2.yaml`, ... (oldest first), so a run's history is never lost.
 
-`run.dir` itself may differ on resume (filled in, made absolute): it names the directory, not a setting.
+`run.dir` itself may differ on resume (filled in, made absolute): it names the directory, not a setting; so
+may where the run is logged (run.loggers, run.project, run.tracking_uri).
 The commands keep their own checks too (for callers of the Python API); this module does not run
 anything, start Ray, or look inside run.storage beyond the existence of its `config.yaml`.
 """
@@ -28,9 +30,11 @@ from pathlib import Path
 from rayalign.config import Config, ConfigError
 from rayalign.config_loader import config_to_dict, dump_config, load_config
 from rayalign.io import atomic_write_text, new_run_dir
+from rayalign.tracking import check_loggers
 
 CONFIG_FILE = "config.yaml"
-NOT_SETTINGS = ("run.dir",)  # may differ on --resume without changing the run
+# may differ on --resume without changing the run (where it writes, what it is logged to)
+NOT_SETTINGS = ("run.dir", "run.loggers", "run.project", "run.tracking_uri")
 STAGE_COMMANDS = ("generate", "judge", "eval")
 SWEEP_FILE = "sweep.yaml"  # a sweep's resolved config (in RUN_DIR/tune/); its --resume must match it
 
@@ -107,15 +111,15 @@ def check_models(config: Config) -> None:
         value = getattr(config.model, key)
         try:
             if value:
-                check_model_name(value, f"model.{key}", model=key != "tokenizer")
+                check_model_name(value, f"model.{key}", model=key != "tokenizer", revision=config.model.revision)
         except ModelNotFoundError as exc:
             raise ConfigError(str(exc)) from None
     reward_models = {"judge.reward_model": config.judge.reward_model, "eval.reward_model": config.eval.reward_model}
     for key, value in reward_models.items():
         if value:  # and it is a sequence classifier with one output, not e.g. a causal LM
-            from rayalign.reward_model import check_reward_model
+            from rayalign.reward_model import check_reward_model, reward_load_options
 
-            check_reward_model(value, key, trust_remote_code=config.model.trust_remote_code)
+            check_reward_model(value, key, load=reward_load_options(config.model))
 
 
 def _settings(config: Config) -> dict[str, object]:
@@ -212,6 +216,7 @@ def prepare_run_dir(config: Config, root: str | Path = "runs", *, command: str |
     if command:
         check_existing(command, config, resume=resume)
         check_models(config)
+        check_loggers(config.run.loggers)
     changes, earlier = check_changes(config, resume=resume, accept_changes=accept_changes)
     write_config(config, earlier if changes else None)
     if changes and resume:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from rayalign.config import GenerateConfig
+from rayalign.models import LoadOptions
 from rayalign.templating import Prompt, as_prompt
 from rayalign.templating import prompt_ids as template_prompt_ids
 
@@ -41,12 +42,11 @@ class HFSampler:
     """CPU fallback: `model.generate` per prompt with `num_return_sequences=n`, seeded per prompt."""
 
     def __init__(self, model_path: str, config: GenerateConfig, *, tokenizer_path: str | None = None,
-                 dtype: str = "float32", trust_remote_code: bool = False):
+                 dtype: str = "float32", load: LoadOptions | None = None):
         from rayalign.models import load_model, load_tokenizer
 
-        self.tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code=trust_remote_code,
-                                        padding_side="left")
-        self.model = load_model(model_path, trust_remote_code=trust_remote_code, dtype=dtype)
+        self.tokenizer = load_tokenizer(tokenizer_path or model_path, load, padding_side="left")
+        self.model = load_model(model_path, load, dtype=dtype)
         self.config = config
 
     @torch.no_grad()
@@ -84,7 +84,7 @@ class VLLMSampler:
     """
 
     def __init__(self, model_path: str, config: GenerateConfig, *, tokenizer_path: str | None = None,
-                 dtype: str = "float32", trust_remote_code: bool = False):
+                 dtype: str = "float32", load: LoadOptions | None = None):
         import os
 
         from vllm import LLM
@@ -103,9 +103,10 @@ class VLLMSampler:
             # only the spawned worker does. vLLM reads env vars lazily, so setting them before LLM() works.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         model = resolve_name_or_path(model_path)
+        tokenizer = resolve_name_or_path(tokenizer_path) if tokenizer_path else model
         self.llm = LLM(
-            model=model, tokenizer=resolve_name_or_path(tokenizer_path) if tokenizer_path else model,
-            dtype=dtype, seed=config.seed, trust_remote_code=trust_remote_code,
+            model=model, tokenizer=tokenizer, dtype=dtype, seed=config.seed,
+            **vllm_load_kwargs(model, tokenizer, load or LoadOptions()),
             # Explicit although it is vLLM 0.32's default: the "processed_*" modes would return log-probs
             # after temperature / top-p, which are not the model log-probs the judge and losses need.
             logprobs_mode="raw_logprobs",
@@ -114,7 +115,7 @@ class VLLMSampler:
             **({} if on_cpu else {"gpu_memory_utilization": 0.85}))
         # The same HF tokenizer HFSampler and every later stage load (not vLLM's wrapper), so prompts render and
         # tokenize identically (`rayalign.templating`).
-        self.tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(tokenizer_path or model_path, load)
         self.config = config
 
     def sample(self, prompts: list[Prompt], prompt_ids: list[int]) -> list[list[Sample]]:
@@ -158,6 +159,17 @@ class VLLMSampler:
         del llm
         gc.collect()
         cleanup_dist_env_and_memory()
+
+
+def vllm_load_kwargs(model: str, tokenizer: str, load: LoadOptions) -> dict:
+    """`LLM(...)` arguments of `load` for a resolved model and tokenizer: trust_remote_code, and the
+    revision of each that is a hub id. vLLM picks its own attention backend: attn_implementation is HF only."""
+    kwargs = {"trust_remote_code": load.trust_remote_code}
+    for key, path in (("revision", model), ("tokenizer_revision", tokenizer)):
+        revision = load.hub_kwargs(path).get("revision")  # None for a local directory
+        if revision:
+            kwargs[key] = revision
+    return kwargs
 
 
 def build_sampler(backend: str, model_path: str, config: GenerateConfig, **kwargs) -> HFSampler | VLLMSampler:

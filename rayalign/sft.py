@@ -47,12 +47,15 @@ def sft_batches(tokenizer, examples: list[tuple[str, str]], *, batch_size: int, 
 
 
 def run_sft(model_path: str, examples: list[tuple[str, str]], out_dir: Path, *, epochs: int = 2,
-            batch_size: int = 32, lr: float = 3e-3, seed: int = 0, max_length: int = 128, log=print) -> Path:
-    """Fine-tune `model_path` on (prompt, response) pairs and save the result to `out_dir` atomically."""
+            batch_size: int = 32, lr: float = 3e-3, seed: int = 0, max_length: int = 128, log=print,
+            load=None) -> Path:
+    """Fine-tune `model_path` on (prompt, response) pairs and save the result to `out_dir` atomically.
+
+    load: the `rayalign.models.LoadOptions` of the run (None: the defaults)."""
     from rayalign.models import load_model, load_tokenizer
 
     torch.manual_seed(seed)
-    tokenizer, model = load_tokenizer(model_path), load_model(model_path)
+    tokenizer, model = load_tokenizer(model_path, load), load_model(model_path, load)
     model.train()
     steps = epochs * -(-len(examples) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

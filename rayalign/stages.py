@@ -18,6 +18,7 @@ import pandas as pd
 from rayalign.config import Config, ConfigError
 from rayalign.data.prompts import Prompt
 from rayalign.io import atomic_write_text
+from rayalign.models import LoadOptions
 from rayalign.templating import prompt_columns
 
 ITERATION_PROMPT_ID = 1_000_000  # iteration i's k-th prompt has id i * ITERATION_PROMPT_ID + k
@@ -87,7 +88,8 @@ def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: 
     from rayalign.generate import generation_dataset
     from rayalign.judge import judge_dataset
 
-    dataset = generation_dataset(prompts, model, config.generate, dtype=config.model.dtype)
+    dataset = generation_dataset(prompts, model, config.generate, dtype=config.model.dtype,
+                                 load=LoadOptions.of(config.model))
     return judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config).to_pandas()
 
 
@@ -156,8 +158,7 @@ def _check_template(prompts: list, model: str, config: Config) -> None:
     """Message-list prompts need a chat template on `model`'s tokenizer: a config error before any work."""
     from rayalign.templating import check_prompts_template
 
-    check_prompts_template(prompts, model, source=config.data.prompts_file,
-                           trust_remote_code=config.model.trust_remote_code)
+    check_prompts_template(prompts, model, source=config.data.prompts_file, load=LoadOptions.of(config.model))
 
 
 def _no_storage(config: Config, command: str) -> None:
@@ -184,7 +185,8 @@ def run_generate(config: Config, *, iteration: int | None = None) -> int:
     out = Path(config.run.dir) / "samples.parquet"
     ensure_ray()
     _log("generate", f"{len(prompts)} prompts x {config.generate.num_samples} samples with {policy}")
-    groups = generation_dataset(prompts, policy, config.generate, dtype=config.model.dtype).to_pandas()
+    groups = generation_dataset(prompts, policy, config.generate, dtype=config.model.dtype,
+                                load=LoadOptions.of(config.model)).to_pandas()
     samples = write_samples(groups, out)
     _log("generate", f"wrote {len(samples)} samples to {out}")
     return 0
@@ -257,7 +259,8 @@ def _baseline_scores(config: Config, rows: pd.DataFrame, prompts: pd.DataFrame, 
     if config.eval.reward_model:  # the Judge actors score the samples with it: the policy's pass, on the baseline
         base = judged_pass(config, prompts, model=baseline, sft_path=sft)
     else:
-        base = generation_dataset(prompts, baseline, config.generate, dtype=config.model.dtype).to_pandas()
+        base = generation_dataset(prompts, baseline, config.generate, dtype=config.model.dtype,
+                                  load=LoadOptions.of(config.model)).to_pandas()
     base_rows = write_eval(base, config, out)
     scores = {}
     if config.loop.task == "sentiment":

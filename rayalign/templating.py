@@ -132,14 +132,15 @@ def check_data_template(tokenizer: Any, fmt: str, *, key: str, source: str, name
 
 
 def check_prompts_template(prompts: Sequence[Any], tokenizer_path: str, *, key: str = "data.prompts_file",
-                           source: str = "", trust_remote_code: bool = False) -> None:
+                           source: str = "", load=None) -> None:
     """Config-time check of loop prompts: when any is a message list, the tokenizer of `tokenizer_path` (the
-    model that generates and judges) must have a chat template. Loads it only then."""
+    model that generates and judges) must have a chat template. Loads it only then (`load`: the run's
+    `rayalign.models.LoadOptions`)."""
     if not any(is_messages(as_prompt(p)) for p in prompts):
         return
     from rayalign.models import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path, load)
     require_chat_template(tokenizer, key=key, source=source or "the prompts", name=tokenizer_path)
 
 

@@ -146,16 +146,18 @@ def _absolute(path: str) -> str:
 
 
 def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), prepare_only: bool = False,
-              storage=None, inputs: StageInputs | None = None) -> int:
+              storage=None, inputs: StageInputs | None = None, tracking=None) -> int:
     """Run the training stage; returns the process exit code.
 
     `callbacks`: extra Ray Train callbacks (a Tune trial passes TuneReportCallback). `prepare_only`: stop
     after the prepared Parquet is written (`rayalign tune` builds the tiny model and warms the shared
     reference cache once in its driver this way). `storage`: the loop's `rayalign.storage.RunStorage`
     (default: run.dir bound to run.storage, if set): workers then read and write through it. `inputs`: what
-    this stage trains (models, data, epochs, SPA mix; the loop's per iteration), by default the config's."""
+    this stage trains (models, data, epochs, SPA mix; the loop's per iteration), by default the config's.
+    `tracking`: the stage's `rayalign.tracking.TrackingSettings` (the loop's and a sweep's name their stages),
+    by default resolved from the config and run.dir."""
     from rayalign.data import load_rows
-    from rayalign.models import load_tokenizer
+    from rayalign.models import LoadOptions, load_tokenizer
 
     run_dir = Path(config.run.dir).expanduser().absolute()
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
@@ -174,14 +176,14 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     tokenizer_path = config.model.tokenizer or inputs.policy
     tokenizer = None
     if tokenizer_path:
-        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=config.model.trust_remote_code)
+        tokenizer = load_tokenizer(tokenizer_path, LoadOptions.of(config.model))
     data = load_rows(inputs.train_file, fmt=inputs.format, tokenizer=tokenizer, select=inputs.selection())
     check_data_template(tokenizer, data.format, key="data.train_file", source=inputs.train_file, name=tokenizer_path)
     kind, rows = pair_rows(data.format, data.rows, config, inputs.train_file)  # the data kind, decided once
     texts = [r["prompt"] + ("".join(r["completions"]) if kind == GROUPS else r["chosen"]) for r in rows]
     policy_path = build_policy_if_needed(inputs.policy, config, run_dir, texts)
     tokenizer_path = tokenizer_path or policy_path
-    tokenizer = tokenizer or load_tokenizer(tokenizer_path)
+    tokenizer = tokenizer or load_tokenizer(tokenizer_path, LoadOptions.of(config.model))
     train_rows, eval_rows = split_eval(rows, config, tokenizer, kind, inputs)
     paths = {"policy_path": _absolute(policy_path), "tokenizer_path": _absolute(tokenizer_path),
              "reference_path": _absolute(inputs.reference or policy_path)}
@@ -197,7 +199,10 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
         paths.update(worker_paths(store, paths, run_dir))
     _log(f"prepared after {time.perf_counter() - started:.0f} s; starting {config.train.num_workers} "
          f"{config.train.engine} worker(s)")
-    paths.update(data_kind=kind, inputs=inputs.to_dict())
+    from rayalign.tracking import TrackingSettings
+
+    paths.update(data_kind=kind, inputs=inputs.to_dict(),
+                 tracking=(tracking or TrackingSettings.resolve(config, run_dir)).to_dict())
     paths["kill_worker_at"] = os.environ.get("RAYALIGN_KILL_WORKER_AT")  # fault drills (tests), else None
     try:
         _fit(config, paths, run_dir, callbacks)

@@ -42,6 +42,7 @@ from rayalign.spa_refine import SpaRefiner
 from rayalign.stage_inputs import StageInputs
 from rayalign.step import ENTROPY_KEYS, GAP_METRIC, REF_KEYS, belief_gap_sums, micro_batch_loss
 from rayalign.storage import materialize
+from rayalign.tracking import TrackingSettings
 
 FAILURE_FILE = "FAILED.json"
 HF_ARTIFACTS = ("optimizer.pt", "deepspeed", ckpt.STATE_FILE, SAMS_FILE)
@@ -90,7 +91,7 @@ class Worker:
     def __init__(self, loop_config: dict):
         import ray.train
 
-        from rayalign.models import load_model, load_tokenizer
+        from rayalign.models import LoadOptions, load_model, load_tokenizer
 
         self.inputs = StageInputs(**loop_config["inputs"])  # this stage's run state (epochs, SPA mix, loss)
         self.config: Config = self.inputs.stage_config(build_config(loop_config["config"]))
@@ -125,16 +126,17 @@ class Worker:
 
             self.device = ray.train.torch.get_device()
             torch.cuda.set_device(self.device)
-        self.tokenizer = load_tokenizer(materialize(loop_config["tokenizer_path"]))
-        self.policy = load_model(weights, dtype=self.config.model.dtype, device=self.device)
+        load = LoadOptions.of(self.config.model)
+        self.tokenizer = load_tokenizer(materialize(loop_config["tokenizer_path"]), load)
+        self.policy = load_model(weights, load, dtype=self.config.model.dtype, device=self.device)
         self.policy.train()
         if self.config.train.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         refine = self.inputs.spa_mix is not None
         needs_reference = not self.config.ref.cache or refine
         self.reference = (None if not needs_reference
-                          else load_model(materialize(loop_config["reference_path"]), dtype=self.config.model.dtype,
-                                          device=self.device))
+                          else load_model(materialize(loop_config["reference_path"]), load,
+                                          dtype=self.config.model.dtype, device=self.device))
         self.engine = build_engine(self.policy, self.config, self.total)
         self.refiner = (SpaRefiner(self.config.spa, mix=self.inputs.spa_mix, beta_total_steps=self.total) if refine
                         else None)
@@ -150,7 +152,8 @@ class Worker:
             if self.refiner:
                 self.refiner.load_state_dict(ckpt.read_state(self.resume_from)["spa_window"])
         self.log = MetricsLog(self.run_dir, enabled=self.rank == 0, total_steps=self.total,
-                              resume_step=self.start_step)
+                              resume_step=self.start_step, config=loop_config["config"],
+                              tracking=TrackingSettings.from_dict(loop_config.get("tracking")))
 
     def _autocast(self):
         bf16 = self.config.train.precision == "bf16" and self.config.train.engine == "ddp"

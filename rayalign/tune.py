@@ -148,8 +148,10 @@ def warm_up(base: Config, dims: list[Dimension], tune_dir: Path) -> Config:
     return base
 
 
-def run_trial(params: dict, *, base: Config, trials_dir: str) -> None:
-    """Ray Tune function trainable: one `rayalign train` run in RUN_DIR/tune/trials/<trial name>/."""
+def run_trial(params: dict, *, base: Config, trials_dir: str, tracking=None) -> None:
+    """Ray Tune function trainable: one `rayalign train` run in RUN_DIR/tune/trials/<trial name>/.
+
+    tracking: the sweep's `rayalign.tracking.TrackingSettings`; each trial is a run of its group."""
     import ray.data
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -169,7 +171,8 @@ def run_trial(params: dict, *, base: Config, trials_dir: str) -> None:
     config = prepare_run_dir(_with_run(trial_config(base, params), run_dir, f"tune/trials/{name}"))
     # A trial restored by --resume continues from its newest checkpoint (Tune itself keeps none).
     resume = latest_checkpoint(config.run.dir) is not None
-    code = run_train(config, resume=resume, callbacks=(TuneReportCallback(),))
+    stage = tracking and tracking.stage(f"tune/trials/{name}", run_dir)
+    code = run_train(config, resume=resume, callbacks=(TuneReportCallback(),), tracking=stage)
     if code != 0:
         raise RuntimeError(f"trial {name}: rayalign train exited with {code}; see {config.run.dir}")
 
@@ -205,12 +208,15 @@ def _tuner(config: Config, base: Config, dims: list[Dimension], resume: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from rayalign.tracking import TrackingSettings
+
     tune_dir = Path(config.run.dir) / "tune"
     # A trial actor only drives its TorchTrainer: a sliver of a CPU (0 is rejected), on the driver's node,
     # where RUN_DIR, the shared cache and the built model are (its training workers go anywhere).
     resources = {"cpu": 0.01, f"node:{ray.util.get_node_ip_address()}": 0.001}
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, trials_dir=str(tune_dir / "trials")), resources)
+        tune.with_parameters(run_trial, base=base, trials_dir=str(tune_dir / "trials"),
+                             tracking=TrackingSettings.resolve(config, config.run.dir)), resources)
     experiment = tune_dir / EXPERIMENT
     if resume and tune.Tuner.can_restore(str(experiment)):
         done = sorted(p.parent.name for p in (tune_dir / "trials").glob("*/final_metrics.json"))

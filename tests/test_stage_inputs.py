@@ -31,7 +31,7 @@ def test_the_loop_passes_inputs_and_leaves_the_config_as_written(tmp_path, monke
 
     seen = {}
 
-    def run_train(config, *, resume, storage, inputs):
+    def run_train(config, *, resume, storage, inputs, tracking=None):
         seen.update(config=config, inputs=inputs)
         return 0
 
