@@ -195,3 +195,26 @@ def test_lora_config_errors_name_the_key(tiny_model_dir):
             load_config(None, ["model.lora=true", override])
     with pytest.raises(ConfigError, match="train.zero_stage: 3 .* does not combine with model.lora"):
         load_config(None, ["model.lora=true", "train.engine=deepspeed", "train.zero_stage=3"])
+
+
+def test_unmatched_target_modules_stop_train_before_ray_starts(tiny_model_dir, tmp_path):
+    """`rayalign train` ends in one config-error line (exit 2) before Ray or any worker starts."""
+    import json
+
+    import ray
+
+    from rayalign.errors import EXIT_USAGE, report
+    from rayalign.run_dir import prepare_run_dir
+    from rayalign.train import run_train
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in gold_pairs(4, seed=1)))
+    config = prepare_run_dir(load_config(None, [f"model.policy={tiny_model_dir}", f"data.train_file={data}",
+                                                "model.lora=true", "model.lora_target_modules=[q_proj,v_prj]",
+                                                f"run.dir={tmp_path / 'run'}"]))
+    with pytest.raises(ConfigError) as caught:
+        run_train(config)
+    line, code = report(caught.value, "train")
+    assert code == EXIT_USAGE and "\n" not in line
+    assert line.startswith("rayalign: config error: model.lora_target_modules: no module of") and "v_prj" in line
+    assert not ray.is_initialized() and not (tmp_path / "run" / "checkpoints").exists()
