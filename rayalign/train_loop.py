@@ -5,6 +5,8 @@ sequence of global batches as `rayalign.oracle` (both from `rayalign.data_order`
 `gradient_accumulation_steps` micro-batches of each, and steps the engine (DDP or DeepSpeed). Metrics are
 summed across workers; rank 0 writes them. On start it continues from the newest complete checkpoint in
 the run directory, which covers both `--resume` and Ray Train restarting the group after a worker died.
+With `model.lora` the policy is the stage's model plus adapters (`rayalign.lora`): checkpoints hold the
+adapters, `final/` the merged model.
 
 No data loading from raw files and no Ray Data here: that happened on the driver (`rayalign.train`).
 """
