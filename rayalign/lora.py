@@ -83,7 +83,7 @@ def add_adapters(model, config: ModelConfig, *, seed: int, checkpoint: Path | No
     import torch
     from peft import get_peft_model, set_peft_model_state_dict
 
-    with torch.random.fork_rng(devices=[]):  # the adapters' init, independent of what ran before
+    with torch.random.fork_rng():  # the adapters' init, independent of what ran before (and leaving no trace)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, lora_config(config))
     if checkpoint is not None:
