@@ -1,9 +1,10 @@
 """Training checkpoints: `RUN_DIR/checkpoints/step-N/`, written atomically by a group of workers.
 
-A checkpoint is a normal HF directory (model + tokenizer, loadable with `from_pretrained`) plus what a
-resume needs: `trainer_state.json` (step, epoch, data position, metrics) and the engine's optimizer and
-schedule state. All ranks write into one temporary directory; after a barrier rank 0 renames it to its
-final name, so a directory named `step-N` is always complete and a kill never leaves half of one.
+A checkpoint is a normal HF directory (model + tokenizer, loadable with `from_pretrained`; with `model.lora`
+the adapters instead of the model, see `rayalign.lora`) plus what a resume needs: `trainer_state.json`
+(step, epoch, data position, metrics) and the engine's optimizer and schedule state. All ranks write
+into one temporary directory; after a barrier rank 0 renames it to its final name, so a directory named
+`step-N` is always complete and a kill never leaves half of one.
 
 Every `.pt` file of a checkpoint is read with `load_tensors` (`torch.load(weights_only=True)`): checkpoints
 can come from shared storage, and a full unpickle would run whatever code a crafted file names.

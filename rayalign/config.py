@@ -47,6 +47,15 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # None: transformers' choice; sdpa, eager, flash_attention_2 (HF only)
     dtype: str = "float32"
+    # LoRA through PEFT (`rayalign.lora`): only the adapters train; the reference, when it is the policy's
+    # base, is that model with its adapters disabled (no second copy); final/ is the merged model.
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32  # scaling alpha / rank
+    lora_dropout: float = 0.0
+    # module names (a name matches itself and every module whose dotted path ends with it: q_proj matches
+    # model.layers.0.self_attn.q_proj), or [all-linear]: every linear layer but the output head
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
 
     def __post_init__(self):
         _one_of(self.dtype, "model.dtype", ("float32", "bfloat16"))
@@ -54,6 +63,13 @@ class ModelConfig:
                  "must be a branch, tag or commit, or null")
         if self.attn_implementation is not None:
             _one_of(self.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
+        _positive(self.lora_rank, "model.lora_rank")
+        _positive(self.lora_alpha, "model.lora_alpha")
+        _require(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", f"must be in [0, 1); got {self.lora_dropout}")
+        _require(bool(self.lora_target_modules) and all(self.lora_target_modules), "model.lora_target_modules",
+                 f"must name at least one module (or [all-linear]); got {list(self.lora_target_modules)}")
+        _require("all-linear" not in self.lora_target_modules or len(self.lora_target_modules) == 1,
+                 "model.lora_target_modules", "all-linear already covers every linear layer: give it alone")
 
 
 @dataclass(frozen=True)
@@ -304,6 +320,10 @@ class Config:
 
     def __post_init__(self):
         loss = LOSSES[self.loss.type]
+        if self.model.lora and self.train.engine == "deepspeed":
+            _require(self.train.zero_stage < 3, "train.zero_stage",
+                     "3 (parameters sharded) does not combine with model.lora; use 1 or 2 (the frozen base is "
+                     "replicated, the adapters' optimizer state is sharded)")
         if self.spa.refine:
             _require(loss.per_example_smoothing, "spa.refine",
                      f"applies on top of loss.type={'/'.join(SOFT_LABEL_LOSSES)}; got {self.loss.type}")

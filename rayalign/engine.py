@@ -106,6 +106,8 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config))
         self.model, self.module = model, self.engine
         self.zero_stage = config.train.zero_stage
+        # LoRA: the frozen base is the stage's input model, reloaded on resume; checkpoint the adapters only
+        self.adapters_only = config.model.lora
 
     def backward(self, loss: torch.Tensor) -> None:
         # The trainer already divided by the global batch: do not let DeepSpeed divide by accumulation again.
@@ -126,12 +128,15 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, directory: Path, *, rank: int) -> None:
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")  # collective
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state",  # collective
+                                    exclude_frozen_parameters=self.adapters_only)
 
     def load(self, directory: Path) -> None:
         # DeepSpeed's own reader unpickles arbitrary objects (full pickle): read its files through ours instead.
         self.engine.checkpoint_engine.load = _deepspeed_safe_load
-        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+        # adapters only: the frozen base weights are absent from the saved module state, not missing
+        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state",
+                                    load_module_strict=not self.adapters_only)
 
     def full_state_dict(self, scratch: Path) -> dict[str, torch.Tensor] | None:
         """Full fp32 weights: gathered from the ZeRO-3 shards on disk, or the replicated module otherwise."""

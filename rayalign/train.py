@@ -182,6 +182,10 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     kind, rows = pair_rows(data.format, data.rows, config, inputs.train_file)  # the data kind, decided once
     texts = [r["prompt"] + ("".join(r["completions"]) if kind == GROUPS else r["chosen"]) for r in rows]
     policy_path = build_policy_if_needed(inputs.policy, config, run_dir, texts)
+    if config.model.lora and "://" not in policy_path:  # before Ray starts: a typo is a config error
+        from rayalign.lora import check_target_modules
+
+        check_target_modules(policy_path, config.model)
     tokenizer_path = tokenizer_path or policy_path
     tokenizer = tokenizer or load_tokenizer(tokenizer_path, LoadOptions.of(config.model))
     train_rows, eval_rows = split_eval(rows, config, tokenizer, kind, inputs)

@@ -5,6 +5,8 @@ sequence of global batches as `rayalign.oracle` (both from `rayalign.data_order`
 `gradient_accumulation_steps` micro-batches of each, and steps the engine (DDP or DeepSpeed). Metrics are
 summed across workers; rank 0 writes them. On start it continues from the newest complete checkpoint in
 the run directory, which covers both `--resume` and Ray Train restarting the group after a worker died.
+With `model.lora` the policy is the stage's model plus adapters (`rayalign.lora`): checkpoints hold the
+adapters, `final/` the merged model.
 
 No data loading from raw files and no Ray Data here: that happened on the driver (`rayalign.train`).
 """
@@ -119,24 +121,26 @@ class Worker:
         self.resume_from = (storage_train.resume_checkpoint(self.store) if self.store
                             else ckpt.latest_checkpoint(self.run_dir))
         self.start_step = ckpt.read_state(self.resume_from)["step"] if self.resume_from else 0
-        weights = str(self.resume_from) if self.resume_from else materialize(loop_config["policy_path"])
         self.device = torch.device("cpu")
         if self.config.train.use_gpu:
             import ray.train.torch
 
             self.device = ray.train.torch.get_device()
             torch.cuda.set_device(self.device)
-        load = LoadOptions.of(self.config.model)
-        self.tokenizer = load_tokenizer(materialize(loop_config["tokenizer_path"]), load)
-        self.policy = load_model(weights, load, dtype=self.config.model.dtype, device=self.device)
-        self.policy.train()
-        if self.config.train.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+        self.load = LoadOptions.of(self.config.model)
+        self.tokenizer = load_tokenizer(materialize(loop_config["tokenizer_path"]), self.load)
+        self.lora = self.config.model.lora
+        self.policy = self._load_policy(loop_config["policy_path"])
         refine = self.inputs.spa_mix is not None
         needs_reference = not self.config.ref.cache or refine
-        self.reference = (None if not needs_reference
-                          else load_model(materialize(loop_config["reference_path"]), load,
-                                          dtype=self.config.model.dtype, device=self.device))
+        self.reference = None
+        if needs_reference and self.lora and loop_config["reference_path"] == loop_config["policy_path"]:
+            from rayalign.lora import BaseReference
+
+            self.reference = BaseReference(self.policy)  # the base weights, adapters disabled: no second copy
+        elif needs_reference:
+            self.reference = load_model(materialize(loop_config["reference_path"]), self.load,
+                                        dtype=self.config.model.dtype, device=self.device)
         self.engine = build_engine(self.policy, self.config, self.total)
         self.refiner = (SpaRefiner(self.config.spa, mix=self.inputs.spa_mix, beta_total_steps=self.total) if refine
                         else None)
@@ -154,6 +158,23 @@ class Worker:
         self.log = MetricsLog(self.run_dir, enabled=self.rank == 0, total_steps=self.total,
                               resume_step=self.start_step, config=loop_config["config"],
                               tracking=TrackingSettings.from_dict(loop_config.get("tracking")))
+
+    def _load_policy(self, policy_path: str):
+        """The policy in train mode: the newest checkpoint's weights, or with LoRA the stage's policy as the
+        base with fresh adapters or, on resume, the checkpoint's adapters (a LoRA checkpoint holds only those)."""
+        from rayalign.models import load_model
+
+        weights = str(self.resume_from) if self.resume_from and not self.lora else materialize(policy_path)
+        policy = load_model(weights, self.load, dtype=self.config.model.dtype, device=self.device)
+        if self.config.train.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+            if self.lora:  # frozen embeddings: let the checkpointed blocks' inputs carry the adapters' gradient
+                policy.enable_input_require_grads()
+        if self.lora:
+            from rayalign.lora import add_adapters
+
+            policy = add_adapters(policy, self.config.model, seed=self.config.train.seed, checkpoint=self.resume_from)
+        return policy.train()
 
     def _autocast(self):
         bf16 = self.config.train.precision == "bf16" and self.config.train.engine == "ddp"
@@ -291,7 +312,12 @@ class Worker:
         if self.selector:
             self.selector.save(tmp)
         if self.rank == 0:
-            self.policy.save_pretrained(tmp, state_dict=state_dict)
+            if self.lora:
+                from rayalign.lora import save_adapters
+
+                save_adapters(self.policy, tmp, state_dict)
+            else:
+                self.policy.save_pretrained(tmp, state_dict=state_dict)
             self.tokenizer.save_pretrained(tmp)
         state = {"step": step, "epoch": epoch, "total_steps": self.total,
                  **({"spa_window": self.refiner.state_dict()} if self.refiner else {})}
@@ -301,9 +327,15 @@ class Worker:
         self.saved_at = time.monotonic()
         if final and self.rank == 0:
             with atomic_directory(self.run_dir / "final") as out:
-                for item in done.iterdir():
-                    if item.name not in HF_ARTIFACTS and item.is_file():
-                        shutil.copy2(item, out / item.name)
+                if self.lora:  # a plain HF model, the adapters merged: the next stages load it as any other
+                    from rayalign.lora import save_merged
+
+                    save_merged(self.policy, out)
+                    self.tokenizer.save_pretrained(out)
+                else:
+                    for item in done.iterdir():
+                        if item.name not in HF_ARTIFACTS and item.is_file():
+                            shutil.copy2(item, out / item.name)
 
     def _due(self, every: int, step: int) -> bool:
         return every > 0 and step % every == 0 and step < self.total
