@@ -1,9 +1,9 @@
 """`rayalign train` on the data users bring: a local UltraFeedback-like `DatasetDict` (data.split=train_prefs,
-data.eval_split=test_prefs) and a TRL implicit-prompt conversational .jsonl, on the tiny model.
+data.eval_split=test_prefs) and a TRL implicit-prompt conversational .jsonl, on a chat model: the tiny model
+with a ChatML template (`make-tiny-model --chat-template chatml`), so conversations are rendered by it.
 
 One Ray Train fit each, 1 worker, 2 steps, in-process through `rayalign.cli.main` (what the command runs),
-so both share one local Ray. The tiny model has no chat template: conversations render in the HH layout
-(rayalign/data/chat.py), which the tiny tokenizer knows.
+so both share one local Ray.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ def final_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "final_metrics.json").read_text())
 
 
-def test_train_on_an_ultrafeedback_dataset_dict_and_on_implicit_conversations(tiny_model_dir, tmp_path, capsys):
+def test_train_on_an_ultrafeedback_dataset_dict_and_on_implicit_conversations(chat_model_dir, tmp_path, capsys):
     from rayalign.cli import main
+    from rayalign.models import load_tokenizer
 
-    common = [f"model.policy={tiny_model_dir}", "train.global_batch_size=4", "train.max_steps=2",
+    common = [f"model.policy={chat_model_dir}", "train.global_batch_size=4", "train.max_steps=2",
               "data.max_prompt_length=32", "data.max_completion_length=16", "ref.cache=false"]
     uf, run = make_ultrafeedback(tmp_path / "uf", train=8, test=4), tmp_path / "uf-run"
     assert main(["train", *common, f"data.train_file={uf}", "data.split=train_prefs", "data.eval_split=test_prefs",
@@ -60,3 +61,9 @@ def test_train_on_an_ultrafeedback_dataset_dict_and_on_implicit_conversations(ti
     assert (run / "final" / "config.json").exists() and "eval/loss" in final_metrics(run)
     prepared = __import__("pandas").read_parquet(run / "prepared" / "train.parquet")
     assert len(prepared) == 8
+    # rendered by the model's template: the prompt ends in its generation prompt, a reply in its end of turn
+    tokenizer = load_tokenizer(chat_model_dir)
+    prompt, chosen = (tokenizer.decode(prepared[c].iloc[0]) for c in ("prompt_ids", "chosen_ids"))
+    # (data.max_prompt_length=32 keeps the prompt's end, as TRL does)
+    assert "<|im_end|>\n<|im_start|>user\n" in prompt and prompt.endswith("<|im_start|>assistant\n"), prompt
+    assert chosen.endswith("<|im_end|>"), chosen
