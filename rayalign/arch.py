@@ -127,3 +127,12 @@ def run_make_arch_model(args) -> int:
     what = "config and tokenizer (no weights)" if args.config_only else "random weights and tokenizer"
     print(f"wrote {out}: {args.arch}, {count_arch_parameters(args.arch):,} parameters, {what}")
     return 0
+
+
+def add_arch_arguments(parser):
+    """`make-tiny-model`'s --arch and --config-only (rayalign.cli adds them next to rayalign.tiny's options)."""
+    parser.add_argument("--arch", default=None, choices=sorted(ARCHS),
+                        help="the exact shape of a real architecture, random weights (rayalign.arch); the shape "
+                             "options above do not apply, --corpus/--vocab-size/--seed do")
+    parser.add_argument("--config-only", action="store_true", help="with --arch: config and tokenizer, no weights")
+    return parser

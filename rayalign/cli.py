@@ -113,6 +113,11 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from rayalign.tiny import run_make_tiny_model
 
+    if args.arch or args.config_only:  # a real architecture's shape (rayalign.arch, which builds on rayalign.tiny)
+        from rayalign.arch import run_make_arch_model
+
+        return run_make_arch_model(args)
+
     return run_make_tiny_model(args)
 
 
@@ -161,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rayalign.tiny import add_make_tiny_model_arguments
 
     add_make_tiny_model_arguments(tiny)
+    from rayalign.arch import add_arch_arguments
+
+    add_arch_arguments(tiny)
     tiny.set_defaults(handler=_cmd_make_tiny_model)
 
     fit = commands.add_parser("fit-reward-model", help="fit a tiny reward model (sequence classifier) on the "

@@ -4,7 +4,7 @@
 - `judge_scores(batch)`: r(x, y) of every sample, (P, K): the judge ranks by these instead of SPA's
   implicit reward (`rayalign.core.reward_model.reward_model_judgment`), and they fill `judge_rewards`.
 - `eval_scores(batch)`: the evaluation model's r(x, y) per sample, as the `rm_rewards` list column, for the
-  held-out evaluation prompts only (ids >= `stages.EVAL_PROMPT_ID`); the loop's training prompts get NaN
+  held-out evaluation prompts only (ids >= `data.prompts.EVAL_PROMPT_ID`); the loop's training prompts get NaN
   (scoring them would cost a forward pass per sample that no metric reads; the column never reaches
   judged.parquet or samples.parquet).
 The metrics from `rm_rewards` (win rates, mean reward) are `rayalign.evaluate`'s; scoring itself is
@@ -55,7 +55,7 @@ class RewardModels:
     def eval_scores(self, batch: pd.DataFrame, judge_scores: torch.Tensor | None) -> list[list[float]]:
         """eval.reward_model's rewards per row (NaN outside the evaluation prompts); reuses `judge_scores`
         when the judge is the same model."""
-        from rayalign.stages import EVAL_PROMPT_ID
+        from rayalign.data.prompts import EVAL_PROMPT_ID
 
         prompts, texts = self._groups(batch)
         rows = [i for i, prompt_id in enumerate(batch["prompt_id"]) if int(prompt_id) >= EVAL_PROMPT_ID]

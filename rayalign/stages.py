@@ -16,13 +16,11 @@ from pathlib import Path
 import pandas as pd
 
 from rayalign.config import Config, ConfigError
-from rayalign.data.prompts import Prompt
+from rayalign.data.prompts import EVAL_PROMPT_ID, ITERATION_PROMPT_ID, Prompt
 from rayalign.io import atomic_write_text
 from rayalign.models import LoadOptions
 from rayalign.templating import prompt_columns
 
-ITERATION_PROMPT_ID = 1_000_000  # iteration i's k-th prompt has id i * ITERATION_PROMPT_ID + k
-EVAL_PROMPT_ID = 10**9  # evaluation prompts keep these ids (so the same seeds) for every model
 SAMPLE_COLUMNS = ("prompt_id", "sample_index", "prompt", "text")
 
 

@@ -257,12 +257,6 @@ def add_make_tiny_model_arguments(parser: argparse.ArgumentParser) -> argparse.A
     parser.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="hh",
                         help="hh: '\\n\\nHuman:/\\n\\nAssistant:' turns, eos <|endoftext|>; chatml: Qwen-style "
                              "<|im_start|>/<|im_end|> special tokens, eos <|im_end|>")
-    from rayalign.arch import ARCHS
-
-    parser.add_argument("--arch", default=None, choices=sorted(ARCHS),
-                        help="the exact shape of a real architecture, random weights (rayalign.arch); the shape "
-                             "options above do not apply, --corpus/--vocab-size/--seed do")
-    parser.add_argument("--config-only", action="store_true", help="with --arch: config and tokenizer, no weights")
     return parser
 
 
@@ -271,10 +265,6 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
 
     A bad argument (e.g. hidden != heads * 32, a missing corpus) prints the reason and returns 2.
     """
-    if getattr(args, "arch", None) or getattr(args, "config_only", False):
-        from rayalign.arch import run_make_arch_model
-
-        return run_make_arch_model(args)
     try:
         model, tokenizer = build_tiny_model(
             corpus=args.corpus, layers=args.layers, hidden=args.hidden, heads=args.heads,

@@ -7,12 +7,9 @@ the model transformers builds from our config. Nothing here allocates real weigh
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from rayalign.arch import ARCHS, arch_config, build_arch_model, count_arch_parameters
-from rayalign.tiny import add_make_tiny_model_arguments, run_make_tiny_model
 
 
 def hand_count(vocab, hidden, layers, heads, kv_heads, mlp, *, qkv_bias: bool, tied: bool) -> int:
@@ -55,7 +52,10 @@ def test_configs_are_the_published_shapes():
 
 
 def cli(*argv) -> int:
-    return run_make_tiny_model(add_make_tiny_model_arguments(argparse.ArgumentParser()).parse_args(list(argv)))
+    """`rayalign make-tiny-model ARGV` in-process: what the command runs."""
+    from rayalign.cli import main
+
+    return main(["make-tiny-model", *argv])
 
 
 def test_config_only_directory_loads_as_the_architecture(tmp_path, capsys):

@@ -14,6 +14,8 @@ from __future__ import annotations
 from rayalign.data.chat import check_messages, split_implicit_conversation
 
 Prompt = str | list[dict[str, str]]
+ITERATION_PROMPT_ID = 1_000_000  # iteration i's k-th prompt has id i * ITERATION_PROMPT_ID + k
+EVAL_PROMPT_ID = 10**9  # evaluation prompts keep these ids (so the same seeds) for every model
 PROMPT_MESSAGES = "prompt_messages"  # the table column holding a message prompt as JSON
 
 
