@@ -175,6 +175,9 @@ class RefConfig:
     batch_size: int = 16
     num_actors: int = 1
     resources: dict[str, float] = field(default_factory=dict)  # per reference-scoring actor, as generate.resources
+    # The loop's iterations >= 1: the reference pi_{i-1} judged exactly the samples it trains on, so take its
+    # log-probs from the judge instead of a scoring pass (when they are the same quantity; `rayalign.loop`)
+    reuse_judge: bool = True
 
     def __post_init__(self):
         _check_resources(self.resources, "ref.resources")

@@ -14,7 +14,10 @@ tokenizes to the very ids judged here; `chosen_text` / `rejected_text` keep the 
 With judge.type=reward_model the judge ranks by judge.reward_model's scores instead (the iterative
 DPO-with-RM baseline; `rayalign.reward_judge`): same pair selection, same drops, same columns, the RM scores
 in `judge_rewards` and the margin and confidence (sigma(margin), Bradley-Terry) computed from them; the two
-log-probs are still computed (the evaluation's KL reads them). With eval.reward_model the evaluation
+log-probs are still computed (the evaluation's KL reads them). Each kept pair also gets its two log-probs
+under the judging policy as `ref_chosen_logps` / `ref_rejected_logps` (and `sample_groups` rows `ref_logps`):
+in the loop that policy, pi_{i-1}, is the reference of iteration i's training, which reads them instead of
+scoring the reference again (`rayalign.loop`, ref.reuse_judge). With eval.reward_model the evaluation
 prompts' samples also get that model's scores (`rm_rewards`), which judged.parquet leaves out.
 
 The pure math is `rayalign.core.spa` and `rayalign.core.reward_model`; this module only moves data through
@@ -23,17 +26,21 @@ the models.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from rayalign.config import Config
+from rayalign.data.formats import GROUP_REFERENCE_FIELD
+from rayalign.stage_timing import ACTOR_START, GENERATE, JUDGE, ActorClock, drop_timing
 from rayalign.templating import MESSAGES_COLUMN
 
 DROP_REASONS = ("empty", "identical", "tie")
 RENDERED_PROMPT = "rendered_prompt"  # a frame with message-list prompts: the templated prompt text
-PASSTHROUGH = ("texts", "token_ids", "logprobs", "finish_reasons")
+# the generation's columns (its timing too: `rayalign.stage_timing`), so one pipeline yields both artifacts
+PASSTHROUGH = ("texts", "token_ids", "logprobs", "finish_reasons", GENERATE, ACTOR_START)
 
 
 class Judge:
@@ -43,6 +50,7 @@ class Judge:
         from rayalign.models import LoadOptions, load_model, load_tokenizer
         from rayalign.storage import materialize
 
+        self.clock = ActorClock()
         policy_path, sft_path = materialize(policy_path), materialize(sft_path)  # run.storage: node-local copies
         load = LoadOptions.of(config.model)
         self.tokenizer = load_tokenizer(policy_path, load)
@@ -54,6 +62,7 @@ class Judge:
             from rayalign.reward_judge import RewardModels
 
             self.reward_models = RewardModels(config)
+        self.clock.ready()
 
     def _logps(self, model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
         from rayalign.step import completion_logps
@@ -77,6 +86,7 @@ class Judge:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from rayalign.core.spa import implicit_rewards, judge_confidence, judge_pairs
 
+        began = time.perf_counter()
         prompt_ids, completion_ids = self.encode(batch)
         policy = self._logps(self.policy, prompt_ids, completion_ids)
         sft = self._logps(self.sft, prompt_ids, completion_ids)
@@ -94,7 +104,7 @@ class Judge:
         out = pd.DataFrame([self._row(batch, i, int(chosen[i]), int(rejected[i]), float(margin[i]),
                                       float(confidence[i]), rewards[i], policy[i], sft[i])
                             for i in range(len(batch))])
-        for column in PASSTHROUGH:  # the generation columns, so one pipeline yields both artifacts
+        for column in PASSTHROUGH:
             if column in batch:
                 out[column] = list(batch[column])
         if self.config.eval.reward_model:
@@ -102,7 +112,7 @@ class Judge:
 
             out[EVAL_REWARDS] = self.reward_models.eval_scores(
                 batch, rewards if self.config.judge.type == "reward_model" else None)
-        return self._render_chat_pairs(batch, out)
+        return self.clock.stamp(self._render_chat_pairs(batch, out), JUDGE, began)
 
     def _render_chat_pairs(self, batch: pd.DataFrame, out: pd.DataFrame) -> pd.DataFrame:
         """Pairs of message-list prompts as rendered text (see the module docstring); string pairs as they are."""
@@ -156,12 +166,16 @@ def write_judged(judged: pd.DataFrame, out_path: Path) -> dict:
     """Write the kept pairs (explicit format + judgment columns) atomically; return the counts."""
     from rayalign.data import write_rows_parquet
 
-    judged = judged.sort_values("prompt_id").reset_index(drop=True)
+    judged = drop_timing(judged).sort_values("prompt_id").reset_index(drop=True)
     from rayalign.reward_judge import EVAL_REWARDS
 
     # the pairs only: generation columns and the evaluation model's scores belong to the other artifacts
     kept = judged[judged["dropped"] == ""].drop(
         columns=["dropped", *[c for c in (*PASSTHROUGH, EVAL_REWARDS) if c in judged]])
+    # The pair's log-probs under the judging policy: the reference's of the training that starts from it
+    kept = kept.assign(**{f"ref_{side}_logps": [float(logps[i]) for logps, i in zip(kept["policy_logps"],
+                                                                                  kept[f"{side}_index"])]
+                          for side in ("chosen", "rejected")})
     if RENDERED_PROMPT in kept:  # message-list prompts: the pair file holds the rendered text (module docstring)
         kept = kept.assign(prompt=kept[RENDERED_PROMPT]).drop(columns=[RENDERED_PROMPT, MESSAGES_COLUMN])
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +224,9 @@ def sample_groups(samples: pd.DataFrame, judged: pd.DataFrame | None, *, rewards
             text = render_prompt(tokenizer, prompt)
             texts = [render_completion(tokenizer, prompt, t, text) for t in texts]
             prompt = text
-        rows.append({"id": int(prompt_id), "prompt": prompt, "completions": texts, "rewards": values})
+        # the judged pass's log-probs of the samples under pi_{i-1}: the next training's reference log-probs
+        ref = {GROUP_REFERENCE_FIELD: [float(v) for v in group["policy_logp"]]} if "policy_logp" in group else {}
+        rows.append({"id": int(prompt_id), "prompt": prompt, "completions": texts, "rewards": values, **ref})
     counts["groups"] = len(rows)
     return rows, counts
 
@@ -221,9 +237,11 @@ def best_worst_pairs(groups: list[dict]) -> list[dict]:
     for g in groups:
         best = max(range(len(g["rewards"])), key=lambda i: g["rewards"][i])
         worst = min(range(len(g["rewards"])), key=lambda i: g["rewards"][i])
+        ref = g.get(GROUP_REFERENCE_FIELD)
         pairs.append({"id": g["id"], "prompt": g["prompt"], "chosen": g["completions"][best],
                       "rejected": g["completions"][worst], "score_chosen": g["rewards"][best],
-                      "score_rejected": g["rewards"][worst]})
+                      "score_rejected": g["rewards"][worst],
+                      **({"ref_chosen_logps": ref[best], "ref_rejected_logps": ref[worst]} if ref else {})})
     return pairs
 
 

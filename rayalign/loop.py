@@ -118,8 +118,10 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     refine = config.spa.refine and iteration > 0
     # Iteration 0 trains on the user's seed pairs when given: their data.split / data.subset apply.
     user_data = {"split": config.data.split, "subset": config.data.subset} if data == config.data.train_file else {}
+    reuse = iteration > 0 and reference == policy and judge_logps_reusable(config)
     inputs = StageInputs(policy=policy, reference=reference, train_file=data, epochs=epochs,
-                         spa_mix=config.spa.mix_for(iteration) if refine else None, loss_type=loss_type, **user_data)
+                         spa_mix=config.spa.mix_for(iteration) if refine else None, loss_type=loss_type,
+                         reference_in_data=reuse, **user_data)
     stage = dataclasses.replace(  # the user's settings, run in the stage's own directory
         config, run=dataclasses.replace(config.run, dir=str(run_dir), storage=location))
     tracking = TrackingSettings.resolve(config, config.run.dir).stage(f"iter-{iteration}/train", run_dir)
@@ -130,6 +132,16 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
         raise StageFailed("train", f"iteration {iteration}: training in {run_dir} failed (the error is above); "
                           "fix the cause and rerun with --resume")
     return str(final)
+
+
+def judge_logps_reusable(config: Config) -> bool:
+    """Whether training may take its reference log-probs from the judge's pass (iterations >= 1, whose
+    reference pi_{i-1} judged those very samples, on the same tokenization and dtype): only when they are the
+    quantity the scoring pass would compute, i.e. at logit temperature 1 and without MallowsPO's reference
+    entropies, and ref.reuse_judge (default true) allows it."""
+    from rayalign.loss_registry import needs_dispersion
+
+    return config.ref.reuse_judge and config.loss.logit_temperature == 1.0 and not needs_dispersion(config.loss)
 
 
 def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name: str,
@@ -144,6 +156,7 @@ def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name:
 
     from rayalign.generate import write_samples
     from rayalign.judge import write_judged
+    from rayalign.stage_timing import pass_file, pass_seconds, stage_line
     from rayalign.stages import EVAL_PROMPT_ID, eval_frame, iteration_frame, judged_pass, write_eval
 
     eval_path = run_dir / "eval" / f"{name}.parquet"
@@ -160,16 +173,20 @@ def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name:
     work.append(f"evaluating {name} on {len(plan.eval_prompts)} held-out prompts")
     _log(f"{'; '.join(work)} with {model}")  # the resume test waits for "iteration 2: generating"
     model, sft_path = plan.storage.inputs(model, plan.sft_path)  # run.storage: actors on any node read them
+    began = time.perf_counter()
     rows = judged_pass(config, pd.concat(frames, ignore_index=True), model=model, sft_path=sft_path)
     is_eval = rows["prompt_id"] >= EVAL_PROMPT_ID
+    seconds = pass_seconds(rows, is_eval, time.perf_counter() - began)
+    _log(f"{f'iteration {iteration}' if it_dir else f'evaluation of {name}'}: pass {stage_line(seconds)}")
+    timing = atomic_write_text(pass_file(run_dir, name), json.dumps(seconds) + "\n")
     write_eval(rows[is_eval], config, eval_path)
     if it_dir is None:
-        plan.storage.commit(eval_path)
+        plan.storage.commit(timing, eval_path)
         return None
     write_samples(rows[~is_eval], it_dir / "samples.parquet")
     counts = write_judged(rows[~is_eval], it_dir / "judged.parquet")
     atomic_write_text(marker, json.dumps(counts) + "\n")  # the pass's completion marker, written last
-    plan.storage.commit(eval_path, it_dir / "samples.parquet", it_dir / "judged.parquet", marker)  # last
+    plan.storage.commit(timing, eval_path, it_dir / "samples.parquet", it_dir / "judged.parquet", marker)  # last
     return counts
 
 
@@ -180,6 +197,7 @@ def iteration_record(config: Config, run_dir: Path, iteration: int, *, name: str
 
     from rayalign.evaluate import compare, compare_rm, judge_accuracy, kl_to_sft
     from rayalign.reward_judge import EVAL_REWARDS
+    from rayalign.stage_timing import read_iteration_seconds
     from rayalign.tasks.sentiment import gold_reward
 
     def rows(model_name: str):
@@ -199,7 +217,7 @@ def iteration_record(config: Config, run_dir: Path, iteration: int, *, name: str
                  f"{name}, sft or {previous}: rm/* metrics left out")
     train_steps = read_jsonl(run_dir / f"iter-{iteration}" / "train" / "metrics.jsonl")
     record.update(train_loss=train_steps[-1]["loss"], train_margin=train_steps[-1]["rewards/margins"],
-                  seconds=round(seconds, 1))
+                  seconds=round(seconds, 1), **read_iteration_seconds(run_dir, iteration))
     return record
 
 
@@ -281,6 +299,10 @@ def _finish_record(config: Config, run_dir: Path, storage: StageStorage, tracker
     storage.commit(run_dir / "metrics.jsonl")
     trackers.log(record, step=iteration)
     _log(f"iteration {iteration}: {_summary(record)}")
+    from rayalign.stage_timing import stage_line
+
+    times = {k: v for k, v in record.items() if k.startswith("time/")}
+    _log(f"iteration {iteration}: {record['seconds']:.0f} s; {stage_line(times)}")
 
 
 def _count_rows(path: str, config: Config) -> int:

@@ -1,14 +1,15 @@
-"""Ray Data preparation of preference pairs: tokenize, then score with the reference once, cache as Parquet.
+"""Preparation of preference pairs: tokenize, then score with the reference once (Ray Data), cache as Parquet.
 
-    rows -> map_batches(PairEncoder) [-> map_batches(ReferenceScorer, actor pool) unless the cache has them]
+    rows -> encode_frame (this process) [-> map_batches(ReferenceScorer, actor pool) unless cached or given]
 
 The reference log-probs (and, for MallowsPO, mean entropies) depend only on the reference model, the
 data, the tokenization and the scoring settings, so they are stored under `ref_cache/<hash>.parquet`,
 keyed by a hash of exactly those, and reused by any later run that agrees on all of them (the log says
-so). Train and eval splits go through one Ray Data execution. Every data kind (`rayalign.data_kind`, decided
+so). Train and eval splits are scored in one Ray Data execution. Every data kind (`rayalign.data_kind`, decided
 by the driver and passed in) takes the same path through `rayalign.encode`; K-sample groups' reference
-log-probs are a list column `ref_logps` (K per row). The training workers read the prepared Parquet;
-nothing here trains.
+log-probs are a list column `ref_logps` (K per row). Rows that carry their reference's log-probs (the loop's
+judged pairs, whose judge was the reference) skip the scoring and the cache. The training workers read the
+prepared Parquet; nothing here trains.
 """
 
 from __future__ import annotations
@@ -22,16 +23,30 @@ from pathlib import Path
 import pandas as pd
 
 from rayalign.config import Config
+from rayalign.data.formats import GROUP_REFERENCE_FIELD, PAIR_REFERENCE_FIELDS
+from rayalign.data_kind import GROUPS, PAIRS
 from rayalign.encode import TEXT_FIELDS, collate, encode_row, encoded_rows
 from rayalign.loss_registry import needs_dispersion
 from rayalign.models import LoadOptions
 
+SCORE_BLOCK = 256
 CACHE_VERSION = 3  # bump when the encoding or scoring code changes what an entry holds (2: token ids too;
 # 3: `rayalign.templating` ends a completion at its own trailing eos instead of appending a second one)
 
 
+def encode_frame(tokenizer, frame: pd.DataFrame, kind: str, *, max_prompt_length: int,
+                 max_completion_length: int) -> pd.DataFrame:
+    """Rows of `kind` (with `pair_index`) -> token ids and truncation flags (`rayalign.encode.encode_row`)."""
+    fields = TEXT_FIELDS[kind]
+    rows = [dict(zip(fields, values)) for values in zip(*(frame[c] for c in fields))]
+    out = pd.DataFrame([encode_row(tokenizer, row, kind, max_prompt_length=max_prompt_length,
+                                   max_completion_length=max_completion_length) for row in rows])
+    out.insert(0, "pair_index", frame["pair_index"].to_numpy())
+    return out
+
+
 class PairEncoder:
-    """Ray Data callable class: text pairs -> token ids and truncation flags (pandas batches)."""
+    """Callable class (a Ray Data actor, or in-process): text pairs -> token ids and truncation flags."""
 
     def __init__(self, tokenizer_path: str, max_prompt_length: int, max_completion_length: int,
                  load: LoadOptions | None = None, *, kind: str):
@@ -43,11 +58,7 @@ class PairEncoder:
         self.kind = kind
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        fields = TEXT_FIELDS[self.kind]
-        rows = [dict(zip(fields, values)) for values in zip(*(batch[c] for c in fields))]
-        out = pd.DataFrame([encode_row(self.tokenizer, row, self.kind, **self.lengths) for row in rows])
-        out.insert(0, "pair_index", batch["pair_index"].to_numpy())
-        return out
+        return encode_frame(self.tokenizer, batch, self.kind, **self.lengths)
 
 
 class ReferenceScorer:
@@ -132,36 +143,66 @@ class PreparedPairs:
     cache_hit: bool
 
 
-def _run_pipeline(frame: pd.DataFrame, config: Config, *, kind: str, tokenizer_path: str,
-                  reference_path: str | None, pad_token_id: int) -> pd.DataFrame:
-    """One Ray Data execution: PairEncoder actors, then (if `reference_path`) ReferenceScorer actors."""
+def _encode_and_score(frame: pd.DataFrame, config: Config, *, kind: str, tokenizer, reference_path: str | None,
+                      pad_token_id: int) -> pd.DataFrame:
+    """Token ids in this process (a fast tokenizer: tens of thousands of rows a second; an actor would only
+    add its start-up), then, given `reference_path`, one Ray Data pass of ReferenceScorer actors."""
+    encoded = encode_frame(tokenizer, frame, kind, max_prompt_length=config.data.max_prompt_length,
+                           max_completion_length=config.data.max_completion_length)
+    if not reference_path:
+        return encoded
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    dataset = ray.data.from_pandas(frame).map_batches(
-        PairEncoder, fn_constructor_args=(tokenizer_path, config.data.max_prompt_length,
-                                          config.data.max_completion_length, LoadOptions.of(config.model)),
-        fn_constructor_kwargs={"kind": kind}, batch_format="pandas", batch_size=256,
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
-    if reference_path:
-        dataset = dataset.map_batches(
-            ReferenceScorer, fn_constructor_args=(reference_path, config, pad_token_id),
-            fn_constructor_kwargs={"kind": kind}, batch_format="pandas",
-            batch_size=config.ref.batch_size, compute=ray.data.ActorPoolStrategy(size=config.ref.num_actors),
-            num_cpus=1, **({"resources": dict(config.ref.resources)} if config.ref.resources else {}))
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # blocks of SCORE_BLOCK rows: a Ray Data block goes to one actor, so several let ref.num_actors share them
+    blocks = [encoded.iloc[i:i + SCORE_BLOCK] for i in range(0, len(encoded), SCORE_BLOCK)] or [encoded]
+    dataset = ray.data.from_pandas(blocks).map_batches(
+        ReferenceScorer, fn_constructor_args=(reference_path, config, pad_token_id),
+        fn_constructor_kwargs={"kind": kind}, batch_format="pandas",
+        batch_size=config.ref.batch_size, compute=ray.data.ActorPoolStrategy(size=config.ref.num_actors),
+        num_cpus=1, **({"resources": dict(config.ref.resources)} if config.ref.resources else {}))
     return dataset.to_pandas().sort_values("pair_index").reset_index(drop=True)
 
 
-def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, kind: str, tokenizer_path: str,
-                  reference_path: str, pad_token_id: int, cache_dir: Path, log=print) -> PreparedPairs:
+def reference_from_rows(rows: list[dict], kind: str) -> pd.DataFrame | None:
+    """The rows' own reference log-probs as prepared columns (`REF_KEYS` but the means, or a group's
+    `ref_logps`), or None unless every row carries them (only pairs and K-sample groups can)."""
+    fields = {PAIRS: PAIR_REFERENCE_FIELDS, GROUPS: (GROUP_REFERENCE_FIELD,)}.get(kind)
+    if not fields or not rows or any(row.get(f) is None for row in rows for f in fields):
+        return None
+    return pd.DataFrame({f: [row[f] for row in rows] for f in fields})
+
+
+def with_row_reference(encoded: pd.DataFrame, reference: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Encoded rows (in `pair_index` order) plus the rows' reference columns; pairs also get the per-token
+    means, the sums over the encoded completion lengths (as `rayalign.step.sequence_scores` averages)."""
+    out = pd.concat([encoded, reference.reset_index(drop=True)], axis=1)
+    if kind == PAIRS:
+        for side in ("chosen", "rejected"):
+            lengths = out[f"{side}_ids"].map(len).clip(lower=1).astype("float64")
+            out[f"ref_{side}_mean_logps"] = out[f"ref_{side}_logps"].astype("float64") / lengths
+    return out
+
+
+def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, kind: str, tokenizer, tokenizer_path: str,
+                  reference_path: str, pad_token_id: int, cache_dir: Path, log=print,
+                  reference_in_data: bool = False) -> PreparedPairs:
     """Tokenize every split's rows of data kind `kind` and attach cached (or freshly scored and cached)
-    reference columns."""
+    reference columns. `reference_in_data`: the rows' own reference log-probs are the reference's (the
+    loop's judged pairs, `reference_from_rows`): attached as they are, with no scoring pass and no cache."""
     from rayalign.data import write_rows_parquet
 
     rows = [(name, r) for name, split_rows in splits.items() for r in split_rows]
     fields = TEXT_FIELDS[kind]
     frame = pd.DataFrame({"pair_index": range(len(rows)), **{f: [r[f] for _, r in rows] for f in fields}})
+    reference = reference_from_rows([r for _, r in rows], kind) if reference_in_data else None
+    if reference_in_data and reference is None:
+        log("the rows lack reference log-probs (ref_chosen_logps/ref_rejected_logps or ref_logps): scoring them")
+    if reference is not None:
+        log(f"reference log-probs of {len(frame)} rows from the data (the judge's pass): no scoring pass")
+        out = _encode_and_score(frame, config, kind=kind, tokenizer=tokenizer, reference_path=None,
+                                pad_token_id=pad_token_id)
+        return _split(with_row_reference(out, reference, kind), rows, splits, cache_path=None, hit=False)
     key = cache_key(frame, config, kind=kind, reference_path=reference_path, tokenizer_path=tokenizer_path)
     path = cache_dir / f"{key}.parquet"
     hit = config.ref.cache and path.is_file()
@@ -173,12 +214,17 @@ def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, kind: str, t
     else:
         if config.ref.cache:
             log(f"reference cache miss: scoring {len(frame)} pairs with {config.ref.num_actors} actor(s) -> {path}")
-        out = _run_pipeline(frame, config, kind=kind, tokenizer_path=tokenizer_path,
-                            reference_path=reference_path if config.ref.cache else None, pad_token_id=pad_token_id)
+        out = _encode_and_score(frame, config, kind=kind, tokenizer=tokenizer,
+                                reference_path=reference_path if config.ref.cache else None, pad_token_id=pad_token_id)
     if config.ref.cache and not hit:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_rows_parquet(out.to_dict("records"), path)  # encoder output: ids, flags, ref_* columns
+    return _split(out, rows, splits, cache_path=path if config.ref.cache else None, hit=hit)
+
+
+def _split(out: pd.DataFrame, rows: list[tuple[str, dict]], splits: dict, *, cache_path: Path | None,
+           hit: bool) -> PreparedPairs:
     split_of = [name for name, _ in rows]
     frames = {name: out[[s == name for s in split_of]].reset_index(drop=True) for name in splits}
     return PreparedPairs(frames, int(out["prompt_truncated"].sum()), int(out["completion_truncated"].sum()),
-                         cache_path=path if config.ref.cache else None, cache_hit=hit)
+                         cache_path=cache_path, cache_hit=hit)

@@ -2,7 +2,8 @@
 
 Plots: per iteration, the gold reward's win rates and mean and the judge accuracy (a task with a gold
 reward), KL to pi_SFT, and with eval.reward_model that model's win rates and mean reward (the `rm/*` keys);
-and the training loss and reward margins of every iteration's update, step by step. Matplotlib with the Agg
+the training loss and reward margins of every iteration's update, step by step; and each iteration's
+seconds per stage (`rayalign.stage_timing`), stacked. Matplotlib with the Agg
 backend; no computation beyond reading the logs.
 """
 
@@ -78,6 +79,28 @@ def _plot_training(plt, run_dir: Path, path: Path, records: list[dict]) -> Path:
     return path
 
 
+def _plot_stage_times(plt, path: Path, records: list[dict]) -> Path:
+    """Stacked bars: each iteration's seconds per stage (`rayalign.stage_timing.BAR_STAGES`)."""
+    from rayalign.stage_timing import BAR_STAGES
+
+    iterations = [r["iteration"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(records)
+    for stage in BAR_STAGES:
+        values = [float(r.get(f"time/{stage}") or 0.0) for r in records]
+        if any(values):
+            ax.bar(iterations, values, bottom=bottom, label=stage)
+            bottom = [b + v for b, v in zip(bottom, values)]
+    ax.plot(iterations, [r.get("seconds") for r in records], "k_", markersize=30, label="iteration wall time")
+    ax.set(title="seconds per stage (actor busy time; evaluate: the next pass)", xlabel="iteration",
+           ylabel="seconds", xticks=iterations)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plot(run_dir: Path, records: list[dict]) -> list[Path]:
     import matplotlib
 
@@ -87,7 +110,8 @@ def _plot(run_dir: Path, records: list[dict]) -> list[Path]:
     plots = run_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     return [_plot_iterations(plt, plots / "iterations.png", records),
-            _plot_training(plt, run_dir, plots / "training.png", records)]
+            _plot_training(plt, run_dir, plots / "training.png", records),
+            _plot_stage_times(plt, plots / "stage_times.png", records)]
 
 
 def write_report(run_dir: Path) -> Path:
@@ -99,6 +123,9 @@ def write_report(run_dir: Path) -> Path:
     lines += ["", "Iteration 0 is DPO on the gold-labelled seed pairs; later iterations train on the judge's pairs",
               "(judge.type: the previous model's implicit reward, or a reward model). Win rates compare gold rewards",
               "on held-out prompts (ties = 1/2)."]
+    lines += ["Seconds: the iteration's wall time (its sampling pass and training); the stage_times plot splits",
+              "it into stages (`time/*` in metrics.jsonl: actor start-up, generation, judging, data preparation",
+              "and reference scoring, training start-up, steps, saves) and adds the evaluation of its model."]
     if columns is not COLUMNS:
         lines += ["The rm/* columns are the same metrics by eval.reward_model's rewards (mean reward per prompt",
                   "over its samples, ties = 1/2)."]

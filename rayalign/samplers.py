@@ -6,9 +6,11 @@ template with the generation prompt for messages), the ids every later stage use
 with `rayalign.models.load_tokenizer` and stop at its eos (a ChatML template's "<|im_end|>"), keeping it as
 the completion's last token, where `rayalign.templating` ends a completion too. They return for every
 sampled token the log-prob of the *model* distribution (log-softmax of the raw logits, before
-temperature and top-p), which is what an HF forward pass of the same weights gives. The HF sampler seeds
-each prompt from (seed, prompt id), so the same seed gives the same samples whatever the batching or the
-number of actors. vLLM seeds each request the same way, but its kernels are not bit-reproducible.
+temperature and top-p), which is what an HF forward pass of the same weights gives. The HF sampler decodes
+a whole batch of prompts at once and seeds each sample from (seed, prompt id, sample index), so the same
+seed gives the same samples whatever the number of actors, and in another batching the same samples up to
+draws that tie in the logits' last bits (`rayalign.hf_sampling`). vLLM seeds each request from (seed,
+prompt id), but its kernels are not bit-reproducible.
 
 This module does not know about Ray; `rayalign.generate` wraps a sampler in a Ray Data actor.
 """
@@ -38,8 +40,14 @@ def prompt_seed(seed: int, prompt_id: int) -> int:
     return (seed * 1_000_003 + prompt_id * 7_919 + 17) % (2**31 - 1)
 
 
+def sample_seed(prompt_seed: int, index: int) -> int:
+    """The seed of sample `index` of a prompt (HF backend: every sample has its own generator)."""
+    return (prompt_seed * 1_000_003 + index * 104_729 + 1) % (2**62)
+
+
 class HFSampler:
-    """CPU fallback: `model.generate` per prompt with `num_return_sequences=n`, seeded per prompt."""
+    """CPU fallback: all samples of a batch of prompts decoded together (`rayalign.hf_sampling`), each
+    sample from its own seed (per prompt id and sample index)."""
 
     def __init__(self, model_path: str, config: GenerateConfig, *, tokenizer_path: str | None = None,
                  dtype: str = "float32", load: LoadOptions | None = None):
@@ -49,22 +57,6 @@ class HFSampler:
         self.model = load_model(model_path, load, dtype=dtype)
         self.config = config
 
-    @torch.no_grad()
-    def _sample_one(self, prompt: Prompt, seed: int) -> list[Sample]:
-        c = self.config
-        ids = torch.tensor([template_prompt_ids(self.tokenizer, as_prompt(prompt))[0]])
-        encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        torch.manual_seed(seed)
-        out = self.model.generate(
-            **encoded, do_sample=True, temperature=c.temperature, top_p=c.top_p, top_k=0,
-            max_new_tokens=c.max_new_tokens, num_return_sequences=c.num_samples, output_logits=True,
-            return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id)
-        generated = out.sequences[:, encoded["input_ids"].shape[1]:]
-        logps = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
-        token_logps = logps.gather(-1, generated[:, :logps.shape[1], None])[..., 0]
-        return [self._sample(row, token_logps[i]) for i, row in enumerate(generated.tolist())]
-
     def _sample(self, ids: list[int], logps: torch.Tensor) -> Sample:
         eos = self.tokenizer.eos_token_id
         length = ids.index(eos) + 1 if eos in ids else len(ids)  # keep EOS: it is part of the completion
@@ -72,7 +64,16 @@ class HFSampler:
         return Sample(text, ids[:length], logps[:length].tolist(), "stop" if eos in ids[:length] else "length")
 
     def sample(self, prompts: list[Prompt], prompt_ids: list[int]) -> list[list[Sample]]:
-        return [self._sample_one(p, prompt_seed(self.config.seed, i)) for p, i in zip(prompts, prompt_ids)]
+        from rayalign.hf_sampling import sample_rows
+
+        c, n = self.config, self.config.num_samples
+        ids = [template_prompt_ids(self.tokenizer, as_prompt(p))[0] for p in prompts]
+        seeds = [sample_seed(prompt_seed(c.seed, i), k) for i in prompt_ids for k in range(n)]
+        tokens, logps = sample_rows(self.model, [p for p in ids for _ in range(n)], seeds,
+                                    temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+                                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        samples = [self._sample(row, logps[r].cpu()) for r, row in enumerate(tokens)]
+        return [samples[j * n:(j + 1) * n] for j in range(len(prompts))]
 
 
 class VLLMSampler:

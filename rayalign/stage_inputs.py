@@ -30,6 +30,9 @@ class StageInputs:
     epochs: int = 1
     spa_mix: float | None = None  # SPA self-refinement's mix = 1 + lambda; None: no refinement
     loss_type: str | None = None  # None: the config's loss.type
+    # train_file's rows carry the reference's log-probs (the loop's judged data: its judge, pi_{i-1}, is the
+    # reference): read them instead of scoring the reference (`rayalign.prepare.reference_from_rows`)
+    reference_in_data: bool = False
 
     def stage_config(self, config):
         """`config` as this stage runs it: `loss.type` replaced when the stage trains another loss, the rest

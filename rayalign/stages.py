@@ -103,8 +103,9 @@ def with_gold_rewards(rows: pd.DataFrame, config: Config) -> pd.DataFrame:
 
 def write_eval(rows: pd.DataFrame, config: Config, path: Path) -> pd.DataFrame:
     from rayalign.data import write_rows_parquet
+    from rayalign.stage_timing import drop_timing
 
-    rows = with_gold_rewards(rows, config)
+    rows = with_gold_rewards(drop_timing(rows), config)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_rows_parquet(rows.to_dict("records"), path)
     return rows

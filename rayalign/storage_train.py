@@ -14,9 +14,10 @@ import shutil
 import uuid
 from pathlib import Path
 
+from rayalign.stage_timing import WORKER_FILE
 from rayalign.storage import RunStorage, _hash, node_cache_dir
 
-LOGS = ("metrics.jsonl", "final_metrics.json", "tb")
+LOGS = ("metrics.jsonl", "final_metrics.json", "tb", WORKER_FILE)
 OUTPUTS = ("FAILED.json", *LOGS, "final")  # what the driver pulls after fit(), final/ last
 
 

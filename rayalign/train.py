@@ -27,6 +27,8 @@ from rayalign.storage import RunStorage
 from rayalign.storage_train import pull_outputs, ray_storage, worker_paths
 from rayalign.templating import check_data_template
 
+POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"  # read when the trainer starts its controller
+
 
 def _log(message: str) -> None:
     print(f"rayalign train: {message}", flush=True)
@@ -102,15 +104,16 @@ def split_eval(rows: list[dict], config: Config, tokenizer, kind: str | None = N
     return [rows[i] for i in sorted(order[held:])], [rows[i] for i in sorted(order[:held])]
 
 
-def _prepare(splits: dict[str, list[dict]], config: Config, paths: dict, tokenizer, run_dir: Path, kind: str) -> dict:
+def _prepare(splits: dict[str, list[dict]], config: Config, paths: dict, tokenizer, run_dir: Path, kind: str,
+             inputs: StageInputs) -> dict:
     """Prepared Parquet per split under RUN_DIR/prepared/; returns {"train_path": ..., "eval_path": ...}."""
     from rayalign.data import write_rows_parquet
     from rayalign.prepare import prepare_pairs
 
     cache_dir = Path(config.ref.cache_dir) if config.ref.cache_dir else run_dir / "ref_cache"
-    prepared = prepare_pairs(splits, config, kind=kind, tokenizer_path=paths["tokenizer_path"],
+    prepared = prepare_pairs(splits, config, kind=kind, tokenizer=tokenizer, tokenizer_path=paths["tokenizer_path"],
                              reference_path=paths["reference_path"], pad_token_id=tokenizer.pad_token_id,
-                             cache_dir=cache_dir, log=_log)
+                             cache_dir=cache_dir, log=_log, reference_in_data=inputs.reference_in_data)
     sizes = ", ".join(f"{name} {len(frame)}" for name, frame in prepared.frames.items())
     _log(f"pairs: {sizes}; 0 dropped; {prepared.prompts_truncated} prompts truncated to "
          f"{config.data.max_prompt_length} tokens (end kept), {prepared.completions_truncated} pairs with a "
@@ -194,11 +197,13 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     if store:  # Ray Data actors and workers on other nodes read the models from run.storage
         paths = {key: store.remote(path) for key, path in paths.items()}
     ensure_ray()
-    _log(f"data and model ready after {time.perf_counter() - started:.0f} s")
+    loaded = time.perf_counter()
+    _log(f"data and model ready after {loaded - started:.0f} s")
     splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
-    paths.update(_prepare(splits, config, paths, tokenizer, run_dir, kind))
+    paths.update(_prepare(splits, config, paths, tokenizer, run_dir, kind, inputs))
     if prepare_only:
         return 0
+    prepared = time.perf_counter()
     if store:
         paths.update(worker_paths(store, paths, run_dir))
     _log(f"prepared after {time.perf_counter() - started:.0f} s; starting {config.train.num_workers} "
@@ -226,11 +231,23 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     if failure.exists():
         print(f"rayalign train: error: {json.loads(failure.read_text())['error']}", file=sys.stderr)
         return 1
+    _write_timings(run_dir, load=loaded - started, prepare=prepared - loaded, fit=time.perf_counter() - prepared)
     final_path = run_dir / "final_metrics.json"
     final = json.loads(final_path.read_text()) if final_path.exists() else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("eval/"))
     _log(f"done in {time.perf_counter() - started:.0f} s; {shown or 'no eval split'}; model in {run_dir / 'final'}")
     return 0
+
+
+def _write_timings(run_dir: Path, *, load: float, prepare: float, fit: float) -> None:
+    """RUN_DIR/timings.json: the stage's parts (`rayalign.stage_timing.train_seconds`), with the worker's."""
+    from rayalign.stage_timing import TRAIN_FILE, WORKER_FILE, train_seconds
+
+    worker_file = run_dir / WORKER_FILE
+    worker = json.loads(worker_file.read_text()) if worker_file.exists() else {}
+    seconds = train_seconds(load=load, prepare=prepare, fit=fit, worker=worker)
+    atomic_write_text(run_dir / TRAIN_FILE, json.dumps(seconds) + "\n")
+    _log("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
 
 
 def _fit(config: Config, paths: dict, run_dir: Path, callbacks: tuple = ()) -> None:
@@ -239,6 +256,9 @@ def _fit(config: Config, paths: dict, run_dir: Path, callbacks: tuple = ()) -> N
 
     from rayalign.train_loop import train_fn_per_worker
 
+    # Ray Train's controller acts on the workers' state once per poll (start, each report, finish), 2 s by
+    # default: a short run spent seconds waiting for it. A value the user exported is kept.
+    os.environ.setdefault(POLL_ENV, POLL_S)
     train = config.train
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {}), **train.resources_per_worker}
     trainer = TorchTrainer(

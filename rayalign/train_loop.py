@@ -42,6 +42,7 @@ from rayalign.sams_select import STATE_FILE as SAMS_FILE
 from rayalign.sams_select import PairSelector, pair_margins
 from rayalign.spa_refine import SpaRefiner
 from rayalign.stage_inputs import StageInputs
+from rayalign.stage_timing import WORKER_FILE
 from rayalign.step import ENTROPY_KEYS, GAP_METRIC, REF_KEYS, belief_gap_sums, micro_batch_loss
 from rayalign.storage import materialize
 from rayalign.tracking import TrackingSettings
@@ -91,6 +92,7 @@ class Worker:
     """State of one training worker; `run()` is the whole loop."""
 
     def __init__(self, loop_config: dict):
+        self.created = time.perf_counter()  # the worker's start-up: `run` reports it (`rayalign.stage_timing`)
         import ray.train
 
         from rayalign.models import LoadOptions, load_model, load_tokenizer
@@ -132,7 +134,7 @@ class Worker:
         self.lora = self.config.model.lora
         self.policy = self._load_policy(loop_config["policy_path"])
         refine = self.inputs.spa_mix is not None
-        needs_reference = not self.config.ref.cache or refine
+        needs_reference = refine or not self.columns  # no reference columns prepared (ref.cache=false)
         self.reference = None
         if needs_reference and self.lora and loop_config["reference_path"] == loop_config["policy_path"]:
             from rayalign.lora import BaseReference
@@ -306,6 +308,11 @@ class Worker:
         return unit_dispersion({k: v[index] for k, v in columns.items()}) * self.mallows_c
 
     def save(self, step: int, epoch: int, *, final: bool) -> None:
+        began = time.perf_counter()
+        self._save(step, epoch, final=final)
+        self.save_seconds += time.perf_counter() - began
+
+    def _save(self, step: int, epoch: int, *, final: bool) -> None:
         tmp = ckpt.begin(self.run_dir, step, rank=self.rank)
         self.engine.save(tmp, rank=self.rank)
         state_dict = self.engine.full_state_dict(tmp)
@@ -358,7 +365,7 @@ class Worker:
         import ray.train
 
         epoch = ckpt.read_state(self.resume_from)["epoch"] if self.resume_from else 0
-        self.saved_at = time.monotonic()
+        self.saved_at, self.save_seconds, began = time.monotonic(), 0.0, time.perf_counter()
         for step, (epoch, indices) in enumerate(step_batches(len(self.encoded), self.config.train, self.inputs.epochs)):
             if step >= self.total:
                 break
@@ -377,6 +384,10 @@ class Worker:
                 self.save(step + 1, epoch, final=False)
         final_metrics = {"step": self.total, **(self.evaluate() if self.eval else {})}
         self.save(self.total, epoch, final=True)
+        if self.rank == 0:  # the stage's timing (`rayalign.stage_timing`): start-up, steps and saves
+            seconds = {"start": began - self.created, "steps": time.perf_counter() - began - self.save_seconds,
+                       "save": self.save_seconds}
+            atomic_write_text(self.run_dir / WORKER_FILE, json.dumps({k: round(v, 2) for k, v in seconds.items()}))
         self.log.close(final_metrics)
         if self.store and self.rank == 0:  # final/ last: the stage's completion marker in storage
             storage_train.publish_outputs(self.store)

@@ -72,7 +72,16 @@ def test_readme_quickstart_runs_reduced(quickstart_run):
     assert records[-1]["win_rate_vs_sft"] > records[0]["win_rate_vs_sft"], records
     assert all(r["judge_accuracy"] > 0.5 for r in records[1:]), records
     assert records[0]["judge_accuracy"] is None  # iteration 0 trains on gold labels
-    for name in ("report.md", "plots/iterations.png", "plots/training.png", "iter-2/train/final/config.json",
+    # per-stage seconds (issue 15): every iteration's training and evaluation, the sampling pass from iteration 1
+    stages = ("time/prepare", "time/train_start", "time/train", "time/save", "time/evaluate")
+    assert all(r[key] >= 0 for r in records for key in stages), records
+    assert all(r["time/train"] > 0 and r["time/evaluate"] > 0 for r in records), records
+    sampling = ("time/sample_pass", "time/actor_start", "time/generate", "time/judge")
+    assert all(r[key] > 0 for r in records[1:] for key in sampling) and not any(k in records[0] for k in sampling)
+    # iterations 1 and 2 take the reference log-probs from the judge's pass: no second scoring pass
+    assert result.stdout.count("from the data (the judge's pass): no scoring pass") == 2, result.stdout[-4000:]
+    for name in ("report.md", "plots/iterations.png", "plots/training.png", "plots/stage_times.png",
+                 "iter-2/train/final/config.json",
                  "iter-1/samples.parquet", "iter-1/judged.parquet", "eval/sft.parquet"):
         assert (run_dir / name).exists(), name
     assert "| iteration |" in (run_dir / "report.md").read_text()

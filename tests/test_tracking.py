@@ -204,19 +204,19 @@ def test_the_loop_run_logs_its_records_and_the_report_plots(offline, tmp_path):
         trackers.log(record, step=record["iteration"])
     write_report(run_dir)
     plots = sorted((run_dir / "plots").glob("*.png"))
-    assert [p.name for p in plots] == ["iterations.png", "training.png"]
+    assert [p.name for p in plots] == ["iterations.png", "stage_times.png", "training.png"]
     trackers.log_images(plots, step=1)
     trackers.close()
 
     history = wandb_history(tmp_path / "wandb-dir")
     assert json.loads(history[1]["win_rate_vs_sft"]) == pytest.approx(0.6) and "judge_accuracy" not in history[0]
     assert json.loads(history[1]["plots/training/path"]).endswith(".png")
-    assert len(list((tmp_path / "wandb-dir").glob("wandb/offline-run-*/files/media/images/plots/*.png"))) == 2
+    assert len(list((tmp_path / "wandb-dir").glob("wandb/offline-run-*/files/media/images/plots/*.png"))) == 3
     client, runs = mlflow_runs(tmp_path, (run_dir / "mlruns").as_uri())
     run = runs["loop"]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "kl_to_ref")] == pytest.approx([0.0, 0.1])
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "plots")) == [
-        "plots/iterations.png", "plots/training.png"]
+        "plots/iterations.png", "plots/stage_times.png", "plots/training.png"]
     assert tensorboard_scalars(run_dir / "tb")["win_rate_vs_sft"] == [(0, 0.5), (1, pytest.approx(0.6))]
 
 

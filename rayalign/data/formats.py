@@ -30,7 +30,10 @@ Formats (`FORMATS`) and the normalized rows they give (plain dicts; an optional 
   rejected_belief_text (+ group). Beyond the spec's checks, the belief must have target > 0 (beliefs are
   drawn from the target), rejected_belief must differ from belief, L = len(target) must be 2..10 (levels
   are single digits), and belief texts must not contain ">" (the first ">" closes the belief prefix).
-All pair formats keep optional finite-number "score_chosen"/"score_rejected" (as floats). A field whose
+All pair formats keep optional finite-number "score_chosen"/"score_rejected" and "ref_chosen_logps"/
+"ref_rejected_logps" (as floats; the last two, TRL's names, are reference log-probs precomputed for the row,
+which training reads only when its stage says they are its reference's; k_sample keeps "ref_logps", K
+numbers, likewise). A field whose
 value is None/null counts as absent (Parquet and `datasets` fill missing columns with None). Fields not
 listed are dropped. Every problem is recorded as a (field, message) pair; nothing is "fixed" silently.
 
@@ -57,6 +60,9 @@ FORMATS = ("explicit", "implicit", "conversational", "implicit_conversational", 
 PAIR_FORMATS = ("explicit", "implicit", "conversational", "implicit_conversational", "ultrafeedback")
 PROMPT_FORMATS = ("prompt_only", "conversational_prompt_only", "messages")
 # Formats whose prompt is a message list (`prompts.prompt_of` gives it as messages, not rendered text).
+# Reference log-probs a row may carry (TRL's column names; `rayalign.judge` writes them, see the docstring).
+PAIR_REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
+GROUP_REFERENCE_FIELD = "ref_logps"
 CONVERSATIONAL_FORMATS = ("conversational", "implicit_conversational", "ultrafeedback", "conversational_prompt_only",
                           "messages")
 ASSISTANT_TAG = "\n\nAssistant:"
@@ -172,7 +178,7 @@ def _distinct(chosen: Any, rejected: Any, problems: Problems) -> None:
 def _pair(prompt: str | None, chosen: str | None, rejected: str | None, record: dict,
           problems: Problems) -> dict:
     row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    for name in ("score_chosen", "score_rejected"):
+    for name in ("score_chosen", "score_rejected", *PAIR_REFERENCE_FIELDS):
         if record.get(name) is not None:
             row[name] = _number(record[name], name, problems)
     return row
@@ -302,13 +308,23 @@ def _k_sample(record: dict, problems: Problems, tokenizer: Any) -> dict:
         elif len(completions) < 2:
             problems.append(("completions", f"needs K >= 2 completions, got {len(completions)}"))
     if rewards is not None:
-        if not isinstance(rewards, list):
-            problems.append(("rewards", f"must be a list of numbers, got {type_name(rewards)}"))
-        else:
-            rewards = [_number(r, f"rewards[{i}]", problems) for i, r in enumerate(rewards)]
-            if isinstance(completions, list) and len(rewards) != len(completions):
-                problems.append(("rewards", f"has {len(rewards)} values for {len(completions)} completions"))
-    return {"prompt": prompt, "completions": completions, "rewards": rewards}
+        rewards = _numbers(rewards, "rewards", completions, problems)
+    row = {"prompt": prompt, "completions": completions, "rewards": rewards}
+    if record.get(GROUP_REFERENCE_FIELD) is not None:
+        row[GROUP_REFERENCE_FIELD] = _numbers(record[GROUP_REFERENCE_FIELD], GROUP_REFERENCE_FIELD, completions,
+                                              problems)
+    return row
+
+
+def _numbers(values: Any, name: str, completions: Any, problems: Problems) -> list | None:
+    """A list of finite numbers, one per completion (`name[i]` names a bad one)."""
+    if not isinstance(values, list):
+        problems.append((name, f"must be a list of numbers, got {type_name(values)}"))
+        return None
+    values = [_number(v, f"{name}[{i}]", problems) for i, v in enumerate(values)]
+    if isinstance(completions, list) and len(values) != len(completions):
+        problems.append((name, f"has {len(values)} values for {len(completions)} completions"))
+    return values
 
 
 def _list_type(value: Any) -> str:

@@ -38,7 +38,8 @@ SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet", ".csv")
 # CSV cells are strings; these fields hold numbers or lists, so their cells are parsed as JSON
 # (`8.5`, `[1, 2]`, `["a", "b"]`). An empty cell in them means "absent".
 _CSV_JSON_FIELDS = frozenset(
-    {"score_chosen", "score_rejected", "completions", "rewards", "target", "belief", "rejected_belief"}
+    {"score_chosen", "score_rejected", "completions", "rewards", "target", "belief", "rejected_belief",
+     "ref_chosen_logps", "ref_rejected_logps", "ref_logps"}
 )
 
 
