@@ -31,7 +31,8 @@ TAG = "RAYALIGN_TEST_RUN_TAG"  # inherited by the driver's Ray daemons and worke
 KEPT = ("sft/model.safetensors", "eval/sft.parquet", "iter-0/train/final/model.safetensors", "eval/iter-0.parquet",
         "iter-1/samples.parquet", "iter-1/judged.parquet", "iter-1/judge_counts.json",
         "iter-1/train/final/model.safetensors", "iter-1/train/metrics.jsonl", "iter-1/seconds")
-SEEDED = ("data", "tiny-model", "sft", "eval/sft.parquet", "iter-0", "eval/iter-0.parquet", "iter-1")
+SEEDED = ("data", "tiny-model", "sft", "eval/sft.parquet", "iter-0", "eval/iter-0.parquet", "iter-1",
+          "timings/pass-sft.json", "timings/pass-iter-0.json")  # the passes that ran before iteration 2's
 
 
 def _tagged_processes(tag: str) -> dict[int, str]:
@@ -91,7 +92,9 @@ def _stamp(run_dir: Path) -> dict[str, tuple[int, int]]:
 
 def _records(run_dir: Path) -> list[dict]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # wall time differs, of course
+    # wall times differ, of course: compare which stages were timed, not how long they took
+    return [{k: (v if k != "seconds" and not k.startswith("time/") else "timed") for k, v in r.items()}
+            for r in records]
 
 
 def _weights(path: Path) -> dict:
