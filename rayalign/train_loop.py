@@ -98,7 +98,7 @@ class Worker:
         from rayalign.models import LoadOptions, load_model, load_tokenizer
 
         self.inputs = StageInputs(**loop_config["inputs"])  # this stage's run state (epochs, SPA mix, loss)
-        self.config: Config = self.inputs.stage_config(build_config(loop_config["config"]))
+        self.config: Config = build_config(loop_config["config"])  # the driver's `inputs.stage_config(...)`
         self.paths = loop_config
         self.run_dir = Path(self.config.run.dir)
         context = ray.train.get_context()

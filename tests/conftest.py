@@ -47,6 +47,16 @@ def wait_for(predicate, timeout: float, what: str, details=lambda: "", poll: flo
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
 
 
+@pytest.fixture(scope="module")
+def in_process_ray():
+    """For a module whose tests start Ray in the pytest process (`run_train` calls `ensure_ray`): shut it down
+    after the module, so that later modules' commands start (or join) their own."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path to a Hugging Face directory holding the default tiny model; treat it as read-only."""

@@ -18,7 +18,7 @@ from rayalign.lora import ADAPTER_FILES
 from rayalign.run_dir import prepare_run_dir
 from rayalign.tasks.sentiment import gold_pairs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process_ray")]
 TARGETS = ("q_proj", "v_proj", "up_proj")
 
 
@@ -27,14 +27,6 @@ def pairs_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in gold_pairs(16, seed=11)))
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    import ray
-
-    yield
-    ray.shutdown()
 
 
 def train(tiny_model_dir, pairs_file, run_dir, *extra) -> int:

@@ -15,15 +15,7 @@ import pytest
 
 from tests.test_data_splits import assistant, make_ultrafeedback, user
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    import ray
-
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process_ray")]
 
 
 def implicit_conversations(n: int) -> list[dict]:

@@ -1,0 +1,140 @@
+"""Samples per second of generation through Ray Data (`Generator` actors) against a bare in-process loop.
+
+Both run the same sampler (`generate.backend`, HF by default: `rayalign.hf_sampling`) on the same model,
+prompts and settings, with the same thread count (a Ray actor with `generate.cpus_per_actor=1` gets
+OMP_NUM_THREADS=1, so the bare loop uses `--threads`, default that). The bare loop calls `sampler.sample` on
+batches of `generate.batch_size` prompts; the Ray path is `rayalign.generate.generation_dataset(...)
+.to_pandas()`, the loop's own pass. Runs alternate (bare, Ray, bare, Ray, ...) `--repeats` times; medians
+and spreads are printed.
+
+Reported: `ray_overhead` = 1 - Ray samples/s over bare samples/s, end to end (the actor's start-up, model
+loading included) and in steady state (`ray_overhead_steady`: the pass minus its actor's start-up, as the
+actor reports it in `actor_start_seconds`); the bare loop's model load is timed apart and left out. The
+model is the tiny one (`rayalign.tiny`, built here) unless `--model` names another. The last line is one
+JSON object. It asserts no speed: the goal (overhead <= 10%) is read, not tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a plain script from a checkout where rayalign is not installed
+    sys.path.insert(0, str(REPO))
+
+
+def _args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="", help="HF model path or id (default: build the tiny model)")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per sampler call (generate.batch_size)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the bare loop (= the actor's CPUs)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="", help="also write the JSON result here")
+    return p.parse_args(argv)
+
+
+def _settings(args):
+    from rayalign.config import GenerateConfig
+
+    return GenerateConfig(backend="hf", num_samples=args.num_samples, temperature=0.7, top_p=0.9,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, num_actors=1,
+                          cpus_per_actor=args.threads)
+
+
+def _prompts(count: int) -> list[str]:
+    from rayalign.tasks.sentiment import make_prompts
+
+    return make_prompts(count, seed=101)
+
+
+def bare_pass(model: str, settings, prompts: list[str]) -> tuple[float, float, int]:
+    """(model load seconds, sampling seconds, samples) of the sampler called in this process."""
+    from rayalign.samplers import build_sampler
+
+    started = time.perf_counter()
+    sampler = build_sampler(settings.backend, model, settings)
+    loaded = time.perf_counter()
+    samples = 0
+    for start in range(0, len(prompts), settings.batch_size):
+        chunk = prompts[start:start + settings.batch_size]
+        samples += sum(len(s) for s in sampler.sample(chunk, list(range(start, start + len(chunk)))))
+    return loaded - started, time.perf_counter() - loaded, samples
+
+
+def ray_pass(model: str, settings, prompts: list[str]) -> tuple[float, float, int]:
+    """(pass wall seconds, the actor's start-up seconds, samples) of the loop's Ray Data generation pass."""
+    import pandas as pd
+
+    from rayalign.generate import generation_dataset
+    from rayalign.stage_timing import ACTOR_START
+
+    frame = pd.DataFrame({"prompt_id": range(len(prompts)), "prompt": prompts})
+    started = time.perf_counter()
+    rows = generation_dataset(frame, model, settings).to_pandas()
+    wall = time.perf_counter() - started
+    return wall, float(rows[ACTOR_START].sum()), int(sum(len(t) for t in rows["texts"]))
+
+
+def _spread(values: list[float]) -> list[float]:
+    return [round(min(values), 2), round(max(values), 2)]
+
+
+def main(argv=None) -> dict:
+    args = _args(argv)
+    import ray
+    import torch
+
+    torch.set_num_threads(args.threads)
+    settings, prompts = _settings(args), _prompts(args.prompts)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if not model:
+            from rayalign.tiny import make_tiny_model
+
+            model = str(make_tiny_model(Path(tmp) / "tiny"))
+        ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+                                           "TOKENIZERS_PARALLELISM": "false"}})
+        bare, ray_end, ray_steady, starts, loads = [], [], [], [], []
+        for repeat in range(args.repeats):
+            load, seconds, samples = bare_pass(model, settings, prompts)
+            wall, start, ray_samples = ray_pass(model, settings, prompts)
+            bare.append(samples / seconds)
+            ray_end.append(ray_samples / wall)
+            ray_steady.append(ray_samples / max(1e-9, wall - start))
+            starts.append(start)
+            loads.append(load)
+            print(f"repeat {repeat + 1}: bare {bare[-1]:.1f} samples/s (model load {load:.1f} s apart); Ray Data "
+                  f"{ray_end[-1]:.1f} end to end, {ray_steady[-1]:.1f} without the actor's start-up ({start:.1f} s)",
+                  flush=True)
+        ray.shutdown()
+    median = {name: statistics.median(v) for name, v in (("bare", bare), ("ray", ray_end), ("steady", ray_steady))}
+    result = {"bare_samples_per_s": round(median["bare"], 2), "ray_samples_per_s": round(median["ray"], 2),
+              "ray_steady_samples_per_s": round(median["steady"], 2),
+              "ray_overhead": round(1 - median["ray"] / median["bare"], 3),
+              "ray_overhead_steady": round(1 - median["steady"] / median["bare"], 3),
+              "actor_start_s": round(statistics.median(starts), 2),
+              "bare_model_load_s": round(statistics.median(loads), 2),
+              "spread": {"bare": _spread(bare), "ray": _spread(ray_end), "ray_steady": _spread(ray_steady)},
+              "threads": args.threads, "prompts": args.prompts, "num_samples": args.num_samples,
+              "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "repeats": args.repeats,
+              "model": args.model or "tiny"}
+    line = json.dumps(result)
+    if args.out:
+        Path(args.out).write_text(line + "\n")
+    print(line, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
