@@ -1,6 +1,6 @@
 """The generation stage (Ray Data): prompts -> `Generator` actors -> a Parquet file of samples.
 
-    ray.data.from_pandas(prompts).map_batches(Generator, compute=ActorPoolStrategy(size=generate.num_actors))
+    ray.data.from_pandas(prompt blocks).map_batches(Generator, compute=ActorPoolStrategy(size=generate.num_actors))
 
 The actors emit one row per prompt (list columns, so a chained stage such as the judge sees whole
 groups); the artifact has one row per sample: prompt_id, sample_index, prompt, text, token_ids, logprobs
@@ -92,7 +92,11 @@ def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateC
     from rayalign.templating import MESSAGES_COLUMN
 
     columns = ["prompt_id", "prompt", *([MESSAGES_COLUMN] if MESSAGES_COLUMN in prompts else [])]
-    return ray.data.from_pandas(prompts[columns]).map_batches(
+    # One block per actor call: a block is one task, and its output moves on (to a chained judge) only when
+    # the task ends, so a single block would make the judge wait for every sample and one actor take all.
+    frame = prompts[columns]
+    blocks = [frame.iloc[i:i + config.batch_size] for i in range(0, len(frame), config.batch_size)] or [frame]
+    return ray.data.from_pandas(blocks).map_batches(
         Generator, fn_constructor_args=(model_path, config, tokenizer_path, dtype, load), batch_format="pandas",
         batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=config.cpus_per_actor, **resources)
