@@ -3,8 +3,8 @@
 - The Ray Data actors (`Generator`, `Judge`) stamp each output row with its share of the batch's seconds
   (`generate_seconds`, `judge_seconds`) and, on the first row after start-up, the actor's start-up
   (`actor_start_seconds`: loading its models); `pass_seconds` sums them for the loop, split into the
-  iteration's prompts and the evaluation prompts, and `drop_timing` removes them before any artifact is
-  written.
+  iteration's prompts and the evaluation prompts (`pass_other`: the pass's wall time they leave out), and
+  `drop_timing` removes them before any artifact is written.
 - The training stage writes `timings.json` into its run dir: the driver's data loading and preparation
   (tokenization and reference scoring), the `TorchTrainer` fit, and the worker's start-up, steps and saves
   (`WORKER_FILE`, written by rank 0).
@@ -29,7 +29,8 @@ WORKER_FILE = "worker_seconds.json"
 TRAIN_FILE = "timings.json"
 PASS_DIR = "timings"  # RUN_DIR/timings/pass-<model>.json: the pass that evaluated <model>, sampled with it
 # The stacked bar's order: sampling (its start-up, generation, judging), training, then evaluation.
-BAR_STAGES = ("actor_start", "generate", "judge", "prepare", "train_start", "train", "save", "evaluate")
+BAR_STAGES = ("actor_start", "generate", "judge", "pass_other", "prepare", "train_start", "train", "save",
+              "evaluate")
 
 
 class ActorClock:
@@ -61,9 +62,12 @@ def pass_seconds(rows: pd.DataFrame, is_eval, wall: float) -> dict:
         return round(float(rows.loc[mask, column].sum()), 2) if column in rows else 0.0
 
     train = ~is_eval
-    return {"sample_pass": round(wall, 2), "actor_start": total(ACTOR_START, slice(None)),
-            "generate": total(GENERATE, train), "judge": total(JUDGE, train),
-            "evaluate": round(total(GENERATE, is_eval) + total(JUDGE, is_eval), 2)}
+    out = {"sample_pass": round(wall, 2), "actor_start": total(ACTOR_START, slice(None)),
+           "generate": total(GENERATE, train), "judge": total(JUDGE, train),
+           "evaluate": round(total(GENERATE, is_eval) + total(JUDGE, is_eval), 2)}
+    # what the actors' own seconds leave out: Ray Data's scheduling and data movement, process start-up
+    out["pass_other"] = round(max(0.0, wall - sum(v for k, v in out.items() if k != "sample_pass")), 2)
+    return out
 
 
 def train_seconds(*, load: float, prepare: float, fit: float, worker: dict) -> dict:
@@ -80,7 +84,8 @@ def iteration_seconds(sampling: dict | None, training: dict | None, evaluation: 
     version) are left out."""
     out = {}
     if sampling:
-        out.update({k: sampling[k] for k in ("sample_pass", "actor_start", "generate", "judge")})
+        out.update({k: sampling[k] for k in ("sample_pass", "actor_start", "generate", "judge", "pass_other")
+                    if k in sampling})
     if training:
         out["prepare"] = round(training["load"] + training["prepare"], 2)
         out.update({k: training[k] for k in ("train_start", "train", "save")})
