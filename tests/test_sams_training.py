@@ -15,7 +15,7 @@ import torch
 
 from rayalign.config_loader import load_config
 from rayalign.tasks.sentiment import gold_pairs
-from tests.test_train_ray import assert_same_weights, metrics, pairs_file, ray_session, train, weights  # noqa: F401
+from tests.test_train_ray import assert_same_weights, metrics, pairs_file, train, weights  # noqa: F401
 
 SAMS = ["sams.enabled=true", "train.gradient_accumulation_steps=1"]
 
@@ -74,6 +74,7 @@ def test_config_rejects_accumulation_with_sams(tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("in_process_ray")
 def test_ray_workers_match_the_oracle_and_resume_the_scheduler(tiny_model_dir, pairs_file, tmp_path,  # noqa: F811
                                                                monkeypatch):
     """2 Ray workers == the oracle; then the memory-saving `regrad` variant with rank 1 killed before step 4
