@@ -238,8 +238,7 @@ def run_rayalign(model, tokenizer, rows: list[dict], args, *, padding_free: bool
     config = load_config(None, [
         "loss.type=dpo", "loss.beta=0.1", "optim.lr=1e-6", f"train.global_batch_size={size}",
         f"train.padding_free={padding_free}", f"data.max_prompt_length={prompt_len}",
-        f"data.max_completion_length={args.max_length - prompt_len}",
-        f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}"])
+        f"data.max_completion_length={args.max_length - prompt_len}"])
     encoded = encode_pairs(rows, tokenizer, config)
     if encoded.prompts_truncated or encoded.completions_truncated:
         raise RuntimeError("rayalign truncated pairs that fit_pairs should have fitted")

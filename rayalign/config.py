@@ -22,6 +22,7 @@ from rayalign.config_loop import (  # noqa: F401 (re-exported)
     TuneConfig,
 )
 from rayalign.data_kind import BELIEFS
+from rayalign.devices import INFERENCE_DTYPES
 from rayalign.loss_registry import LOSS_TYPES, LOSSES, SOFT_LABEL_LOSSES, needs_dispersion  # noqa: F401 (re-exported)
 
 # model.attn_implementation: None lets transformers pick (sdpa where it can); these are the ones accepted.
@@ -32,6 +33,12 @@ def _check_resources(resources: dict, key: str) -> None:
     for name, amount in resources.items():
         _require(name not in ("CPU", "GPU"), key, f"{name} has its own field (cpus_per_*/gpus_per_*, use_gpu)")
         _require(isinstance(amount, (int, float)) and amount > 0, key, f"{name}: must be a number > 0; got {amount!r}")
+
+
+def _stage_placement(section, name: str) -> None:
+    """gpus_per_actor and dtype of a model-holding inference stage."""
+    _require(section.gpus_per_actor >= 0, f"{name}.gpus_per_actor", f"must be >= 0; got {section.gpus_per_actor}")
+    _one_of(section.dtype, f"{name}.dtype", INFERENCE_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,6 @@ class ModelConfig:
     revision: str | None = None  # hub branch, tag or commit of every hub id above; local directories ignore it
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # None: transformers' choice; sdpa, eager, flash_attention_2 (HF only)
-    dtype: str = "float32"
     # LoRA through PEFT (`rayalign.lora`): only the adapters train; the reference, when it is the policy's
     # base, is that model with its adapters disabled (no second copy); final/ is the merged model.
     lora: bool = False
@@ -58,7 +64,6 @@ class ModelConfig:
     lora_target_modules: tuple[str, ...] = ("all-linear",)
 
     def __post_init__(self):
-        _one_of(self.dtype, "model.dtype", ("float32", "bfloat16"))
         _require(self.revision is None or bool(self.revision.strip()), "model.revision",
                  "must be a branch, tag or commit, or null")
         if self.attn_implementation is not None:
@@ -122,7 +127,8 @@ class GenerateConfig:
     batch_size: int = 16  # prompts per actor call
     num_actors: int = 1
     cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+    gpus_per_actor: float = 0.0  # > 0: the actor's model on a GPU (a fraction shares one with other stages)
+    dtype: str = "auto"  # auto: bfloat16 with gpus_per_actor > 0, else float32 (`rayalign.devices`)
     # Extra Ray resources per actor, e.g. {accelerator_type:A10G: 0.01} or a custom node label; autoscaling
     # clusters launch the worker type that has them (cluster.yaml).
     resources: dict[str, float] = field(default_factory=dict)
@@ -130,6 +136,7 @@ class GenerateConfig:
     def __post_init__(self):
         _check_resources(self.resources, "generate.resources")
         _one_of(self.backend, "generate.backend", ("hf", "vllm"))
+        _stage_placement(self, "generate")
         _require(self.num_samples >= 2, "generate.num_samples", "must be >= 2 to form pairs")
         _positive(self.temperature, "generate.temperature")
         _require(0.0 < self.top_p <= 1.0, "generate.top_p", f"must be in (0, 1]; got {self.top_p}")
@@ -149,11 +156,13 @@ class JudgeConfig:
     batch_size: int = 16
     num_actors: int = 1
     cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+    gpus_per_actor: float = 0.0  # the policy, pi_sft and the reward models of a judge actor (as generate.*)
+    dtype: str = "auto"
     resources: dict[str, float] = field(default_factory=dict)  # as generate.resources
 
     def __post_init__(self):
         _check_resources(self.resources, "judge.resources")
+        _stage_placement(self, "judge")
         _one_of(self.type, "judge.type", ("implicit", "reward_model"))
         if self.type == "reward_model":
             _require(bool(self.reward_model), "judge.reward_model",
@@ -174,6 +183,8 @@ class RefConfig:
     cache_dir: str | None = None  # None: RUN_DIR/ref_cache; share one across runs (sweeps) to reuse it
     batch_size: int = 16
     num_actors: int = 1
+    gpus_per_actor: float = 0.0  # as generate.gpus_per_actor
+    dtype: str = "auto"  # as generate.dtype; part of the cache key
     resources: dict[str, float] = field(default_factory=dict)  # per reference-scoring actor, as generate.resources
     # The loop's iterations >= 1: the reference pi_{i-1} judged exactly the samples it trains on, so take its
     # log-probs from the judge instead of a scoring pass (when they are the same quantity; `rayalign.loop`)
@@ -181,6 +192,7 @@ class RefConfig:
 
     def __post_init__(self):
         _check_resources(self.resources, "ref.resources")
+        _stage_placement(self, "ref")
         _positive(self.batch_size, "ref.batch_size")
         _positive(self.num_actors, "ref.num_actors")
 

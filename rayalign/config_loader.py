@@ -129,26 +129,31 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     return _coerce_scalar(value, tp, key)
 
 
-# Keys that moved: old dotted key -> new one. The old key still works (YAML, overrides, a run's recorded
-# config.yaml) and prints one deprecation line on stderr; `rayalign show` and config.yaml write the new key.
-RENAMED = {"loop.eval_prompts": "eval.prompts"}
+# Keys that moved: old dotted key -> the new one(s). The old key still works (YAML, overrides, a run's
+# recorded config.yaml) and prints one deprecation line on stderr; `rayalign show` and config.yaml write the
+# new keys. model.dtype was one dtype for inference and training (bf16 training without float32 master
+# weights); each inference stage now has its own, and training keeps float32 weights (train.precision).
+RENAMED = {"loop.eval_prompts": ("eval.prompts",),
+           "model.dtype": ("generate.dtype", "judge.dtype", "ref.dtype")}
 
 
-def _renamed(key: str) -> str:
+def _renamed(key: str) -> tuple[str, ...]:
     new = RENAMED.get(key)
     if new is None:
-        return key
-    print(f"rayalign: {key} is deprecated: read as {new} (write {new} instead)", file=sys.stderr, flush=True)
+        return (key,)
+    note = " (training: train.precision)" if key == "model.dtype" else ""
+    print(f"rayalign: {key} is deprecated: read as {', '.join(new)}{note} (write {' and '.join(new)} instead)",
+          file=sys.stderr, flush=True)
     return new
 
 
 def _set_override(tree: dict, key: str, value: Any) -> None:
-    key = _renamed(key)
-    section, _, name = key.partition(".")
-    sections = section_types()
-    if section not in sections or name not in _field_types(sections[section]):
-        raise _unknown_key(key)
-    tree.setdefault(section, {})[name] = value
+    for new_key in _renamed(key):
+        section, _, name = new_key.partition(".")
+        sections = section_types()
+        if section not in sections or name not in _field_types(sections[section]):
+            raise _unknown_key(new_key)
+        tree.setdefault(section, {})[name] = value
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -193,17 +198,19 @@ def _one_line(exc: Exception) -> str:
 def _move_renamed(tree: dict) -> dict:
     """`tree` with the `RENAMED` keys under their new names; both names at once must agree."""
     tree = {section: dict(body) if isinstance(body, dict) else body for section, body in tree.items()}
-    for old, new in RENAMED.items():
-        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+    for old, targets in RENAMED.items():
+        old_section, old_name = old.split(".")
         if not isinstance(tree.get(old_section), dict) or old_name not in tree[old_section]:
             continue
         value = tree[old_section].pop(old_name)
         _renamed(old)
-        target = tree.setdefault(new_section, {})
-        if new_name in target and target[new_name] != value:
-            raise ConfigError(f"{old}: renamed {new}, and both are set ({value!r} and {target[new_name]!r}); "
-                              f"keep {new} only")
-        target[new_name] = value
+        for new in targets:
+            new_section, new_name = new.split(".")
+            target = tree.setdefault(new_section, {})
+            if new_name in target and target[new_name] != value:
+                raise ConfigError(f"{old}: renamed {new}, and both are set ({value!r} and {target[new_name]!r}); "
+                                  f"keep {new} only")
+            target[new_name] = value
     return tree
 
 

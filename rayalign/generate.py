@@ -29,7 +29,7 @@ class Generator:
     """Ray Data callable class holding one sampler (HF or vLLM) for the actor's lifetime."""
 
     def __init__(self, model_path: str, config: GenerateConfig, tokenizer_path: str | None = None,
-                 dtype: str = "float32", load: LoadOptions | None = None):
+                 load: LoadOptions | None = None):
         from rayalign.samplers import build_sampler
         from rayalign.stage_timing import ActorClock
         from rayalign.storage import materialize
@@ -37,8 +37,7 @@ class Generator:
         self.clock = ActorClock()
         # A storage location (run.storage) becomes this node's cached copy; a local path or hub id stays.
         model_path, tokenizer_path = materialize(model_path), tokenizer_path and materialize(tokenizer_path)
-        self.sampler = build_sampler(config.backend, model_path, config, tokenizer_path=tokenizer_path, dtype=dtype,
-                                     load=load)
+        self.sampler = build_sampler(config.backend, model_path, config, tokenizer_path=tokenizer_path, load=load)
         self.clock.ready()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -76,7 +75,7 @@ def explode_samples(groups: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateConfig, *, dtype: str = "float32",
+def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateConfig, *,
                        tokenizer_path: str | None = None, load: LoadOptions | None = None):
     """The lazy Ray Data pipeline of one generation pass over `prompts` (columns prompt_id, prompt and,
     for message-list prompts, prompt_messages: `rayalign.templating.prompt_columns`).
@@ -86,9 +85,9 @@ def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateC
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    resources = {"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {}
-    if config.resources:
-        resources["resources"] = dict(config.resources)
+    from rayalign.devices import actor_resources
+
+    resources = actor_resources(config.gpus_per_actor, config.resources)
     from rayalign.templating import MESSAGES_COLUMN
 
     columns = ["prompt_id", "prompt", *([MESSAGES_COLUMN] if MESSAGES_COLUMN in prompts else [])]
@@ -97,7 +96,7 @@ def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateC
     frame = prompts[columns]
     blocks = [frame.iloc[i:i + config.batch_size] for i in range(0, len(frame), config.batch_size)] or [frame]
     return ray.data.from_pandas(blocks).map_batches(
-        Generator, fn_constructor_args=(model_path, config, tokenizer_path, dtype, load), batch_format="pandas",
+        Generator, fn_constructor_args=(model_path, config, tokenizer_path, load), batch_format="pandas",
         batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=config.cpus_per_actor, **resources)
 

@@ -47,6 +47,7 @@ class Judge:
     """Ray Data callable class: per-prompt rows with their sample texts -> one judged pair per prompt."""
 
     def __init__(self, policy_path: str, sft_path: str, config: Config):
+        from rayalign.devices import inference_dtype, stage_device
         from rayalign.models import LoadOptions, load_model, load_tokenizer
         from rayalign.storage import materialize
 
@@ -54,8 +55,10 @@ class Judge:
         policy_path, sft_path = materialize(policy_path), materialize(sft_path)  # run.storage: node-local copies
         load = LoadOptions.of(config.model)
         self.tokenizer = load_tokenizer(policy_path, load)
-        self.policy = load_model(policy_path, load, dtype=config.model.dtype)
-        self.sft = load_model(sft_path, load, dtype=config.model.dtype)
+        placement = {"dtype": inference_dtype(config.judge.dtype, config.judge.gpus_per_actor),
+                     "device": stage_device(config.judge.gpus_per_actor, "judge")}
+        self.policy = load_model(policy_path, load, **placement)
+        self.sft = load_model(sft_path, load, **placement)
         self.config = config
         self.reward_models = None
         if config.judge.type == "reward_model" or config.eval.reward_model:
@@ -153,9 +156,9 @@ def judge_dataset(dataset, *, policy_path: str, sft_path: str, config: Config):
     """Chain a `Judge` actor pool onto a per-prompt Ray Dataset with a `texts` column."""
     import ray
 
-    resources = {"num_gpus": config.judge.gpus_per_actor} if config.judge.gpus_per_actor else {}
-    if config.judge.resources:
-        resources["resources"] = dict(config.judge.resources)
+    from rayalign.devices import actor_resources
+
+    resources = actor_resources(config.judge.gpus_per_actor, config.judge.resources)
     return dataset.map_batches(
         Judge, fn_constructor_args=(policy_path, sft_path, config), batch_format="pandas",
         batch_size=config.judge.batch_size, compute=ray.data.ActorPoolStrategy(size=config.judge.num_actors),

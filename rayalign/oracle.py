@@ -23,6 +23,7 @@ from rayalign import data_kind
 from rayalign.config import Config
 from rayalign.core.spa import MarginWindow
 from rayalign.data_order import micro_batches, step_batches, total_steps
+from rayalign.devices import model_device, training_autocast
 from rayalign.encode import collate, collate_with_reference, encode_row
 from rayalign.objective import LOSSES, mallows_scale, needs_dispersion, pair_metrics, unit_dispersion
 from rayalign.optim import build_optimizer, build_scheduler
@@ -115,7 +116,7 @@ def train_pairs(
     if inputs.spa_mix is not None:
         refinement = _Refinement(config, inputs.spa_mix, steps)
     policy.train()
-    history = []
+    history, device_type = [], model_device(policy).type
     for step, (epoch, indices) in enumerate(step_batches(len(encoded), config.train, inputs.epochs)):
         if step >= steps:
             break
@@ -127,9 +128,10 @@ def train_pairs(
                 continue
             index = torch.tensor(chunk)
             batch = collate_with_reference(encoded, columns, index, kind=kind, pad_token_id=pad)
-            out = micro_batch_loss(policy, batch, config, reference=reference if refine else None,
-                                   neg_log_dispersion=None if k is None else k[index], refine=refine,
-                                   want_context=selector is not None, kind=kind)
+            with training_autocast(config.train, device_type):
+                out = micro_batch_loss(policy, batch, config, reference=reference if refine else None,
+                                       neg_log_dispersion=None if k is None else k[index], refine=refine,
+                                       want_context=selector is not None, kind=kind)
             if selector is None:
                 (out.losses.sum() / len(indices)).backward()
             outputs.append(out)

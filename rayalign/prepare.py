@@ -25,6 +25,7 @@ import pandas as pd
 from rayalign.config import Config
 from rayalign.data.formats import GROUP_REFERENCE_FIELD, PAIR_REFERENCE_FIELDS
 from rayalign.data_kind import GROUPS, PAIRS
+from rayalign.devices import actor_resources, inference_dtype
 from rayalign.encode import TEXT_FIELDS, collate, encode_row, encoded_rows
 from rayalign.loss_registry import needs_dispersion
 from rayalign.models import LoadOptions
@@ -67,12 +68,14 @@ class ReferenceScorer:
     def __init__(self, reference_path: str, config: Config, pad_token_id: int, *, kind: str):
         import torch
 
+        from rayalign.devices import stage_device
         from rayalign.models import load_model
         from rayalign.storage import materialize
 
         reference_path = materialize(reference_path)  # run.storage: this node's cached copy
         torch.set_num_threads(max(1, int(os.environ.get("RAYALIGN_SCORER_THREADS", torch.get_num_threads()))))
-        self.model = load_model(reference_path, LoadOptions.of(config.model), dtype=config.model.dtype)
+        self.model = load_model(reference_path, LoadOptions.of(config.model), dtype=reference_dtype(config),
+                                device=stage_device(config.ref.gpus_per_actor, "ref"))
         self.config, self.pad_token_id, self.kind = config, pad_token_id, kind
         self.want_entropy = needs_dispersion(config.loss)
 
@@ -80,13 +83,21 @@ class ReferenceScorer:
         from rayalign.step import reference_scores
 
         encoded = encoded_rows(batch, self.kind)
-        scores = reference_scores(self.model, collate(encoded, self.kind, pad_token_id=self.pad_token_id),
-                                  self.config, want_entropy=self.want_entropy)
+        collated = collate(encoded, self.kind, pad_token_id=self.pad_token_id)
+        device = self.model.device
+        scores = reference_scores(self.model, {k: v.to(device) for k, v in collated.items()}, self.config,
+                                  want_entropy=self.want_entropy)
         out = batch.copy()
         for key, value in scores.items():
             # A group's (B, K) reference log-probs become a list column (Arrow list<double>).
-            out[key] = value.double().tolist() if value.dim() > 1 else value.double().numpy()
+            value = value.double().cpu()
+            out[key] = value.tolist() if value.dim() > 1 else value.numpy()
         return out
+
+
+def reference_dtype(config: Config) -> str:
+    """The dtype the reference scorer loads its model in (`ref.dtype` on its device); a cache key."""
+    return inference_dtype(config.ref.dtype, config.ref.gpus_per_actor)
 
 
 def fingerprint_model(path: str) -> str:
@@ -111,7 +122,7 @@ def fingerprint_model(path: str) -> str:
 def scoring_settings(config: Config) -> dict:
     """The config values the cached reference columns depend on (besides the models and the data); a
     sweep (`rayalign.tune`) warms one cache entry per distinct value of this."""
-    return {"dtype": config.model.dtype, "max_prompt_length": config.data.max_prompt_length,
+    return {"dtype": reference_dtype(config), "max_prompt_length": config.data.max_prompt_length,
             "max_completion_length": config.data.max_completion_length,
             "temperature": config.loss.logit_temperature, "padding_free": config.train.padding_free,
             "entropy": needs_dispersion(config.loss),
@@ -160,7 +171,7 @@ def _encode_and_score(frame: pd.DataFrame, config: Config, *, kind: str, tokeniz
         ReferenceScorer, fn_constructor_args=(reference_path, config, pad_token_id),
         fn_constructor_kwargs={"kind": kind}, batch_format="pandas",
         batch_size=config.ref.batch_size, compute=ray.data.ActorPoolStrategy(size=config.ref.num_actors),
-        num_cpus=1, **({"resources": dict(config.ref.resources)} if config.ref.resources else {}))
+        num_cpus=1, **actor_resources(config.ref.gpus_per_actor, config.ref.resources))
     return dataset.to_pandas().sort_values("pair_index").reset_index(drop=True)
 
 

@@ -22,11 +22,13 @@ EVAL_REWARDS = "rm_rewards"  # per-sample rewards of eval.reward_model in the ev
 
 
 def _load(name: str, key: str, config: Config):
+    from rayalign.devices import inference_dtype, stage_device
     from rayalign.reward_model import RewardModel, reward_load_options
     from rayalign.storage import materialize
 
-    return RewardModel(materialize(name), key=key, dtype=config.model.dtype,
-                       load=reward_load_options(config.model),
+    return RewardModel(materialize(name), key=key, load=reward_load_options(config.model),
+                       dtype=inference_dtype(config.judge.dtype, config.judge.gpus_per_actor),
+                       device=stage_device(config.judge.gpus_per_actor, "judge"),
                        max_length=config.data.max_prompt_length + config.data.max_completion_length,
                        batch_size=config.judge.batch_size)
 

@@ -50,11 +50,13 @@ class HFSampler:
     sample from its own seed (per prompt id and sample index)."""
 
     def __init__(self, model_path: str, config: GenerateConfig, *, tokenizer_path: str | None = None,
-                 dtype: str = "float32", load: LoadOptions | None = None):
+                 load: LoadOptions | None = None):
+        from rayalign.devices import inference_dtype, stage_device
         from rayalign.models import load_model, load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_path or model_path, load, padding_side="left")
-        self.model = load_model(model_path, load, dtype=dtype)
+        self.model = load_model(model_path, load, dtype=inference_dtype(config.dtype, config.gpus_per_actor),
+                                device=stage_device(config.gpus_per_actor, "generate"))
         self.config = config
 
     def _sample(self, ids: list[int], logps: torch.Tensor) -> Sample:
@@ -85,12 +87,13 @@ class VLLMSampler:
     """
 
     def __init__(self, model_path: str, config: GenerateConfig, *, tokenizer_path: str | None = None,
-                 dtype: str = "float32", load: LoadOptions | None = None):
+                 load: LoadOptions | None = None):
         import os
 
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        from rayalign.devices import inference_dtype
         from rayalign.models import load_tokenizer, resolve_name_or_path
 
         on_cpu = current_platform.is_cpu()
@@ -106,7 +109,8 @@ class VLLMSampler:
         model = resolve_name_or_path(model_path)
         tokenizer = resolve_name_or_path(tokenizer_path) if tokenizer_path else model
         self.llm = LLM(
-            model=model, tokenizer=tokenizer, dtype=dtype, seed=config.seed,
+            model=model, tokenizer=tokenizer, dtype=inference_dtype(config.dtype, config.gpus_per_actor),
+            seed=config.seed,
             **vllm_load_kwargs(model, tokenizer, load or LoadOptions()),
             # Explicit although it is vLLM 0.32's default: the "processed_*" modes would return log-probs
             # after temperature / top-p, which are not the model log-probs the judge and losses need.

@@ -86,7 +86,7 @@ def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: 
     from rayalign.generate import generation_dataset
     from rayalign.judge import judge_dataset
 
-    dataset = generation_dataset(prompts, model, config.generate, dtype=config.model.dtype,
+    dataset = generation_dataset(prompts, model, config.generate,
                                  load=LoadOptions.of(config.model))
     return judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config).to_pandas()
 
@@ -184,7 +184,7 @@ def run_generate(config: Config, *, iteration: int | None = None) -> int:
     out = Path(config.run.dir) / "samples.parquet"
     ensure_ray()
     _log("generate", f"{len(prompts)} prompts x {config.generate.num_samples} samples with {policy}")
-    groups = generation_dataset(prompts, policy, config.generate, dtype=config.model.dtype,
+    groups = generation_dataset(prompts, policy, config.generate,
                                 load=LoadOptions.of(config.model)).to_pandas()
     samples = write_samples(groups, out)
     _log("generate", f"wrote {len(samples)} samples to {out}")
@@ -258,7 +258,7 @@ def _baseline_scores(config: Config, rows: pd.DataFrame, prompts: pd.DataFrame, 
     if config.eval.reward_model:  # the Judge actors score the samples with it: the policy's pass, on the baseline
         base = judged_pass(config, prompts, model=baseline, sft_path=sft)
     else:
-        base = generation_dataset(prompts, baseline, config.generate, dtype=config.model.dtype,
+        base = generation_dataset(prompts, baseline, config.generate,
                                   load=LoadOptions.of(config.model)).to_pandas()
     base_rows = write_eval(base, config, out)
     scores = {}

@@ -29,6 +29,7 @@ from rayalign.core.logprobs import (
 )
 from rayalign.core.metrics import js_distance
 from rayalign.data_kind import BELIEFS, GROUPS, LEVEL_KINDS, PAIRS
+from rayalign.devices import model_device
 from rayalign.group_batching import GROUP_REF_KEY
 from rayalign.objective import LOSSES, pair_loss, uses_mean_logps
 from rayalign.step_types import MicroBatchOutput, RefineSettings  # noqa: F401 (re-exported)
@@ -246,13 +247,13 @@ def micro_batch_loss(
 def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
                      pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
     """Summed log-prob of each completion given its prompt, (N,) float32+, batched and right-padded."""
-    out = []
+    out, device = [], model_device(model)
     for start in range(0, len(prompt_ids), batch_size):
         rows = list(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]))
         length = max(len(p) + len(c) for p, c in rows)
-        ids = pad_rows([p + c for p, c in rows], length, pad_token_id)
-        attention = pad_rows([[1] * (len(p) + len(c)) for p, c in rows], length, 0)
-        completion = pad_rows([[0] * len(p) + [1] * len(c) for p, c in rows], length, 0)
+        ids = pad_rows([p + c for p, c in rows], length, pad_token_id).to(device)
+        attention = pad_rows([[1] * (len(p) + len(c)) for p, c in rows], length, 0).to(device)
+        completion = pad_rows([[0] * len(p) + [1] * len(c) for p, c in rows], length, 0).to(device)
         logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        out.append(sequence_logps(logits[:, :-1], ids[:, 1:], completion[:, 1:]))
+        out.append(sequence_logps(logits[:, :-1], ids[:, 1:], completion[:, 1:]).cpu())
     return torch.cat(out)

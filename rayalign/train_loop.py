@@ -142,7 +142,7 @@ class Worker:
             self.reference = BaseReference(self.policy)  # the base weights, adapters disabled: no second copy
         elif needs_reference:
             self.reference = load_model(materialize(loop_config["reference_path"]), self.load,
-                                        dtype=self.config.model.dtype, device=self.device)
+                                        dtype=self._reference_dtype(), device=self.device)
         self.engine = build_engine(self.policy, self.config, self.total)
         self.refiner = (SpaRefiner(self.config.spa, mix=self.inputs.spa_mix, beta_total_steps=self.total) if refine
                         else None)
@@ -167,7 +167,9 @@ class Worker:
         from rayalign.models import load_model
 
         weights = str(self.resume_from) if self.resume_from and not self.lora else materialize(policy_path)
-        policy = load_model(weights, self.load, dtype=self.config.model.dtype, device=self.device)
+        # float32 whatever train.precision says: these are the master weights (bf16 is autocast or DeepSpeed's
+        # bf16 mode), so that updates at lr ~5e-7 do not round away.
+        policy = load_model(weights, self.load, dtype="float32", device=self.device)
         if self.config.train.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             if self.lora:  # frozen embeddings: let the checkpointed blocks' inputs carry the adapters' gradient
@@ -178,10 +180,15 @@ class Worker:
             policy = add_adapters(policy, self.config.model, seed=self.config.train.seed, checkpoint=self.resume_from)
         return policy.train()
 
+    def _reference_dtype(self) -> str:
+        from rayalign.devices import inference_dtype
+
+        return inference_dtype(self.config.ref.dtype, 1.0 if self.device.type == "cuda" else 0.0)
+
     def _autocast(self):
-        bf16 = self.config.train.precision == "bf16" and self.config.train.engine == "ddp"
-        device = "cuda" if self.config.train.use_gpu else "cpu"
-        return torch.autocast(device, dtype=torch.bfloat16) if bf16 else torch.autocast(device, enabled=False)
+        from rayalign.devices import training_autocast
+
+        return training_autocast(self.config.train, self.device.type)
 
     def _forward(self, chunk: list[int], refine=None, want_context: bool = False):
         # An empty chunk (a short last batch) still runs a forward (weighted 0 by the caller), so that every

@@ -114,7 +114,7 @@ def test_judge_generator_encoder_and_scorer_load_with_the_options(hub, tmp_path)
     config = eager_v1_config(tmp_path)
     expected = embeddings(load_model(hub))
     judge = Judge(HUB_ID, HUB_ID, config)
-    generator = Generator(HUB_ID, config.generate, None, "float32", LoadOptions.of(config.model))
+    generator = Generator(HUB_ID, config.generate, None, LoadOptions.of(config.model))
     scorer = ReferenceScorer(HUB_ID, config, pad_token_id=0, kind="pairs")
     for model in (judge.policy, judge.sft, generator.sampler.model, scorer.model):
         assert model.config._attn_implementation == "eager"
