@@ -53,6 +53,9 @@ class ModelConfig:
     revision: str | None = None  # hub branch, tag or commit of every hub id above; local directories ignore it
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # None: transformers' choice; sdpa, eager, flash_attention_2 (HF only)
+    # Token positions per chunk of the output head (`rayalign.core.head`): log-probs and entropies never build a
+    # (tokens, vocabulary) tensor, only (chunk, vocabulary); 0: the model's own full logits (reduced in chunks)
+    head_chunk_tokens: int = 1024
     # LoRA through PEFT (`rayalign.lora`): only the adapters train; the reference, when it is the policy's
     # base, is that model with its adapters disabled (no second copy); final/ is the merged model.
     lora: bool = False
@@ -68,6 +71,7 @@ class ModelConfig:
                  "must be a branch, tag or commit, or null")
         if self.attn_implementation is not None:
             _one_of(self.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
+        _require(self.head_chunk_tokens >= 0, "model.head_chunk_tokens", "must be >= 0 (0: full logits)")
         _positive(self.lora_rank, "model.lora_rank")
         _positive(self.lora_alpha, "model.lora_alpha")
         _require(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", f"must be in [0, 1); got {self.lora_dropout}")

@@ -17,49 +17,44 @@ from __future__ import annotations
 import torch
 
 from rayalign.config import Config
-from rayalign.core.logprobs import sequence_logps, shift_for_causal_lm, token_logps
+from rayalign.core.head import DEFAULT_CHUNK_ROWS
 from rayalign.group_batching import GROUP_REF_KEY
+from rayalign.lm_head import forward_scores, packed_token_logps
 from rayalign.objective import group_loss
 from rayalign.step_types import MicroBatchOutput
 
 
-def _packed_logps(model, batch: dict, *, temperature: float) -> torch.Tensor:
-    """(N,) summed completion log-probs of the N rows, their real tokens packed into one row.
-
-    Position ids restart per sequence; the model builds the block-diagonal attention from them
-    (as `rayalign.step.pack_pairs` relies on).
-    """
+def _packed_logps(model, batch: dict, *, temperature: float, chunk_rows: int) -> torch.Tensor:
+    """(N,) summed completion log-probs of the N rows, their real tokens packed into one row
+    (`rayalign.lm_head.packed_token_logps`, as `rayalign.step.pack_pairs` does for pairs)."""
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     device = batch["input_ids"].device
     ids = torch.cat([batch["input_ids"][i, :n] for i, n in enumerate(lengths)])
     completion = torch.cat([batch["completion_mask"][i, :n] for i, n in enumerate(lengths)])
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])
     segment = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(lengths)])
-    logits = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0, :-1]
-    logits = logits / temperature if temperature != 1.0 else logits
-    # A label belongs to its logit's sequence, or it is the next sequence's first token: mask it.
-    mask = completion[1:] * (segment[1:] == segment[:-1])
-    per_token = token_logps(logits[None], ids[1:][None], mask[None])[0]
+    per_token, _, _ = packed_token_logps(model, ids, positions, completion, segment, chunk_rows=chunk_rows,
+                                         temperature=temperature)
     return torch.zeros(len(lengths), dtype=per_token.dtype, device=device).index_add(0, segment[:-1], per_token)
 
 
-def group_logps(model, batch: dict, *, temperature: float = 1.0, padding_free: bool = False) -> torch.Tensor:
+def group_logps(model, batch: dict, *, temperature: float = 1.0, padding_free: bool = False,
+                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """Summed completion log-probs (B, K) of a `collate_groups` batch, from one forward over its B*K rows."""
     shape = batch["rewards"].shape
     if padding_free:
-        return _packed_logps(model, batch, temperature=temperature).view(shape)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    if temperature != 1.0:
-        logits = logits / temperature
-    logits, labels, mask = shift_for_causal_lm(logits, batch["input_ids"], batch["completion_mask"])
-    return sequence_logps(logits, labels, mask).view(shape)
+        return _packed_logps(model, batch, temperature=temperature, chunk_rows=chunk_rows).view(shape)
+    head, _ = forward_scores(model, chunk_rows=chunk_rows, temperature=temperature, input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"])
+    per_token = head.token_logps(batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:])
+    return per_token.sum(dim=-1).view(shape)
 
 
 @torch.no_grad()
 def reference_group_logps(reference, batch: dict, config: Config) -> torch.Tensor:
     """The reference's (B, K) log-probs of a group batch, without gradient (what `ref_logps` caches)."""
     return group_logps(reference, batch, temperature=config.loss.logit_temperature,
-                       padding_free=config.train.padding_free).detach()
+                       padding_free=config.train.padding_free, chunk_rows=config.model.head_chunk_tokens).detach()
 
 
 def _at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -74,7 +69,7 @@ def group_micro_batch_loss(policy, batch: dict, config: Config, *, reference=Non
     without a cache, from `reference`.
     """
     policy_logps = group_logps(policy, batch, temperature=config.loss.logit_temperature,
-                               padding_free=config.train.padding_free)
+                               padding_free=config.train.padding_free, chunk_rows=config.model.head_chunk_tokens)
     ref = batch.get(GROUP_REF_KEY)
     if ref is None:
         if reference is None:

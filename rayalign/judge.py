@@ -70,7 +70,8 @@ class Judge:
     def _logps(self, model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
         from rayalign.step import completion_logps
 
-        return completion_logps(model, prompts, completions, pad_token_id=self.tokenizer.pad_token_id)
+        return completion_logps(model, prompts, completions, pad_token_id=self.tokenizer.pad_token_id,
+                                chunk_rows=self.config.model.head_chunk_tokens)
 
     def encode(self, batch: pd.DataFrame) -> tuple[list[list[int]], list[list[int]]]:
         """Prompt and completion ids of every sample of `batch`, prompt-major (`rayalign.templating`)."""

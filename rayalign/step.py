@@ -14,23 +14,20 @@ No optimizer, no distributed code, no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from rayalign import group_step
 from rayalign.batching import pad_rows
 from rayalign.config import Config
-from rayalign.core.logprobs import (
-    concatenated_forward,
-    sequence_logps,
-    sequence_mean_entropy,
-    token_entropy,
-    token_logps,
-)
+from rayalign.core.head import DEFAULT_CHUNK_ROWS, HeadScores, mixed_token_logps
+from rayalign.core.logprobs import concatenate_pairs
 from rayalign.core.metrics import js_distance
 from rayalign.data_kind import BELIEFS, GROUPS, LEVEL_KINDS, PAIRS
 from rayalign.devices import model_device
 from rayalign.group_batching import GROUP_REF_KEY
+from rayalign.lm_head import forward_scores, packed_token_logps
 from rayalign.objective import LOSSES, pair_loss, uses_mean_logps
 from rayalign.step_types import MicroBatchOutput, RefineSettings  # noqa: F401 (re-exported)
 
@@ -76,81 +73,97 @@ def pack_pairs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             "completion_mask": torch.cat(completion)[None], "segment": torch.cat(segment)}
 
 
-def _packed_scores(model, batch, *, temperature: float, want_entropy: bool, levels: bool) -> SequenceScores:
+def _packed_scores(model, batch, *, temperature: float, want_entropy: bool, levels: bool,
+                   chunk_rows: int) -> SequenceScores:
     packed = pack_pairs(batch)
-    logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
-    logits = logits[0, :-1] / temperature if temperature != 1.0 else logits[0, :-1]
-    labels, segment = packed["input_ids"][0, 1:], packed["segment"]
-    # A label belongs to the same sequence as its logit, or it is the next sequence's first token: mask it.
-    mask = packed["completion_mask"][0, 1:] * (segment[1:] == segment[:-1])
-    per_token = token_logps(logits[None], labels[None], mask[None])[0]
+    segment = packed["segment"]
+    per_token, mask, head = packed_token_logps(model, packed["input_ids"][0], packed["position_ids"][0],
+                                               packed["completion_mask"][0], segment, chunk_rows=chunk_rows,
+                                               temperature=temperature)
     count, like = 2 * batch["chosen_input_ids"].shape[0], {"dtype": per_token.dtype, "device": per_token.device}
     sums = torch.zeros(count, **like).index_add(0, segment[:-1], per_token)
     lengths = torch.zeros(count, **like).index_add(0, segment[:-1], mask.to(per_token.dtype))
     means = sums / lengths.clamp(min=1)
-    scores = SequenceScores(*sums.chunk(2), *means.chunk(2), vocab_size=int(logits.shape[-1]))
+    scores = SequenceScores(*sums.chunk(2), *means.chunk(2), vocab_size=head.vocab_size)
     if levels:  # the DPO baseline on GDPO rows: chosen row i starts at its packed offset
         chosen_lengths = batch["chosen_attention_mask"].sum(dim=1)
         starts = chosen_lengths.cumsum(0) - chosen_lengths
-        scores.level_logps = level_logps(logits[starts + batch["level_position"] - 1], batch["level_ids"])
+        scores.level_logps = head.logps_at(torch.zeros_like(starts), starts + batch["level_position"] - 1,
+                                           batch["level_ids"])
     if want_entropy:
-        with torch.no_grad():
-            entropy = token_entropy(logits) * mask
+        entropy = head.token_entropy(mask[None])[0]
         mean_entropy = torch.zeros(count, **like).index_add(0, segment[:-1], entropy.to(per_token.dtype))
         scores.chosen_entropy, scores.rejected_entropy = (mean_entropy / lengths.clamp(min=1)).chunk(2)
     return scores
 
 
+class PairForward(NamedTuple):
+    """What SPA's refinement reads again from the policy's padded forward: its scores, labels and mask."""
+
+    head: HeadScores  # (2B, T-1) aligned positions
+    labels: torch.Tensor  # (2B, T-1)
+    mask: torch.Tensor  # (2B, T-1) completion mask
+
+
+def _padded_forward(model, batch: dict, *, temperature: float, chunk_rows: int, want_context: bool = False):
+    """The model once over [chosen; rejected] (`concatenate_pairs`): its `PairForward` and outputs."""
+    input_ids, attention_mask, completion_mask = concatenate_pairs(*(batch[k] for k in PAIR_KEYS))
+    extra = {"output_hidden_states": True} if want_context else {}
+    head, outputs = forward_scores(model, chunk_rows=chunk_rows, temperature=temperature, input_ids=input_ids,
+                                   attention_mask=attention_mask, **extra)
+    return PairForward(head, input_ids[:, 1:], completion_mask[:, 1:]), outputs, attention_mask
+
+
 def sequence_scores(model, batch: dict, *, kind: str = PAIRS, padding_free: bool = False,
                     temperature: float = 1.0, want_entropy: bool = False, keep_forward: bool = False,
-                    want_context: bool = False) -> SequenceScores:
+                    want_context: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> SequenceScores:
     """Summed and per-token-mean completion log-probs (and mean entropies) of chosen and rejected.
 
     For the GDPO kinds (`kind` LEVEL_PAIRS, BELIEFS) also the level digits' log-probs, and for BELIEFS the
     belief prefix's mean log-prob. `want_context` also returns SamS's per-pair context from the hidden
-    states of this same forward.
+    states of this same forward. The head runs in chunks of `chunk_rows` positions (`rayalign.core.head`).
     """
     levels = kind in LEVEL_KINDS
     if padding_free:
-        return _packed_scores(model, batch, temperature=temperature, want_entropy=want_entropy, levels=levels)
-    result = concatenated_forward(model, *(batch[k] for k in PAIR_KEYS), logit_temperature=temperature,
-                                  return_logits=True, output_hidden_states=want_context)
+        return _packed_scores(model, batch, temperature=temperature, want_entropy=want_entropy, levels=levels,
+                              chunk_rows=chunk_rows)
+    forward, outputs, attention_mask = _padded_forward(model, batch, temperature=temperature, chunk_rows=chunk_rows,
+                                                       want_context=want_context)
+    head, mask = forward.head, forward.mask
+    sums = head.token_logps(forward.labels, mask).sum(dim=-1)
     # Means from the sums and token counts: a second log-softmax over the vocabulary would cost a full pass.
-    counts = result.mask.sum(dim=-1).clamp(min=1).to(result.chosen_logps.dtype)
+    counts = mask.sum(dim=-1).clamp(min=1).to(sums.dtype)
+    chosen, rejected = sums.chunk(2)
     chosen_count, rejected_count = counts.chunk(2)
-    scores = SequenceScores(result.chosen_logps, result.rejected_logps, result.chosen_logps / chosen_count,
-                            result.rejected_logps / rejected_count, vocab_size=int(result.logits.shape[-1]))
+    scores = SequenceScores(chosen, rejected, chosen / chosen_count, rejected / rejected_count,
+                            vocab_size=head.vocab_size)
     if want_entropy:
-        scores.chosen_entropy, scores.rejected_entropy = sequence_mean_entropy(result.logits, result.mask).chunk(2)
+        mean_entropy = head.token_entropy(mask).sum(dim=-1) / counts
+        scores.chosen_entropy, scores.rejected_entropy = mean_entropy.chunk(2)
     if levels:  # GDPO rows, or the DPO baseline on them: the level digit's distribution
         # the digit at input position P is predicted by aligned position P - 1; chosen rows come first
-        rows = torch.arange(batch["level_ids"].shape[0], device=result.logits.device)
-        scores.level_logps = level_logps(result.logits[rows, batch["level_position"] - 1], batch["level_ids"])
+        rows = torch.arange(batch["level_ids"].shape[0], device=mask.device)
+        scores.level_logps = head.logps_at(rows, batch["level_position"] - 1, batch["level_ids"])
     if kind == BELIEFS:
-        scores.belief_mean_logps = belief_mean_logps(result.logits, result.labels, batch)
+        scores.belief_mean_logps = belief_mean_logps(forward, batch)
     if want_context:
         from rayalign.core.sams import context_features
 
-        scores.context = context_features(result.hidden_states, result.attention_mask)
+        scores.context = context_features(outputs.hidden_states, attention_mask)
     if keep_forward:
-        scores.forward = result
+        scores.forward = forward
     return scores
 
 
-def level_logps(first_completion_logits: torch.Tensor, level_ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) full-vocabulary log-probs of the L level digits from the (B, V) logits that predict the first
-    completion token: GDPO's q (ALGORITHMS.md §3), and the alignment gap's belief distribution."""
-    logits = first_completion_logits.to(torch.promote_types(first_completion_logits.dtype, torch.float32))
-    return torch.log_softmax(logits, -1).gather(-1, level_ids)
-
-
-def belief_mean_logps(logits: torch.Tensor, labels: torch.Tensor, batch: dict) -> torch.Tensor:
-    """GDPO's (B,) mean log-prob of the chosen rows' belief prefix, from the aligned (2B, T-1) outputs of
-    `concatenated_forward` (chosen rows first)."""
+def belief_mean_logps(forward: PairForward, batch: dict) -> torch.Tensor:
+    """GDPO's (B,) mean log-prob of the chosen rows' belief prefix, from the padded forward over [chosen;
+    rejected] (chosen rows first)."""
     size = batch["chosen_input_ids"].shape[0]
     belief_mask = batch["chosen_belief_mask"][:, 1:]
-    return sequence_logps(logits[:size, :belief_mask.shape[1]], labels[:size, :belief_mask.shape[1]],
-                          belief_mask, average=True)
+    mask = torch.zeros_like(forward.mask)
+    mask[:size, :belief_mask.shape[1]] = belief_mask
+    per_token = forward.head.token_logps(forward.labels, mask)[:size]
+    return per_token.sum(dim=-1) / belief_mask.sum(dim=-1).clamp(min=1).to(per_token.dtype)
 
 
 def belief_gap_sums(level_logps: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -169,7 +182,8 @@ def reference_scores(reference, batch: dict, config: Config, *, want_entropy: bo
     if LOSSES[config.loss.type].is_group:
         return {GROUP_REF_KEY: group_step.reference_group_logps(reference, batch, config)}
     scores = sequence_scores(reference, batch, padding_free=config.train.padding_free,
-                             temperature=config.loss.logit_temperature, want_entropy=want_entropy)
+                             temperature=config.loss.logit_temperature, want_entropy=want_entropy,
+                             chunk_rows=config.model.head_chunk_tokens)
     out = {"ref_chosen_logps": scores.chosen, "ref_rejected_logps": scores.rejected,
            "ref_chosen_mean_logps": scores.chosen_mean, "ref_rejected_mean_logps": scores.rejected_mean}
     if want_entropy:
@@ -180,19 +194,20 @@ def reference_scores(reference, batch: dict, config: Config, *, want_entropy: bo
 
 
 @torch.no_grad()
-def refine_smoothing(policy_forward, reference, batch: dict, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-                     config: Config, refine: RefineSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_smoothing(policy_forward: PairForward, reference, batch: dict, ref_chosen: torch.Tensor,
+                     ref_rejected: torch.Tensor, config: Config,
+                     refine: RefineSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """SPA's per-pair confidence margins m (B,) and label smoothing eps = alpha * [m <= tau] (B,).
 
-    Needs the reference's per-token logits, so the reference runs here even when its sequence log-probs
-    are cached.
+    Needs the reference's per-token logits (chunk by chunk, beside the policy's), so the reference runs here
+    even when its sequence log-probs are cached.
     """
-    from rayalign.core.spa import mixed_logps, refine_label_smoothing, refine_margins
+    from rayalign.core.spa import refine_label_smoothing, refine_margins
 
-    ref_forward = concatenated_forward(reference, *(batch[k] for k in PAIR_KEYS),
-                                       logit_temperature=config.loss.logit_temperature, return_logits=True)
-    mixed = mixed_logps(policy_forward.logits.detach(), ref_forward.logits, policy_forward.labels,
-                        policy_forward.mask, mix=refine.mix)
+    ref_forward = _padded_forward(reference, batch, temperature=config.loss.logit_temperature,
+                                  chunk_rows=config.model.head_chunk_tokens)[0]
+    mixed = mixed_token_logps(policy_forward.head, ref_forward.head, policy_forward.labels, policy_forward.mask,
+                              mix=refine.mix).sum(dim=-1)
     margins = refine_margins(*mixed.chunk(2), ref_chosen, ref_rejected, beta=config.loss.beta)
     smoothing = refine_label_smoothing(margins, refine.threshold, alpha=refine.alpha, active=refine.active)
     return margins, smoothing
@@ -222,7 +237,7 @@ def micro_batch_loss(
         ref = reference_scores(reference, batch, config, want_entropy=False)
     scores = sequence_scores(policy, batch, kind=kind, padding_free=config.train.padding_free,
                              temperature=config.loss.logit_temperature, keep_forward=refine is not None,
-                             want_context=want_context)
+                             want_context=want_context, chunk_rows=config.model.head_chunk_tokens)
     margins = None
     if refine is not None:
         margins, label_smoothing = refine_smoothing(scores.forward, reference, batch, ref["ref_chosen_logps"],
@@ -245,8 +260,9 @@ def micro_batch_loss(
 
 @torch.no_grad()
 def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
-                     pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Summed log-prob of each completion given its prompt, (N,) float32+, batched and right-padded."""
+                     pad_token_id: int, batch_size: int = 32, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Summed log-prob of each completion given its prompt, (N,) float32+, batched and right-padded; the head
+    in chunks of `chunk_rows` completion positions."""
     out, device = [], model_device(model)
     for start in range(0, len(prompt_ids), batch_size):
         rows = list(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]))
@@ -254,6 +270,6 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
         ids = pad_rows([p + c for p, c in rows], length, pad_token_id).to(device)
         attention = pad_rows([[1] * (len(p) + len(c)) for p, c in rows], length, 0).to(device)
         completion = pad_rows([[0] * len(p) + [1] * len(c) for p, c in rows], length, 0).to(device)
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        out.append(sequence_logps(logits[:, :-1], ids[:, 1:], completion[:, 1:]).cpu())
+        head, _ = forward_scores(model, chunk_rows=chunk_rows, input_ids=ids, attention_mask=attention)
+        out.append(head.token_logps(ids[:, 1:], completion[:, 1:]).sum(dim=-1).cpu())
     return torch.cat(out)

@@ -89,6 +89,23 @@ def _pad_right(x: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(x, (0, length - x.shape[1]), value=0)
 
 
+def concatenate_pairs(
+    chosen_input_ids: torch.Tensor, chosen_attention_mask: torch.Tensor, chosen_completion_mask: torch.Tensor,
+    rejected_input_ids: torch.Tensor, rejected_attention_mask: torch.Tensor, rejected_completion_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[chosen; rejected] stacked along the batch, both right-padded (id 0, masks 0) to the longer width:
+    (2B, T) input ids, attention mask and completion mask."""
+    if chosen_input_ids.shape[0] != rejected_input_ids.shape[0]:
+        raise ValueError(
+            "chosen and rejected batch sizes differ: "
+            f"{chosen_input_ids.shape[0]} vs {rejected_input_ids.shape[0]}"
+        )
+    length = max(chosen_input_ids.shape[1], rejected_input_ids.shape[1])
+    return tuple(torch.cat([_pad_right(chosen, length), _pad_right(rejected, length)]) for chosen, rejected in (
+        (chosen_input_ids, rejected_input_ids), (chosen_attention_mask, rejected_attention_mask),
+        (chosen_completion_mask, rejected_completion_mask)))
+
+
 class ConcatenatedOutput(NamedTuple):
     chosen_logps: torch.Tensor  # (B,)
     rejected_logps: torch.Tensor  # (B,)
@@ -126,19 +143,9 @@ def concatenated_forward(
     """
     if not logit_temperature > 0:
         raise ValueError(f"logit_temperature must be > 0, got {logit_temperature}")
-    if chosen_input_ids.shape[0] != rejected_input_ids.shape[0]:
-        raise ValueError(
-            "chosen and rejected batch sizes differ: "
-            f"{chosen_input_ids.shape[0]} vs {rejected_input_ids.shape[0]}"
-        )
-    length = max(chosen_input_ids.shape[1], rejected_input_ids.shape[1])
-    input_ids = torch.cat([_pad_right(chosen_input_ids, length), _pad_right(rejected_input_ids, length)])
-    attention_mask = torch.cat(
-        [_pad_right(chosen_attention_mask, length), _pad_right(rejected_attention_mask, length)]
-    )
-    completion_mask = torch.cat(
-        [_pad_right(chosen_completion_mask, length), _pad_right(rejected_completion_mask, length)]
-    )
+    input_ids, attention_mask, completion_mask = concatenate_pairs(
+        chosen_input_ids, chosen_attention_mask, chosen_completion_mask,
+        rejected_input_ids, rejected_attention_mask, rejected_completion_mask)
     extra = {"output_hidden_states": True} if output_hidden_states else {}
     outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     logits = outputs.logits
