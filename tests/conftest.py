@@ -36,6 +36,18 @@ MICRO_LOOP = ("loop.iterations=1", "loop.prompts_per_iteration=16", "eval.prompt
 SEED_ONLY_LOOP = tuple("loop.iterations=0" if o.startswith("loop.iterations=") else o for o in MICRO_LOOP)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests run only where torch sees a CUDA device (benchmarks/gpu_check.sh); skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def wait_for(predicate, timeout: float, what: str, details=lambda: "", poll: float = 0.5):
     """Poll `predicate` until it returns something truthy (returned) or fail after `timeout` seconds,
     naming `what` and adding `details()` (e.g. a job's log) to the message."""
