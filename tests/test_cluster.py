@@ -38,8 +38,10 @@ from tests.conftest import REPO, SEED_ONLY_LOOP
 
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 HEAD, CPU_WORKER, GPU_WORKER = "ray.head.default", "ray.worker.cpu", "ray.worker.gpu"
+GPU8_WORKER = "ray.worker.gpu8"  # the 8-GPU node of configs/gpu/llama8b_ultrafeedback_spa.yaml
+WORKERS = (CPU_WORKER, GPU_WORKER, GPU8_WORKER)
 # Which install each node type runs (its effective command list, Ray's merge rules) and with which extras.
-EXTRAS = {HEAD: "dev", CPU_WORKER: "dev", GPU_WORKER: "dev,vllm"}
+EXTRAS = {HEAD: "dev", CPU_WORKER: "dev", GPU_WORKER: "dev,vllm", GPU8_WORKER: "dev,vllm"}
 PLACEMENT = {("generate", "resources"), ("judge", "resources"), ("ref", "resources"),
              ("train", "resources_per_worker"), ("train", "use_gpu")}
 MARKER = "RAYALIGN_TEST_CLUSTER"  # in the fake head's environment, inherited by every process it starts
@@ -69,18 +71,19 @@ def test_cluster_yaml_validates_with_rays_schema():
     validate_config(prepared)  # raises on any schema violation
     assert prepared["provider"]["type"] == "aws"
     types = prepared["available_node_types"]
-    assert set(types) == {HEAD, CPU_WORKER, GPU_WORKER} and prepared["head_node_type"] == HEAD
+    assert set(types) == {HEAD, *WORKERS} and prepared["head_node_type"] == HEAD
     assert types[HEAD]["resources"]["CPU"] == 0, "the head only runs the driver"
     assert types[GPU_WORKER]["resources"]["GPU"] >= 1 and "GPU" not in types[CPU_WORKER]["resources"]
-    for name in (CPU_WORKER, GPU_WORKER):
+    assert types[GPU8_WORKER]["resources"]["GPU"] == 8
+    for name in WORKERS:
         assert 0 == types[name]["min_workers"] < types[name]["max_workers"], name
-    assert sum(types[n]["max_workers"] for n in (CPU_WORKER, GPU_WORKER)) <= prepared["max_workers"]
+    assert sum(types[n]["max_workers"] for n in WORKERS) <= prepared["max_workers"]
     assert 0 < prepared["idle_timeout_minutes"] <= 30
     # The run storage is the object store, passed per run; the config must say how.
     assert "run.storage=s3://" in (REPO / "cluster.yaml").read_text()
 
 
-@pytest.mark.parametrize("node_type", [HEAD, CPU_WORKER, GPU_WORKER])
+@pytest.mark.parametrize("node_type", [HEAD, *WORKERS])
 def test_setup_commands_install_like_the_makefile(node_type):
     commands = _setup_commands(node_type)
     venv = re.search(r"python3 -m venv (\S+)", " ".join(commands))

@@ -1,0 +1,41 @@
+"""configs/gpu/*.yaml: valid configs whose stages fit the GPUs they are written for.
+
+Loading checks every key and value (the checks `rayalign run` makes before Ray starts, but the hub ids, which
+need the network). Then the placement arithmetic: the generator and the judge run in one Ray Data pass, so
+their GPUs add up; the reference scorers and the training workers each have the node to themselves. The
+8-GPU config asks for cluster.yaml's 8-GPU node type in every stage.
+"""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayalign.config_loader import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+NODE_GPUS = {"qwen0.5b_ultrafeedback_spa.yaml": 1, "llama8b_ultrafeedback_spa.yaml": 8}
+
+
+def test_every_gpu_config_is_listed():
+    assert {p.name for p in (REPO / "configs" / "gpu").glob("*.yaml")} == set(NODE_GPUS)
+
+
+@pytest.mark.parametrize("name", sorted(NODE_GPUS))
+def test_gpu_config_loads_and_its_stages_fit_the_node(name):
+    config = load_config(REPO / "configs" / "gpu" / name)
+    gpus = NODE_GPUS[name]
+    assert config.train.use_gpu and config.train.precision == "bf16" and config.loop.task == "none"
+    assert config.generate.backend == "vllm" and config.spa.refine
+    together = (config.generate.num_actors * config.generate.gpus_per_actor
+                + config.judge.num_actors * config.judge.gpus_per_actor)
+    assert 0 < together <= gpus
+    assert 0 < config.ref.num_actors * config.ref.gpus_per_actor <= gpus
+    assert config.train.num_workers <= gpus
+    if gpus == 8:
+        label = next(iter(yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"]
+                          ["ray.worker.gpu8"]["resources"].keys() - {"GPU"}))
+        for placed in (config.generate.resources, config.judge.resources, config.ref.resources,
+                       config.train.resources_per_worker):
+            assert label in placed
+        assert config.train.engine == "deepspeed" and config.train.zero_stage == 3
