@@ -232,6 +232,10 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
         print(f"rayalign train: error: {json.loads(failure.read_text())['error']}", file=sys.stderr)
         return 1
     _write_timings(run_dir, load=loaded - started, prepare=prepared - loaded, fit=time.perf_counter() - prepared)
+    if store:  # the iteration's record is rebuilt from it on a --resume from storage
+        from rayalign.stage_timing import TRAIN_FILE
+
+        store.publish(run_dir / TRAIN_FILE)
     final_path = run_dir / "final_metrics.json"
     final = json.loads(final_path.read_text()) if final_path.exists() else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("eval/"))
