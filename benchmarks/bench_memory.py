@@ -99,12 +99,12 @@ def step_rayalign(model, tokenizer, pairs: list[dict], args) -> None:
     from rayalign.config_loader import load_config
     from rayalign.data_kind import PAIRS
     from rayalign.encode import collate_with_reference
-    from rayalign.optim import build_optimizer
+    from rayalign.engine import DDPEngine
     from rayalign.oracle import encode_pairs
     from rayalign.step import micro_batch_loss
 
     config = load_config(None, [
-        "loss.type=dpo", "optim.lr=1e-6", f"train.global_batch_size={args.pairs}",
+        "loss.type=dpo", "optim.lr=1e-6", "optim.warmup_ratio=0", f"train.global_batch_size={args.pairs}",
         f"train.gradient_accumulation_steps={args.pairs // args.micro_batch}", "train.gradient_checkpointing=true",
         f"data.max_prompt_length={args.prompt_len}", f"data.max_completion_length={args.completion_len}"])
     encoded = encode_pairs(pairs, tokenizer, config).items
@@ -113,14 +113,14 @@ def step_rayalign(model, tokenizer, pairs: list[dict], args) -> None:
     columns, _ = bench_update.reference_pass(model, encoded, pad, config, "cpu")
     model.requires_grad_(True)
     model.gradient_checkpointing_enable()
-    policy = model.train()  # the reference pass is done: the one model trains (as TRL's precompute allows)
-    optimizer = build_optimizer(policy.parameters(), config.optim)
+    # the reference pass is done: the one model trains (as TRL's precompute allows), through the engine the
+    # Ray Train workers use (DDP's, one process: no wrapper)
+    engine = DDPEngine(model.train(), config, total_steps=1)
     for start in range(0, args.pairs, args.micro_batch):
         batch = collate_with_reference(encoded, columns, torch.arange(start, start + args.micro_batch), kind=PAIRS,
                                        pad_token_id=pad)
-        (micro_batch_loss(policy, batch, config).losses.sum() / args.pairs).backward()
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-    optimizer.step()
+        engine.backward(micro_batch_loss(engine.module, batch, config).losses.sum() / args.pairs)
+    engine.step()
 
 
 def step_trl(model, tokenizer, pairs: list[dict], args) -> None:

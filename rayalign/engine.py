@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from rayalign.checkpoint import load_tensors
 from rayalign.config import Config
+from rayalign.devices import release_freed_host_memory
 from rayalign.optim import build_optimizer, build_scheduler
 
 
@@ -49,6 +50,7 @@ class DDPEngine:
 
     def step(self) -> float:
         self._pending = 0
+        release_freed_host_memory()  # the backward's freed activations, before the optimizer allocates
         # The gradients are already all-reduced, so every rank sees the same norm and makes the same choice.
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
         if math.isfinite(grad_norm):  # an inf/nan gradient would poison the weights and Adam's moments
@@ -139,16 +141,12 @@ class DeepSpeedEngine:
                                     load_module_strict=not self.adapters_only)
 
     def full_state_dict(self, scratch: Path) -> dict[str, torch.Tensor] | None:
-        """Full fp32 weights: gathered from the ZeRO-3 shards on disk, or the replicated module otherwise."""
+        """The full weights in the module's dtype (float32, or bf16 in a bf16 run): the replicated module, or
+        with ZeRO-3 gathered layer by layer into rank 0's memory (a collective; None on the other ranks)
+        instead of a second DeepSpeed checkpoint on disk."""
         if self.zero_stage < 3:
             return {k: v.detach() for k, v in self.model.state_dict().items()}
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        self.engine.save_checkpoint(str(scratch), tag="export")
-        dist.barrier()
-        if dist.get_rank() != 0:
-            return None
-        return get_fp32_state_dict_from_zero_checkpoint(str(scratch), tag="export")
+        return self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=self.adapters_only)
 
 
 def _deepspeed_safe_load(path: str, map_location=None):
@@ -159,6 +157,27 @@ def _deepspeed_safe_load(path: str, map_location=None):
 
     return load_tensors(path, map_location=map_location,
                         allowed=(LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address))
+
+
+@contextlib.contextmanager
+def partitioned_loading(config: Config):
+    """Within: a Hugging Face `from_pretrained` under ZeRO-3 creates each parameter already partitioned
+    across the ranks (`deepspeed.zero.Init`) and loads only its shard, so no rank ever holds the whole
+    float32 model (transformers does this while an `HfDeepSpeedConfig` object is alive). Other engines
+    and stages: nothing changes."""
+    if config.train.engine != "deepspeed" or config.train.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if not (dist.is_available() and dist.is_initialized()):
+        deepspeed.init_distributed(dist_backend="gloo")
+    settings = HfDeepSpeedConfig(deepspeed_config(config))  # transformers keeps only a weak reference
+    try:
+        yield
+    finally:
+        del settings
 
 
 def build_engine(model: torch.nn.Module, config: Config, total_steps: int) -> DDPEngine | DeepSpeedEngine:

@@ -23,7 +23,7 @@ from rayalign import data_kind
 from rayalign.config import Config
 from rayalign.core.spa import MarginWindow
 from rayalign.data_order import micro_batches, step_batches, total_steps
-from rayalign.devices import model_device, training_autocast
+from rayalign.devices import model_device, release_freed_host_memory, training_autocast
 from rayalign.encode import collate, collate_with_reference, encode_row
 from rayalign.objective import LOSSES, mallows_scale, needs_dispersion, pair_metrics, unit_dispersion
 from rayalign.optim import build_optimizer, build_scheduler
@@ -152,6 +152,7 @@ def train_pairs(
 def _optimizer_step(policy, optimizer, scheduler, config: Config, outputs: list) -> dict:
     """Clip, step, zero the gradients; the step's TRL-named metrics with its lr and gradient norm."""
     clip = config.optim.max_grad_norm or float("inf")
+    release_freed_host_memory()  # as the workers' engine does
     grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip))
     if not math.isfinite(grad_norm):  # as the workers' engines: never step on an inf/nan gradient
         raise FloatingPointError(f"non-finite gradient norm ({grad_norm}); the step was not taken")

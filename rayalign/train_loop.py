@@ -33,7 +33,7 @@ from rayalign.config_loader import build_config
 from rayalign.data_kind import LEVEL_KINDS
 from rayalign.data_order import micro_batch_bounds, micro_batches, step_batches, total_steps
 from rayalign.encode import collate_with_reference, encoded_rows
-from rayalign.engine import build_engine
+from rayalign.engine import build_engine, partitioned_loading
 from rayalign.group_batching import group_reference_column
 from rayalign.io import atomic_directory, atomic_write_text
 from rayalign.metrics_log import MetricsLog
@@ -169,7 +169,8 @@ class Worker:
         weights = str(self.resume_from) if self.resume_from and not self.lora else materialize(policy_path)
         # float32 whatever train.precision says: these are the master weights (bf16 is autocast or DeepSpeed's
         # bf16 mode), so that updates at lr ~5e-7 do not round away.
-        policy = load_model(weights, self.load, dtype="float32", device=self.device)
+        with partitioned_loading(self.config):  # ZeRO-3: each rank loads its shard only
+            policy = load_model(weights, self.load, dtype="float32", device=self.device)
         if self.config.train.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             if self.lora:  # frozen embeddings: let the checkpointed blocks' inputs carry the adapters' gradient
