@@ -42,9 +42,11 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout where ray
 # One intra-op thread: a Ray Train CPU worker gets 1 CPU, and Ray sets OMP_NUM_THREADS=1 in it.
 DEFAULTS = {
     "cpu": dict(arch="none", layers=8, hidden=384, heads=12, vocab_size=8192, batch_size=8, max_length=128, steps=5,
-                warmup_steps=1, matmul_size=4096, threads=1, trl_variants="default,no_gc", clock="cpu"),
+                warmup_steps=1, matmul_size=4096, threads=1, trl_variants="default,no_gc_precompute", clock="cpu",
+                repeats=3),
     "cuda": dict(arch="qwen2.5-0.5b", layers=30, hidden=1024, heads=16, vocab_size=8192, batch_size=16,
-                 max_length=512, steps=10, warmup_steps=3, matmul_size=8192, threads=0, trl_variants="", clock="wall"),
+                 max_length=512, steps=10, warmup_steps=3, matmul_size=8192, threads=0, trl_variants="", clock="wall",
+                 repeats=1),
 }
 # DPOConfig overrides per TRL variant. "default" is TRL's defaults (gradient checkpointing on, a reference
 # forward in every step); the others measure how much of the gap one default accounts for.
@@ -59,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     for name in ("steps", "warmup-steps", "batch-size", "max-length", "layers", "hidden", "heads", "vocab-size",
-                 "matmul-size", "threads"):
+                 "matmul-size", "threads", "repeats"):
         p.add_argument(f"--{name}", type=int, default=None, help="default depends on --device; threads 0: torch's")
     p.add_argument("--arch", default=None, help="a real architecture's shape (rayalign.arch: qwen2.5-0.5b, "
                    "llama-3-8b) or 'none' for the Llama config of --layers/--hidden/--heads")
@@ -74,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if args.arch not in ("none", *ARCHS):
         p.error(f"--arch must be one of none, {', '.join(ARCHS)}")
-    if args.hidden % args.heads or args.steps < 1 or args.warmup_steps < 1:
-        p.error("--hidden must be a multiple of --heads; --steps and --warmup-steps must be >= 1")
+    if args.hidden % args.heads or args.steps < 1 or args.warmup_steps < 1 or args.repeats < 1:
+        p.error("--hidden must be a multiple of --heads; --steps, --warmup-steps and --repeats must be >= 1")
     if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
         p.error("--clock cpu measures one busy thread: it needs --device cpu --threads 1")
     return args
@@ -336,8 +338,9 @@ def run_trl(model, tokenizer, rows: list[dict], args, variant: str) -> dict:
                         f"precompute_ref_log_probs={config.precompute_ref_log_probs}"}
 
 
-def summarize(run: dict, name: str, n_params: int, amortise: float, clock: int) -> dict:
-    """Throughput of one trainer by clock `clock` (0 wall, 1 CPU); rayalign's adds `amortise` x its reference pass."""
+def summarize(run: dict, name: str, flops_per_token: tuple[float, float], amortise: float, clock: int) -> dict:
+    """Throughput of one trainer by clock `clock` (0 wall, 1 CPU); rayalign's adds `amortise` x its reference pass.
+    `flops_per_token`: (trained, reference forward) model FLOPs per real token, attention included."""
     tokens = sum(s["tokens"] for s in run["steps"])
     seconds = [sum(s["seconds"][i] for s in run["steps"]) for i in (0, 1)]
     ref = run["ref"]["seconds"] if "ref" in run else (0.0, 0.0)
@@ -346,7 +349,31 @@ def summarize(run: dict, name: str, n_params: int, amortise: float, clock: int) 
     return {"tokens_per_s": rates[clock], "steps_only_tokens_per_s": tokens / seconds[clock],
             "wall_tokens_per_s": rates[0], "cpu_clock_tokens_per_s": rates[1],
             "pad_fraction": 1 - tokens / sum(s["positions"] for s in run["steps"]),
-            "model_flops_per_s": (6 + 2 * ref_in_flops) * n_params * rates[clock]}
+            "model_flops_per_s": (flops_per_token[0] + ref_in_flops * flops_per_token[1]) * rates[clock]}
+
+
+def flops_per_token(model, matmul_params: int, rows: list[dict], tokenizer) -> tuple[float, float]:
+    """Model FLOPs per real token: (trained: 6 x params + 12 x layers x width x T, a reference forward: 2 x params
+    + 4 x layers x width x T), T averaged over tokens (sum T^2 / sum T over the sequences), as PaLM's MFU counts
+    attention (the full T x T product, not the causal half)."""
+    lengths = [len(tokenizer(r["prompt"] + r[side], add_special_tokens=False)["input_ids"]) + 1
+               for r in rows for side in ("chosen", "rejected")]
+    config = model.config
+    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    attention = 4 * config.num_hidden_layers * width * sum(t * t for t in lengths) / sum(lengths)  # forward
+    return 6 * matmul_params + 3 * attention, 2 * matmul_params + attention
+
+
+def median_rounds(rounds: list[dict], flops: tuple[float, float], amortise: float, clock: int) -> dict:
+    """Per trainer: the round with the median tokens/s (its whole summary) and the spread (min, max) over rounds."""
+    out = {}
+    for name in rounds[0]:
+        summaries = sorted((summarize(r[name], name, flops, amortise, clock) for r in rounds if "steps" in r[name]),
+                           key=lambda x: x["tokens_per_s"])
+        if summaries:
+            rates = [x["tokens_per_s"] for x in summaries]
+            out[name] = {**summaries[len(summaries) // 2], "spread": [round(rates[0], 2), round(rates[-1], 2)]}
+    return out
 
 
 def print_report(runs: dict, rows: dict, peak: float, info: dict, clock: int) -> None:
@@ -411,27 +438,40 @@ def main(argv=None) -> dict:
     tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
     matmul_params = n_params - (0 if tied else model.get_input_embeddings().weight.numel())
     clock = ("wall", "cpu").index(args.clock)
+    flops = flops_per_token(model, matmul_params, rows, tokenizer)
     peaks = [matmul_peak(args.device, args.matmul_size)[clock]]  # again at the end: the machine may be shared
-    runs = run_trainers(model, tokenizer, rows, args)
+    # Interleaved: every round runs each trainer once (rayalign, then the TRL variants), so a slow spell of
+    # the shared machine hits all of them rather than one; the medians over rounds are compared.
+    rounds = [run_trainers(model, tokenizer, rows, args) for _ in range(args.repeats)]
     peaks.append(matmul_peak(args.device, args.matmul_size)[clock])
     peak, amortise = max(peaks), args.steps / (args.steps + args.warmup_steps)
-    rows_out = {name: summarize(run, name, matmul_params, amortise, clock)
-                for name, run in runs.items() if "steps" in run}
-    info = {"device": args.device, "torch threads": torch.get_num_threads(), "clock": args.clock, "data": source,
-            "pairs": n_pairs, "params": n_params, "matmul params": matmul_params, "batch (pairs)": args.batch_size,
+    rows_out = median_rounds(rounds, flops, amortise, clock)
+    info = {"device": args.device, "torch threads (every run)": torch.get_num_threads(), "clock": args.clock,
+            "data": source, "pairs": n_pairs, "params": n_params, "matmul params": matmul_params,
+            "batch (pairs)": args.batch_size, "repeats (interleaved)": args.repeats,
             "model": (f"{args.arch} (random weights), tokenizer vocab {len(tokenizer)}" if args.arch != "none" else
                       f"Llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {len(tokenizer)}"),
             "max length": args.max_length, "steps (warm-up + timed)": f"{args.warmup_steps} + {args.steps}",
+            "model GFLOP per token (trained / reference forward, attention included)":
+                f"{flops[0] / 1e9:.3f} / {flops[1] / 1e9:.3f}",
             "matmul peak GFLOP/s (start / end)": " / ".join(f"{p / 1e9:.1f}" for p in peaks),
             "load average before/after": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}"}
-    print_report(runs, rows_out, peak, info, clock)
-    ours, trl = rows_out["rayalign padded"], rows_out.get("trl default")
-    result = {"tokens_per_s": ours["tokens_per_s"], "trl_tokens_per_s": trl and trl["tokens_per_s"],
-              "ratio_vs_trl": trl and ours["tokens_per_s"] / trl["tokens_per_s"],
+    print_report(rounds[-1], rows_out, peak, info, clock)
+    ours = rows_out["rayalign padded"]
+    fastest, default = rows_out.get("trl no_gc_precompute"), rows_out.get("trl default")
+
+    def rate(row):
+        return row and row["tokens_per_s"]
+
+    result = {"tokens_per_s": ours["tokens_per_s"], "trl_fastest_tokens_per_s": rate(fastest),
+              "ratio_vs_trl_fastest": fastest and ours["tokens_per_s"] / fastest["tokens_per_s"],
+              "trl_default_tokens_per_s": rate(default),
+              "ratio_vs_trl_default": default and ours["tokens_per_s"] / default["tokens_per_s"],
               "model_flops_per_s": ours["model_flops_per_s"], "matmul_peak_flops_per_s": peak,
               "fraction_of_peak": ours["model_flops_per_s"] / peak, "device": args.device, "clock": args.clock,
-              "params": n_params} | {f"{k.replace(' ', '_')}_tokens_per_s": r["tokens_per_s"]
-                                     for k, r in rows_out.items()}
+              "threads": torch.get_num_threads(), "repeats": args.repeats, "params": n_params,
+              "spread": {k: r["spread"] for k, r in rows_out.items()}} | {
+        f"{k.replace(' ', '_')}_tokens_per_s": r["tokens_per_s"] for k, r in rows_out.items()}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

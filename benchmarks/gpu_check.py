@@ -6,8 +6,8 @@ cuda`: bf16, the Qwen2.5-0.5B shape with random weights, TRL skipped). Generatio
 on the same shape in bf16. The JSON: `gpu_tests` (passed / failed / skipped), `update_mfu_measured_peak`
 (model FLOPs over the best bf16 matmul measured here), `update_mfu_datasheet` (over the GPU's datasheet dense
 bf16 peak, when the GPU is one listed below), `update_tokens_per_s` (real tokens), `peak_gpu_memory_gb`,
-`generate_tokens_per_s`. Model FLOPs: 6 x matmul params per trained token + 2 x per reference token;
-attention's T^2 FLOPs are not counted (a few percent at 512 tokens), so the MFU figures are lower bounds.
+`generate_tokens_per_s`. Model FLOPs as bench_update counts them: 6 x matmul params per trained token + 2 x
+per reference token, plus attention (PaLM's 12 x layers x width x T per trained token, 4 x for a forward).
 """
 
 from __future__ import annotations

@@ -74,8 +74,8 @@ def release_freed_host_memory() -> None:
 
     Why: under glibc's dynamic mmap threshold, the many tensors a CPU backward frees stay in the process's
     resident memory, and the optimizer's first allocation of its state then comes on top of them: one
-    0.5B-model step measured 11.1 GB peak RSS instead of 8.8 GB (benchmarks/bench_memory.py). Called before each optimizer step, where
-    the backward's activations are all free; it takes milliseconds.
+    0.5B-model step measured 11.1 GB peak RSS instead of 8.8 GB (benchmarks/bench_memory.py). Called
+    before each optimizer step, where the backward's activations are all free; it takes milliseconds.
     """
     if not _LIBC:
         import ctypes
