@@ -309,6 +309,14 @@ def run_trl(model, tokenizer, rows: list[dict], args, variant: str) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     ends, counts = [], []  # clocks at each step end; (real tokens, positions) per batch in step order
+    precompute = []  # (wall, CPU) seconds of TRL's reference pass (`precompute_ref_log_probs`), in __init__
+
+    class TimedDPOTrainer(DPOTrainer):
+        def _precompute_ref_logps(self, *args, **kwargs):
+            start = tick("cpu")
+            out = super()._precompute_ref_logps(*args, **kwargs)
+            precompute.append(since(start, "cpu"))
+            return out
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -325,21 +333,28 @@ def run_trl(model, tokenizer, rows: list[dict], args, variant: str) -> dict:
             beta=0.1, max_length=args.max_length, bf16=False, save_strategy="no", disable_tqdm=True,
             # Not a speed setting: makes TRL's batches the same pairs, in the same order, as rayalign's.
             train_sampling_strategy="sequential", **TRL_VARIANTS[variant])
-        trainer = DPOTrainer(model=copy.deepcopy(model), args=config, train_dataset=Dataset.from_list(rows),
+        trainer = TimedDPOTrainer(model=copy.deepcopy(model), args=config, train_dataset=Dataset.from_list(rows),
                              ref_model=None if config.precompute_ref_log_probs else copy.deepcopy(model),
                              processing_class=tokenizer, callbacks=[StepTimer()])
         collate = trainer.data_collator
         trainer.data_collator = lambda examples: counted(collate(examples))
         trainer.train()
     first = args.warmup_steps
-    return {"steps": [{"seconds": (b[0] - a[0], b[1] - a[1]), "tokens": c[0], "positions": c[1]}
-                      for a, b, c in zip(ends[first - 1:], ends[first:], counts[first:])],
-            "settings": f"optim={config.optim}, gradient_checkpointing={config.gradient_checkpointing}, "
-                        f"precompute_ref_log_probs={config.precompute_ref_log_probs}"}
+    run = {"steps": [{"seconds": (b[0] - a[0], b[1] - a[1]), "tokens": c[0], "positions": c[1]}
+                     for a, b, c in zip(ends[first - 1:], ends[first:], counts[first:])],
+           "settings": f"optim={config.optim}, gradient_checkpointing={config.gradient_checkpointing}, "
+                       f"precompute_ref_log_probs={config.precompute_ref_log_probs}"}
+    if config.precompute_ref_log_probs:  # timed and amortised as rayalign's reference pass is
+        if not precompute:
+            raise RuntimeError("TRL did not run its reference precompute (a cached result?): its time would be 0")
+        run["ref"] = {"seconds": tuple(sum(p[i] for p in precompute) for i in (0, 1))}
+        run["settings"] += f"; reference precompute {run['ref']['seconds'][1]:.2f} s (CPU clock), amortised"
+    return run
 
 
 def summarize(run: dict, name: str, flops_per_token: tuple[float, float], amortise: float, clock: int) -> dict:
-    """Throughput of one trainer by clock `clock` (0 wall, 1 CPU); rayalign's adds `amortise` x its reference pass.
+    """Throughput of one trainer by clock `clock` (0 wall, 1 CPU), adding `amortise` x its one-off reference pass
+    (rayalign's, or TRL's precompute).
     `flops_per_token`: (trained, reference forward) model FLOPs per real token, attention included."""
     tokens = sum(s["tokens"] for s in run["steps"])
     seconds = [sum(s["seconds"][i] for s in run["steps"]) for i in (0, 1)]
@@ -392,7 +407,7 @@ def print_report(runs: dict, rows: dict, peak: float, info: dict, clock: int) ->
         if "error" in run or "settings" in run:
             print(f"{name}: {run.get('settings') or 'not run: ' + run['error']}")
     for name, run in runs.items():
-        if "ref" not in run:
+        if "profile" not in run:  # rayalign's runs: the phases and the profile
             continue
         ref, prof, n = run["ref"], run["profile"], len(run["steps"])
         print(f"\n{name}: reference pass once over {info['pairs']} pairs: {ref['seconds'][clock]:.2f} s, "
