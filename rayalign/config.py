@@ -136,11 +136,28 @@ class GenerateConfig:
     # Extra Ray resources per actor, e.g. {accelerator_type:A10G: 0.01} or a custom node label; autoscaling
     # clusters launch the worker type that has them (cluster.yaml).
     resources: dict[str, float] = field(default_factory=dict)
+    # vLLM's engine (backend=vllm): tensor parallel over this many of the actor's GPUs (gpus_per_actor must
+    # give it that many), its context window (None: the model's), the share of each GPU it may take (weights,
+    # activations, KV cache), and prefix caching (the K samples of a prompt share its KV blocks).
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.85
+    prefix_caching: bool = True
 
     def __post_init__(self):
         _check_resources(self.resources, "generate.resources")
         _one_of(self.backend, "generate.backend", ("hf", "vllm"))
         _stage_placement(self, "generate")
+        _positive(self.tensor_parallel_size, "generate.tensor_parallel_size")
+        if self.tensor_parallel_size > 1:
+            _require(self.backend == "vllm", "generate.tensor_parallel_size", "> 1 needs generate.backend=vllm")
+            _require(self.gpus_per_actor >= self.tensor_parallel_size, "generate.gpus_per_actor",
+                     f"must be >= generate.tensor_parallel_size={self.tensor_parallel_size} (one GPU per shard); "
+                     f"got {self.gpus_per_actor}")
+        _require(self.max_model_len is None or self.max_model_len > 0, "generate.max_model_len",
+                 "must be > 0 or null (the model's own)")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, "generate.gpu_memory_utilization",
+                 f"must be in (0, 1]; got {self.gpu_memory_utilization}")
         _require(self.num_samples >= 2, "generate.num_samples", "must be >= 2 to form pairs")
         _positive(self.temperature, "generate.temperature")
         _require(0.0 < self.top_p <= 1.0, "generate.top_p", f"must be in (0, 1]; got {self.top_p}")
@@ -287,11 +304,16 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps; 0: only at the end
     # Checkpoints (what `--resume` and a Ray Train restart continue from) are written at the end of every
     # epoch, every `save_every` optimizer steps (0: off) and after `save_every_minutes` of training since
-    # the last one (0: off; rank 0's clock, so all ranks save at the same step), and at the end.
+    # the last one (0: off; rank 0's clock, so all ranks save at the same step). At the end only final/ is
+    # written: the model (16-bit in a bf16 run) and tokenizer, no optimizer state.
     save_every: int = 0
     save_every_minutes: float = 10.0
     keep_checkpoints: int = 2  # newest complete step-N directories kept; 0 keeps all
     max_failures: int = 3  # Ray Train restarts of the worker group after a worker dies (0: none)
+    # DeepSpeed ZeRO-Offload (train.engine=deepspeed): the optimizer state and its update (any ZeRO stage) and,
+    # with ZeRO-3, the parameters between uses live in CPU memory. Frees accelerator memory, costs step time.
+    offload_optimizer: bool = False
+    offload_params: bool = False
 
     def __post_init__(self):
         _positive(self.num_workers, "train.num_workers")
@@ -302,6 +324,11 @@ class TrainConfig:
         _one_of(self.engine, "train.engine", ("ddp", "deepspeed"))
         _one_of(self.zero_stage, "train.zero_stage", (1, 2, 3))
         _one_of(self.precision, "train.precision", ("fp32", "bf16"))
+        for key in ("offload_optimizer", "offload_params"):
+            _require(not getattr(self, key) or self.engine == "deepspeed", f"train.{key}",
+                     f"needs train.engine=deepspeed (got {self.engine})")
+        _require(not self.offload_params or self.zero_stage == 3, "train.offload_params",
+                 f"needs train.zero_stage=3, where parameters are partitioned (got {self.zero_stage})")
         _positive(self.global_batch_size, "train.global_batch_size")
         _positive(self.gradient_accumulation_steps, "train.gradient_accumulation_steps")
         _positive(self.epochs, "train.epochs")

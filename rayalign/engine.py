@@ -82,13 +82,21 @@ class DDPEngine:
 def deepspeed_config(config: Config) -> dict:
     """DeepSpeed's JSON config for our settings (the optimizer and schedule are passed as objects)."""
     train = config.train
+    zero = {"stage": train.zero_stage}
+    cpu = {"device": "cpu", "pin_memory": train.use_gpu}  # pinned host memory: faster copies to and from a GPU
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = cpu
+    if train.offload_params:
+        zero["offload_param"] = cpu
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "gradient_clipping": config.optim.max_grad_norm,
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "zero_allow_untested_optimizer": True,  # a torch optimizer on CPU: DeepSpeed's fused ones need a JIT build
+        # Offload steps our torch AdamW on the CPU copies (DeepSpeedCPUAdam is faster but JIT-builds a C++ op)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

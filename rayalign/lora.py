@@ -125,7 +125,9 @@ def save_adapters(peft_model, directory: Path, state_dict: dict | None = None) -
     peft_model.save_pretrained(directory, state_dict=state_dict, save_embedding_layers=False)
 
 
-def save_merged(peft_model, directory: Path) -> None:
-    """A plain HF model: the adapters merged into the base weights. Merges in place (the PEFT wrapper is
-    gone afterwards): call it last, when training is over."""
-    peft_model.merge_and_unload().save_pretrained(directory)
+def save_merged(peft_model, directory: Path, *, dtype=None) -> None:
+    """A plain HF model: the adapters merged into the base weights, cast to `dtype` if given. Merges in place
+    (the PEFT wrapper is gone afterwards): call it last, when training is over."""
+    from rayalign.models import save_weights
+
+    save_weights(peft_model.merge_and_unload(), directory, dtype=dtype)

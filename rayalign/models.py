@@ -260,3 +260,23 @@ def load_policy_and_reference(
     reference_model = load_model(policy if reference is None else reference, options, **kwargs)
     reference_model.requires_grad_(False)
     return PolicyAndReference(policy_model, reference_model, tokenizer)
+
+
+def save_weights(model: PreTrainedModel, directory: Path, state_dict: dict | None = None, *,
+                 dtype=None) -> None:
+    """`model.save_pretrained(directory)` with `state_dict` (default: the model's own) cast to `dtype` (None: as
+    is; floating tensors only), and config.json saying that dtype, so a plain `from_pretrained` loads it as
+    saved (transformers writes the live model's dtype there, float32 master weights in training)."""
+    import json
+
+    import torch
+
+    state_dict = state_dict if state_dict is not None else model.state_dict()
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state_dict.items()}
+    model.save_pretrained(directory, state_dict=state_dict)
+    if dtype is not None:
+        path = Path(directory) / "config.json"
+        config = json.loads(path.read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

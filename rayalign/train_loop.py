@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -37,8 +36,8 @@ from rayalign.engine import build_engine, partitioned_loading
 from rayalign.group_batching import group_reference_column
 from rayalign.io import atomic_directory, atomic_write_text
 from rayalign.metrics_log import MetricsLog
+from rayalign.models import save_weights
 from rayalign.objective import mallows_scale, metrics_from_sums, needs_dispersion, pair_metric_sums, unit_dispersion
-from rayalign.sams_select import STATE_FILE as SAMS_FILE
 from rayalign.sams_select import PairSelector, pair_margins
 from rayalign.spa_refine import SpaRefiner
 from rayalign.stage_inputs import StageInputs
@@ -48,7 +47,6 @@ from rayalign.storage import materialize
 from rayalign.tracking import TrackingSettings
 
 FAILURE_FILE = "FAILED.json"
-HF_ARTIFACTS = ("optimizer.pt", "deepspeed", ckpt.STATE_FILE, SAMS_FILE)
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -103,6 +101,7 @@ class Worker:
         self.run_dir = Path(self.config.run.dir)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.local_rank = context.get_local_rank()  # the first rank of each node writes its node's files
         # run.storage: inputs are storage locations (`materialize`: this node's copy; a local path stays);
         # outputs go to a node-local scratch run dir that rank 0 publishes
         self.store = storage_train.worker_storage(loop_config, rank=self.rank)
@@ -315,13 +314,13 @@ class Worker:
     def _eval_k(self, columns: dict, index: torch.Tensor) -> torch.Tensor:
         return unit_dispersion({k: v[index] for k, v in columns.items()}) * self.mallows_c
 
-    def save(self, step: int, epoch: int, *, final: bool) -> None:
+    def save(self, step: int, epoch: int) -> None:
         began = time.perf_counter()
-        self._save(step, epoch, final=final)
+        self._save(step, epoch)
         self.save_seconds += time.perf_counter() - began
 
-    def _save(self, step: int, epoch: int, *, final: bool) -> None:
-        tmp = ckpt.begin(self.run_dir, step, rank=self.rank)
+    def _save(self, step: int, epoch: int) -> None:
+        tmp = ckpt.begin(self.run_dir, step, rank=self.rank, local_rank=self.local_rank)
         self.engine.save(tmp, rank=self.rank)
         state_dict = self.engine.full_state_dict(tmp)
         if self.selector:
@@ -337,20 +336,30 @@ class Worker:
         state = {"step": step, "epoch": epoch, "total_steps": self.total,
                  **({"spa_window": self.refiner.state_dict()} if self.refiner else {})}
         done = ckpt.commit(tmp, state, rank=self.rank, keep=self.config.train.keep_checkpoints)
-        if self.store and self.rank == 0:
-            storage_train.publish_checkpoint(self.store, done, keep=self.config.train.keep_checkpoints)
+        if self.store:  # collective: DeepSpeed's ranks each upload their own shards
+            storage_train.publish_checkpoint(self.store, done, tmp, keep=self.config.train.keep_checkpoints,
+                                             rank=self.rank, local_rank=self.local_rank)
         self.saved_at = time.monotonic()
-        if final and self.rank == 0:
+
+    def save_final(self) -> None:
+        """RUN_DIR/final/: the consolidated model (16-bit in a bf16 run) and the tokenizer, nothing else: no
+        optimizer or DeepSpeed state and no last checkpoint (a kill before final/ exists resumes from the newest
+        periodic one and redoes the steps after it). Collective: ZeRO-3 gathers the weights on rank 0."""
+        began = time.perf_counter()
+        state_dict = None if self.lora else self.engine.full_state_dict(self.run_dir)
+        if self.rank == 0:
+            dtype = torch.bfloat16 if self.config.train.precision == "bf16" else None
             with atomic_directory(self.run_dir / "final") as out:
                 if self.lora:  # a plain HF model, the adapters merged: the next stages load it as any other
                     from rayalign.lora import save_merged
 
-                    save_merged(self.policy, out)
-                    self.tokenizer.save_pretrained(out)
+                    save_merged(self.policy, out, dtype=dtype)
                 else:
-                    for item in done.iterdir():
-                        if item.name not in HF_ARTIFACTS and item.is_file():
-                            shutil.copy2(item, out / item.name)
+                    save_weights(self.policy, out, state_dict, dtype=dtype)
+                self.tokenizer.save_pretrained(out)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank reports the stage done before final/ exists
+        self.save_seconds += time.perf_counter() - began
 
     def _due(self, every: int, step: int) -> bool:
         return every > 0 and step % every == 0 and step < self.total
@@ -389,9 +398,9 @@ class Worker:
             if "eval/loss" in metrics:  # Tune's schedulers read these; every step would flood the driver log
                 ray.train.report(metrics)
             if self._checkpoint_due(step + 1):
-                self.save(step + 1, epoch, final=False)
+                self.save(step + 1, epoch)
         final_metrics = {"step": self.total, **(self.evaluate() if self.eval else {})}
-        self.save(self.total, epoch, final=True)
+        self.save_final()
         if self.rank == 0:  # the stage's timing (`rayalign.stage_timing`): start-up, steps and saves
             seconds = {"start": began - self.created, "steps": time.perf_counter() - began - self.save_seconds,
                        "save": self.save_seconds}

@@ -262,3 +262,24 @@ def test_import_is_cheap():
             "heavy = [m for m in ('ray', 'vllm', 'deepspeed', 'torch', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_save_weights_writes_the_final_dtype_and_says_so(tiny_model_dir, tmp_path, dtype):
+    """A bf16 run's final/ is 16-bit, and config.json says so: a plain `from_pretrained` loads bf16 weights
+    equal to the float32 master weights rounded once; a float32 run's final/ is the weights as they are."""
+    from safetensors.torch import load_file
+
+    from rayalign.models import save_weights
+
+    model = load_model(str(tiny_model_dir))
+    save_weights(model, tmp_path / "final", dtype=dtype)
+    saved = load_file(tmp_path / "final" / "model.safetensors")
+    expected = dtype or torch.float32
+    assert {v.dtype for v in saved.values()} == {expected}
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["dtype"] == str(expected).split(".")[1]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert reloaded.dtype == expected
+    for name, value in model.state_dict().items():
+        if name in saved:
+            torch.testing.assert_close(saved[name], value.to(expected), atol=0, rtol=0, msg=name)

@@ -64,6 +64,12 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
         torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
 
 
+def assert_final_is_model_and_tokenizer_only(final: Path) -> None:
+    names = {p.name for p in final.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names and "tokenizer.json" in names, names
+    assert not names & {"optimizer.pt", "deepspeed", "trainer_state.json", "sams.pt"}, names
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, pairs_file, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
@@ -84,12 +90,15 @@ def test_artifacts_metrics_and_checkpoints(uninterrupted):
     final = json.loads((uninterrupted / "final_metrics.json").read_text())
     assert final["step"] == 6 and 0.0 <= final["eval/rewards/accuracies"] <= 1.0
     assert list((uninterrupted / "tb").glob("events.out.tfevents.*"))
-    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-4", "step-6"]  # keep 2
-    assert json.loads((uninterrupted / "checkpoints" / "step-6" / "trainer_state.json").read_text())["step"] == 6
+    # save_every=2 and each epoch's end (3 steps) gave steps 2, 3 and 4, the newest 2 kept; the end writes
+    # final/ only: the model and tokenizer, no optimizer or trainer state and no step-6 checkpoint
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-3", "step-4"]
+    assert json.loads((uninterrupted / "checkpoints" / "step-4" / "trainer_state.json").read_text())["step"] == 4
+    assert (uninterrupted / "checkpoints" / "step-4" / "optimizer.pt").is_file()
+    assert_final_is_model_and_tokenizer_only(uninterrupted / "final")
     model = AutoModelForCausalLM.from_pretrained(uninterrupted / "final")
     AutoTokenizer.from_pretrained(uninterrupted / "final")
     assert sum(p.numel() for p in model.parameters()) > 0
-    assert_same_weights(uninterrupted / "final", uninterrupted / "checkpoints" / "step-6", atol=0)
 
 
 def test_matches_the_in_process_oracle(uninterrupted, tiny_model_dir):
@@ -140,16 +149,37 @@ def test_reference_in_the_step_equals_the_cache(uninterrupted, tiny_model_dir, p
                                                                    abs=1e-6)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_zero_matches_ddp(uninterrupted, tiny_model_dir, pairs_file, tmp_path, stage):
+@pytest.mark.parametrize("settings", [("train.zero_stage=1",), ("train.zero_stage=2", "train.offload_optimizer=true"),
+                                      ("train.zero_stage=3",)], ids=["zero1", "zero2-offload-optimizer", "zero3"])
+def test_deepspeed_zero_matches_ddp(uninterrupted, tiny_model_dir, pairs_file, tmp_path, settings):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    assert train(tiny_model_dir, pairs_file, run_dir, "train.engine=deepspeed", f"train.zero_stage={stage}") == 0
+    assert train(tiny_model_dir, pairs_file, run_dir, "train.engine=deepspeed", *settings) == 0
     ds, ddp = metrics(run_dir), metrics(uninterrupted)
     assert [m["loss"] for m in ds] == pytest.approx([m["loss"] for m in ddp], abs=1e-4)
     assert [m["grad_norm"] for m in ds] == pytest.approx([m["grad_norm"] for m in ddp], rel=1e-3)
     AutoModelForCausalLM.from_pretrained(run_dir / "final")  # ZeRO-3 shards consolidated into a normal HF dir
+    assert_same_weights(run_dir / "final", uninterrupted / "final", atol=1e-4)
+    assert_final_is_model_and_tokenizer_only(run_dir / "final")
+    checkpoint = run_dir / "checkpoints" / "step-4"  # one copy of DeepSpeed's state, beside the consolidated model
+    assert (checkpoint / "deepspeed").is_dir() and (checkpoint / "model.safetensors").is_file()
+    assert not (checkpoint / "optimizer.pt").exists()
+
+
+def test_zero3_offloading_everything_restarts_after_a_worker_died_and_equals_ddp(
+        uninterrupted, tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """ZeRO-3 with parameters and optimizer state offloaded to the CPU: rank 1 is SIGKILLed before step 5, Ray
+    Train restarts the group from checkpoints/step-4 (DeepSpeed's offloaded state reloaded), and the run
+    ends where the uninterrupted DDP run ends."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("RAYALIGN_KILL_WORKER_AT", "5:1")
+    assert train(tiny_model_dir, pairs_file, run_dir, "train.engine=deepspeed", "train.zero_stage=3",
+                 "train.offload_params=true", "train.offload_optimizer=true", "train.max_failures=1") == 0
+    assert (run_dir / ".killed-step5-rank1").exists()
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in metrics(run_dir)] == pytest.approx([m["loss"] for m in metrics(uninterrupted)],
+                                                                   abs=1e-4)
     assert_same_weights(run_dir / "final", uninterrupted / "final", atol=1e-4)
 
 
@@ -199,7 +229,8 @@ def test_readme_training_contract_on_hh(tmp_path):
     assert "rayalign train configs/hh_tiny.yaml" in (repo / "README.md").read_text()
     run_dir = tmp_path / "hh"
     result = subprocess.run([sys.executable, "-m", "rayalign.cli", "train", "configs/hh_tiny.yaml",
-                             f"run.dir={run_dir}", "train.max_steps=12", "train.eval_every=6"],
+                             f"run.dir={run_dir}", "train.max_steps=12", "train.eval_every=6",
+                             "train.save_every=6"],  # the config's 40 is past the cut: one checkpoint at 6
                             cwd=repo, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "pairs: train 2081, eval 231; 0 dropped" in result.stdout
@@ -207,7 +238,7 @@ def test_readme_training_contract_on_hh(tmp_path):
     assert len(steps) == 12 and "eval/rewards/accuracies" in steps[5]
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert 0.0 < final["eval/rewards/accuracies"] < 1.0
-    for name in ("metrics.jsonl", "tb", "checkpoints", "final"):
+    for name in ("metrics.jsonl", "tb", "checkpoints/step-6", "final"):
         assert (run_dir / name).exists(), name
 
 
@@ -237,7 +268,7 @@ def test_spa_self_refinement_on_ray_workers(tiny_model_dir, pairs_file, tmp_path
     assert all(s["spa/active"] == 1 for s in steps[2:])  # 30% of 6 steps -> active from step 3
     assert sum(s["spa/relabelled"] for s in steps[2:]) > 0
     assert all(s["spa/relabelled"] == 0 for s in steps[:2])
-    state = json.loads((run_dir / "checkpoints" / "step-6" / "trainer_state.json").read_text())
+    state = json.loads((run_dir / "checkpoints" / "step-4" / "trainer_state.json").read_text())  # save_every=2
     assert len(state["spa_window"]["values"]) == 8
     # the in-process oracle refines the same way (it used to ignore spa.refine)
     import copy
