@@ -70,13 +70,12 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
-def begin(run_dir: str | Path, step: int, *, rank: int, local_rank: int | None = None) -> Path:
-    """Rank 0 (given `local_rank`: the first rank of every node, as nodes need not share a disk) clears a
-    stale temporary directory for `step`; every rank gets its path after a barrier."""
+def begin(run_dir: str | Path, step: int, *, rank: int) -> Path:
+    """Rank 0 clears a stale temporary directory for `step`; every rank gets its path after a barrier."""
     tmp = Path(run_dir) / "checkpoints" / f".tmp-step-{step}"
-    if rank == 0 or local_rank == 0:
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)
     _barrier()
     return tmp
 

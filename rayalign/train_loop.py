@@ -101,7 +101,6 @@ class Worker:
         self.run_dir = Path(self.config.run.dir)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.local_rank = context.get_local_rank()  # the first rank of each node writes its node's files
         # run.storage: inputs are storage locations (`materialize`: this node's copy; a local path stays);
         # outputs go to a node-local scratch run dir that rank 0 publishes
         self.store = storage_train.worker_storage(loop_config, rank=self.rank)
@@ -320,7 +319,7 @@ class Worker:
         self.save_seconds += time.perf_counter() - began
 
     def _save(self, step: int, epoch: int) -> None:
-        tmp = ckpt.begin(self.run_dir, step, rank=self.rank, local_rank=self.local_rank)
+        tmp = ckpt.begin(self.run_dir, step, rank=self.rank)
         self.engine.save(tmp, rank=self.rank)
         state_dict = self.engine.full_state_dict(tmp)
         if self.selector:
@@ -336,9 +335,8 @@ class Worker:
         state = {"step": step, "epoch": epoch, "total_steps": self.total,
                  **({"spa_window": self.refiner.state_dict()} if self.refiner else {})}
         done = ckpt.commit(tmp, state, rank=self.rank, keep=self.config.train.keep_checkpoints)
-        if self.store:  # collective: DeepSpeed's ranks each upload their own shards
-            storage_train.publish_checkpoint(self.store, done, tmp, keep=self.config.train.keep_checkpoints,
-                                             rank=self.rank, local_rank=self.local_rank)
+        if self.store and self.rank == 0:
+            storage_train.publish_checkpoint(self.store, done, keep=self.config.train.keep_checkpoints)
         self.saved_at = time.monotonic()
 
     def save_final(self) -> None:
