@@ -70,12 +70,13 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
-def begin(run_dir: str | Path, step: int, *, rank: int) -> Path:
-    """Rank 0 clears a stale temporary directory for `step`; every rank gets its path after a barrier."""
+def begin(run_dir: str | Path, step: int, *, rank: int, node_leader: bool = False) -> Path:
+    """Rank 0 and every `node_leader` (the first rank of its node: nodes need not share a disk) clear a stale
+    temporary directory for `step`; every rank gets its path after a barrier."""
     tmp = Path(run_dir) / "checkpoints" / f".tmp-step-{step}"
-    if rank == 0:
+    if rank == 0 or node_leader:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, exist_ok=True)
     _barrier()
     return tmp
 

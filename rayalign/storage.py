@@ -25,8 +25,8 @@ Credentials come from the filesystem's usual sources (for S3: AWS_* variables, i
 may carry pyarrow's options, e.g. s3://bucket/run?endpoint_override=127.0.0.1:9000&scheme=http.
 
 Without `run.storage` none of this runs. The node cache lives in RAYALIGN_CACHE_DIR (default
-<tmp>/rayalign-cache). It does not support DeepSpeed with several workers
-(ZeRO checkpoints are written by every rank into one directory; `rayalign.train` says so).
+<tmp>/rayalign-cache). A unit can also be written by several processes (`open_unit`, `upload_files` from
+each, `commit_unit` with all their names): DeepSpeed's checkpoints, whose ranks each write their own shards.
 """
 
 from __future__ import annotations
@@ -270,16 +270,41 @@ class RunStorage:
             return
         if not local.is_dir():
             raise FileNotFoundError(f"cannot publish {local}: it does not exist")
+        self._open(path)
+        self._commit(path, self._upload_files(path, local), local)
+
+    # A unit written by several processes (the ranks of a DeepSpeed checkpoint, each on its own node): one
+    # opens it, each uploads its own files, one commits the union of their names.
+    def open_unit(self, local: str | Path) -> None:
+        """Readers stop trusting the old copy at `local`'s location (its marker goes first); it is emptied."""
+        self._open(self._path(self.key(local)))
+
+    def upload_files(self, local: str | Path, source: str | Path | None = None) -> list[str]:
+        """The files under `source` (default `local`) into `local`'s open unit; their relative names."""
+        return self._upload_files(self._path(self.key(local)), Path(source or local))
+
+    def commit_unit(self, local: str | Path, names: list[str]) -> None:
+        """The marker, listing `names`: from now on readers trust the unit."""
+        self._commit(self._path(self.key(local)), names, Path(local))
+
+    def _open(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.fs.delete_file(f"{path}/{MARKER}")  # readers stop trusting the old copy first
+            self.fs.delete_file(f"{path}/{MARKER}")
         self.fs.delete_dir_contents(path, missing_dir_ok=True)
         _write_object(self.fs, f"{path}/{UNIT}", b"")
-        files = _unit_files(local)
-        for file in files:
-            _upload(self.fs, file, f"{path}/{file.relative_to(local).as_posix()}")
-        marker = {"id": uuid.uuid4().hex, "files": [f.relative_to(local).as_posix() for f in files]}
+
+    def _upload_files(self, path: str, source: Path) -> list[str]:
+        names = []
+        for file in _unit_files(source):
+            names.append(file.relative_to(source).as_posix())
+            _upload(self.fs, file, f"{path}/{names[-1]}")
+        return names
+
+    def _commit(self, path: str, names: list[str], local: Path) -> None:
+        marker = {"id": uuid.uuid4().hex, "files": sorted(set(names))}
         _write_object(self.fs, f"{path}/{MARKER}", json.dumps(marker).encode())
-        (local / MARKER).write_text(json.dumps(marker))  # the working copy knows which commit it holds
+        if local.is_dir():
+            (local / MARKER).write_text(json.dumps(marker))  # the working copy knows which commit it holds
 
     def pull(self, local: str | Path) -> bool:
         """Copy what is committed at `local`'s location to `local` (atomically); False when nothing is."""

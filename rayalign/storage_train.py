@@ -4,7 +4,8 @@ With `run.storage` the driver publishes the prepared Parquet and hands the worke
 it and of the models; each worker materializes them on its node and runs in a node-local scratch run dir
 bound to the stage's location (STORAGE/<stage>), one per node and attempt. Rank 0 publishes metrics.jsonl
 and tb/ with every checkpoint, then the checkpoint (a unit, so a resume on any node finds only complete
-ones); at the end metrics, final_metrics.json and tb/, then final/ last: the stage's completion marker.
+ones; with DeepSpeed every node uploads its ranks' shards into it before rank 0 commits it); at the end
+metrics, final_metrics.json and tb/, then final/ last: the stage's completion marker.
 After `fit()` the driver pulls those into its run.dir. Without `run.storage` nothing here is called.
 """
 
@@ -67,16 +68,65 @@ def resume_checkpoint(store: RunStorage) -> Path | None:
     return Path(materialize(store.location(latest))) if latest else None
 
 
-def publish_checkpoint(store: RunStorage, checkpoint: Path, *, keep: int) -> None:
-    """Rank 0: logs, then the checkpoint unit; then drop stored checkpoints beyond `keep` (0: keep all)."""
-    store.publish(*_present(store, ("metrics.jsonl", "tb")), checkpoint)
-    if keep > 0:
-        from rayalign.checkpoint import STEP_DIR
+def publish_checkpoint(store: RunStorage, checkpoint: Path, scratch: Path, *, keep: int, rank: int,
+                       node_leader: bool) -> None:
+    """Collective, after `rayalign.checkpoint.commit`: rank 0 publishes the logs and opens the checkpoint's
+    unit; the first rank of every node (`node_leader`) uploads what its node holds of it (rank 0's node: the committed
+    `checkpoint`; another node: the shards its ranks wrote into `scratch`, the temporary directory, removed
+    afterwards: nodes share no disk); rank 0 commits the union of the names, then drops stored checkpoints
+    beyond `keep` (0: keep all). DDP's rank 0 holds everything; DeepSpeed's ranks each hold their shards."""
+    if rank == 0:
+        store.publish(*_present(store, ("metrics.jsonl", "tb")))
+        store.open_unit(checkpoint)
+    _barrier()
+    names: list[str] = []
+    if node_leader:
+        source = checkpoint if checkpoint.is_dir() else scratch
+        names = store.upload_files(checkpoint, source) if source.is_dir() else []
+    everyone = _gather(names)
+    if rank == 0:
+        store.commit_unit(checkpoint, [name for part in everyone for name in part])
+        if keep > 0:
+            _drop_old_checkpoints(store, checkpoint.parent, keep)
+    _barrier()
+    if node_leader and not checkpoint.is_dir():
+        shutil.rmtree(scratch, ignore_errors=True)
 
-        names = store.committed_units(checkpoint.parent)
-        steps = sorted(int(m.group(1)) for name in names if (m := STEP_DIR.match(name)))
-        for step in steps[:-keep]:
-            store.delete(checkpoint.parent / f"step-{step}")
+
+def _drop_old_checkpoints(store: RunStorage, checkpoints: Path, keep: int) -> None:
+    from rayalign.checkpoint import STEP_DIR
+
+    names = store.committed_units(checkpoints)
+    steps = sorted(int(m.group(1)) for name in names if (m := STEP_DIR.match(name)))
+    for step in steps[:-keep]:
+        store.delete(checkpoints / f"step-{step}")
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def first_rank_on_node(rank: int) -> bool:
+    """Collective: whether `rank` is the lowest rank on its Ray node. Not Ray Train's local rank: that counts
+    the ranks per node IP address, and Ray nodes can share one (several raylets on a machine, as in tests)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return _gather(node).index(node) == rank
+
+
+def _gather(value):
+    """Every rank's `value`, in rank order (on every rank); just ours outside a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def publish_outputs(store: RunStorage) -> None:

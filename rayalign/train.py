@@ -168,9 +168,6 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     config = inputs.stage_config(config)  # the loss this stage trains (the loop's iteration 0 may differ)
     started = time.perf_counter()
     store = storage or RunStorage.from_config(config)
-    if store and config.train.engine == "deepspeed" and config.train.num_workers > 1:
-        raise ConfigError("run.storage: not supported with train.engine=deepspeed and several workers yet (every "
-                          "rank writes ZeRO checkpoints into one directory: that needs a disk shared by all nodes)")
     _check_resume(run_dir, resume, store)
     if not inputs.train_file:
         raise ConfigError("data.train_file: set it to a preference file (see `rayalign data check`)")

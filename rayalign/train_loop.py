@@ -101,6 +101,7 @@ class Worker:
         self.run_dir = Path(self.config.run.dir)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.node_leader = storage_train.first_rank_on_node(self.rank)  # writes and uploads its node's files
         # run.storage: inputs are storage locations (`materialize`: this node's copy; a local path stays);
         # outputs go to a node-local scratch run dir that rank 0 publishes
         self.store = storage_train.worker_storage(loop_config, rank=self.rank)
@@ -319,7 +320,7 @@ class Worker:
         self.save_seconds += time.perf_counter() - began
 
     def _save(self, step: int, epoch: int) -> None:
-        tmp = ckpt.begin(self.run_dir, step, rank=self.rank)
+        tmp = ckpt.begin(self.run_dir, step, rank=self.rank, node_leader=self.node_leader)
         self.engine.save(tmp, rank=self.rank)
         state_dict = self.engine.full_state_dict(tmp)
         if self.selector:
@@ -335,8 +336,9 @@ class Worker:
         state = {"step": step, "epoch": epoch, "total_steps": self.total,
                  **({"spa_window": self.refiner.state_dict()} if self.refiner else {})}
         done = ckpt.commit(tmp, state, rank=self.rank, keep=self.config.train.keep_checkpoints)
-        if self.store and self.rank == 0:
-            storage_train.publish_checkpoint(self.store, done, keep=self.config.train.keep_checkpoints)
+        if self.store:  # collective: DeepSpeed's ranks each upload their own shards
+            storage_train.publish_checkpoint(self.store, done, tmp, keep=self.config.train.keep_checkpoints,
+                                             rank=self.rank, node_leader=self.node_leader)
         self.saved_at = time.monotonic()
 
     def save_final(self) -> None:

@@ -5,7 +5,8 @@ The unit tests take a few seconds. The loop test starts an in-process 3-node `ra
 (a head without CPUs for the driver; a "gen" node for generation, judging and reference scoring; a
 "train" node for the Ray Train worker) with its own RAY_TMPDIR, so no other Ray on the machine can attach
 to it, and runs the micro quickstart loop with run.storage on the bucket, then resumes it from an empty
-run.dir on the same storage.
+run.dir on the same storage; and a DeepSpeed training run with one worker on each of two nodes, one killed
+and restarted from the checkpoint both nodes wrote into storage.
 """
 
 from __future__ import annotations
@@ -222,8 +223,9 @@ def three_nodes(s3_endpoint, tmp_path_factory):
     cluster = None
     try:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-        gen = cluster.add_node(num_cpus=3, resources={"gen_node": 4})
-        train = cluster.add_node(num_cpus=2, resources={"train_node": 1})
+        # ds_slot: one per node, so that two Ray Train workers asking for one each land on different nodes
+        gen = cluster.add_node(num_cpus=3, resources={"gen_node": 4, "ds_slot": 1})
+        train = cluster.add_node(num_cpus=2, resources={"train_node": 1, "ds_slot": 1})
         cluster.wait_for_nodes()
         yield cluster, gen.node_id, train.node_id
     finally:
@@ -292,3 +294,56 @@ def test_loop_on_three_nodes_shares_only_storage(three_nodes, s3_endpoint, tmp_p
     assert {name: json.loads((tmp_path / "b" / name / MARKER).read_text())["id"] for name in commits} == commits
     assert (tmp_path / "b" / "metrics.jsonl").read_text() == (tmp_path / "a" / "metrics.jsonl").read_text()
     assert (tmp_path / "b" / "report.md").is_file()
+
+
+def test_deepspeed_workers_on_two_nodes_checkpoint_to_storage_and_resume_from_it(three_nodes, s3_endpoint,
+                                                                                 tiny_model_dir, tmp_path):
+    """ZeRO-2 over 2 workers, one per node (nodes that share no disk): each rank's optimizer shard goes into the
+    stored checkpoint; rank 1 is SIGKILLed before step 3, Ray Train restarts the group, both nodes
+    materialize checkpoints/step-2 from storage, and the run ends with the in-process oracle's losses and
+    weights."""
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    from rayalign.config_loader import load_config
+    from rayalign.data import load_rows
+    from rayalign.models import load_model, load_tokenizer
+    from rayalign.oracle import train_pairs
+    from rayalign.tasks.sentiment import gold_pairs
+    from rayalign.train import split_eval
+
+    cluster, gen_node, train_node = three_nodes
+    data, run_dir = tmp_path / "pairs.jsonl", tmp_path / "run"
+    data.write_text("".join(json.dumps(r) + "\n" for r in gold_pairs(32, seed=5)))
+    storage = _s3_uri(s3_endpoint, f"ds-{tmp_path.name}")
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "RAYALIGN_KILL_WORKER_AT": "3:1"}
+    command = [sys.executable, "-m", "rayalign.cli", "train", f"model.policy={tiny_model_dir}",
+               f"data.train_file={data}", "data.max_completion_length=48", "optim.lr=5e-4", "optim.warmup_ratio=0",
+               "optim.scheduler=constant",
+               "train.global_batch_size=8", "train.num_workers=2", "train.engine=deepspeed", "train.zero_stage=2",
+               "train.resources_per_worker={ds_slot: 1}", "train.save_every=2", "train.max_failures=1",
+               f"run.storage={storage}", f"run.dir={run_dir}"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    store = RunStorage(storage, run_dir)
+    assert store.committed_units(run_dir / "checkpoints") == ["step-2"]
+    marker = json.loads(store.fs.open_input_stream(store.fs_path(run_dir / "checkpoints/step-2") + "/" + MARKER)
+                        .read())
+    shards = [name for name in marker["files"] if name.endswith("optim_states.pt")]
+    assert len(shards) == 2 and {"zero_pp_rank_0", "zero_pp_rank_1"} == {n.split("/")[-1][:14] for n in shards}
+    cache = Path(os.environ["RAYALIGN_CACHE_DIR"])
+    assert "step-2" in _cached(cache, gen_node) and "step-2" in _cached(cache, train_node)  # both resumed from it
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+
+    config = load_config(run_dir / "config.yaml")
+    tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    rows, _ = split_eval(load_rows(str(data)).rows, config, tokenizer)
+    history = train_pairs(model, copy.deepcopy(model).requires_grad_(False), tokenizer, rows, config)
+    assert [h["loss"] for h in history] == pytest.approx([m["loss"] for m in steps], abs=1e-4)
+    for name, value in load_file(run_dir / "final" / "model.safetensors").items():
+        torch.testing.assert_close(value, model.state_dict()[name].detach(), atol=1e-4, rtol=0, msg=name)
