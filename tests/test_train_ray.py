@@ -122,35 +122,37 @@ def test_matches_the_in_process_oracle(uninterrupted, tiny_model_dir):
         torch.testing.assert_close(value, oracle[name], atol=2e-5, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("split", [("1", "4", "1"), ("4", "1", "0.5")], ids=["1x4", "4x1"])
-def test_batch_split_invariance(uninterrupted, tiny_model_dir, pairs_file, tmp_path, split):
-    """1 worker x 4 accumulation == 2 x 2 == 4 x 1: the same global batch of 8 pairs."""
-    workers, accumulation, cpus = split
+def test_four_workers_by_one_pair_equal_two_by_two(uninterrupted, tiny_model_dir, pairs_file, tmp_path):
+    """4 workers x 1 accumulation == 2 x 2: the same global batch of 8 pairs."""
     run_dir = tmp_path / "run"
-    assert train(tiny_model_dir, pairs_file, run_dir, f"train.num_workers={workers}",
-                 f"train.gradient_accumulation_steps={accumulation}", f"train.cpus_per_worker={cpus}") == 0
+    assert train(tiny_model_dir, pairs_file, run_dir, "train.num_workers=4", "train.gradient_accumulation_steps=1",
+                 "train.cpus_per_worker=0.5") == 0
     assert [m["loss"] for m in metrics(run_dir)] == pytest.approx([m["loss"] for m in metrics(uninterrupted)],
                                                                    abs=1e-5)
     assert_same_weights(run_dir / "final", uninterrupted / "final", atol=2e-5)
 
 
-def test_reference_in_the_step_equals_the_cache(uninterrupted, tiny_model_dir, pairs_file, tmp_path, capsys,
-                                                monkeypatch):
-    """`ref.cache=false` runs the reference forward inside each step: same numbers, no cache written.
-    Also run from another directory with relative paths: the workers run elsewhere and must still find them."""
+def test_one_worker_with_the_reference_in_the_step_equals_two_with_the_cache(
+        uninterrupted, tiny_model_dir, pairs_file, tmp_path, capsys, monkeypatch):
+    """1 worker x 4 accumulation == 2 x 2, with `ref.cache=false` (the reference forward inside each step: same
+    numbers, no cache written), run from another directory with relative paths: the workers run elsewhere and
+    must still find them. (One run for both: each `TorchTrainer.fit` costs ~15 s of fixed start-up here.)"""
     import os
 
     monkeypatch.chdir(tmp_path)
     model = os.path.relpath(tiny_model_dir, tmp_path)
-    assert train(model, pairs_file, "run", "ref.cache=false", "train.max_steps=3") == 0
+    assert train(model, pairs_file, "run", "ref.cache=false", "train.num_workers=1",
+                 "train.gradient_accumulation_steps=4") == 0
     run_dir = tmp_path / "run"
     assert "reference cache" not in capsys.readouterr().out
-    assert [m["loss"] for m in metrics(run_dir)] == pytest.approx([m["loss"] for m in metrics(uninterrupted)][:3],
-                                                                   abs=1e-6)
+    assert [m["loss"] for m in metrics(run_dir)] == pytest.approx([m["loss"] for m in metrics(uninterrupted)],
+                                                                   abs=1e-5)
+    assert_same_weights(run_dir / "final", uninterrupted / "final", atol=2e-5)
 
 
-@pytest.mark.parametrize("settings", [("train.zero_stage=1",), ("train.zero_stage=2", "train.offload_optimizer=true"),
-                                      ("train.zero_stage=3",)], ids=["zero1", "zero2-offload-optimizer", "zero3"])
+# ZeRO-3 (with everything offloaded, and a restart) is compared with DDP in the next test.
+@pytest.mark.parametrize("settings", [("train.zero_stage=1",), ("train.zero_stage=2", "train.offload_optimizer=true")],
+                         ids=["zero1", "zero2-offload-optimizer"])
 def test_deepspeed_zero_matches_ddp(uninterrupted, tiny_model_dir, pairs_file, tmp_path, settings):
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +173,9 @@ def test_zero3_offloading_everything_restarts_after_a_worker_died_and_equals_ddp
         uninterrupted, tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     """ZeRO-3 with parameters and optimizer state offloaded to the CPU: rank 1 is SIGKILLed before step 5, Ray
     Train restarts the group from checkpoints/step-4 (DeepSpeed's offloaded state reloaded), and the run
-    ends where the uninterrupted DDP run ends."""
+    ends where the uninterrupted DDP run ends, its shards consolidated into a plain HF model in final/."""
+    from transformers import AutoModelForCausalLM
+
     run_dir = tmp_path / "run"
     monkeypatch.setenv("RAYALIGN_KILL_WORKER_AT", "5:1")
     assert train(tiny_model_dir, pairs_file, run_dir, "train.engine=deepspeed", "train.zero_stage=3",
@@ -180,7 +184,12 @@ def test_zero3_offloading_everything_restarts_after_a_worker_died_and_equals_ddp
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in metrics(run_dir)] == pytest.approx([m["loss"] for m in metrics(uninterrupted)],
                                                                    abs=1e-4)
+    AutoModelForCausalLM.from_pretrained(run_dir / "final")
     assert_same_weights(run_dir / "final", uninterrupted / "final", atol=1e-4)
+    assert_final_is_model_and_tokenizer_only(run_dir / "final")
+    checkpoint = run_dir / "checkpoints" / "step-4"  # one copy of DeepSpeed's state, beside the consolidated model
+    assert (checkpoint / "deepspeed").is_dir() and (checkpoint / "model.safetensors").is_file()
+    assert not (checkpoint / "optimizer.pt").exists()
 
 
 def test_resume_after_a_crash_equals_uninterrupted(uninterrupted, tiny_model_dir, pairs_file, tmp_path,
