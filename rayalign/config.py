@@ -143,6 +143,9 @@ class GenerateConfig:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.85
     prefix_caching: bool = True
+    # `rayalign run`: the generator actors live for the whole run and receive each new policy's weights in memory
+    # (`rayalign.generator_pool`) instead of starting per pass; with GPUs they keep their share during training.
+    persistent: bool = False
 
     def __post_init__(self):
         _check_resources(self.resources, "generate.resources")

@@ -88,17 +88,20 @@ def generation_dataset(prompts: pd.DataFrame, model_path: str, config: GenerateC
     from rayalign.devices import actor_resources
 
     resources = actor_resources(config.gpus_per_actor, config.resources)
-    from rayalign.templating import MESSAGES_COLUMN
-
-    columns = ["prompt_id", "prompt", *([MESSAGES_COLUMN] if MESSAGES_COLUMN in prompts else [])]
-    # One block per actor call: a block is one task, and its output moves on (to a chained judge) only when
-    # the task ends, so a single block would make the judge wait for every sample and one actor take all.
-    frame = prompts[columns]
-    blocks = [frame.iloc[i:i + config.batch_size] for i in range(0, len(frame), config.batch_size)] or [frame]
-    return ray.data.from_pandas(blocks).map_batches(
+    return ray.data.from_pandas(prompt_blocks(prompts, config.batch_size)).map_batches(
         Generator, fn_constructor_args=(model_path, config, tokenizer_path, load), batch_format="pandas",
         batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=config.cpus_per_actor, **resources)
+
+
+def prompt_blocks(prompts: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
+    """The prompt columns in blocks of `batch_size`. One block per actor call: a block is one task, and its output
+    moves on (to a chained judge) only when the task ends, so a single block would make the judge wait for every
+    sample and one actor take all."""
+    from rayalign.templating import MESSAGES_COLUMN
+
+    frame = prompts[["prompt_id", "prompt", *([MESSAGES_COLUMN] if MESSAGES_COLUMN in prompts else [])]]
+    return [frame.iloc[i:i + batch_size] for i in range(0, len(frame), batch_size)] or [frame]
 
 
 def write_samples(groups: pd.DataFrame, out_path: Path) -> pd.DataFrame:

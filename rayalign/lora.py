@@ -125,9 +125,9 @@ def save_adapters(peft_model, directory: Path, state_dict: dict | None = None) -
     peft_model.save_pretrained(directory, state_dict=state_dict, save_embedding_layers=False)
 
 
-def save_merged(peft_model, directory: Path, *, dtype=None) -> None:
-    """A plain HF model: the adapters merged into the base weights, cast to `dtype` if given. Merges in place
-    (the PEFT wrapper is gone afterwards): call it last, when training is over."""
+def save_merged(peft_model, directory: Path, *, dtype=None) -> dict:
+    """A plain HF model: the adapters merged into the base weights, cast to `dtype` if given; returns the state
+    dict saved. Merges in place (the PEFT wrapper is gone afterwards): call it last, when training is over."""
     from rayalign.models import save_weights
 
-    save_weights(peft_model.merge_and_unload(), directory, dtype=dtype)
+    return save_weights(peft_model.merge_and_unload(), directory, dtype=dtype)

@@ -263,10 +263,11 @@ def load_policy_and_reference(
 
 
 def save_weights(model: PreTrainedModel, directory: Path, state_dict: dict | None = None, *,
-                 dtype=None) -> None:
+                 dtype=None) -> dict:
     """`model.save_pretrained(directory)` with `state_dict` (default: the model's own) cast to `dtype` (None: as
     is; floating tensors only), and config.json saying that dtype, so a plain `from_pretrained` loads it as
-    saved (transformers writes the live model's dtype there, float32 master weights in training)."""
+    saved (transformers writes the live model's dtype there, float32 master weights in training). Returns the
+    state dict it saved (cast)."""
     import json
 
     import torch
@@ -280,3 +281,4 @@ def save_weights(model: PreTrainedModel, directory: Path, state_dict: dict | Non
         config = json.loads(path.read_text())
         config["dtype"] = str(dtype).removeprefix("torch.")
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return state_dict

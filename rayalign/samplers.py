@@ -77,6 +77,10 @@ class HFSampler:
         samples = [self._sample(row, logps[r].cpu()) for r, row in enumerate(tokens)]
         return [samples[j * n:(j + 1) * n] for j in range(len(prompts))]
 
+    def update_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """The new policy's weights (a full HF state dict), copied into the loaded model in place."""
+        self.model.load_state_dict(state, strict=True)
+
 
 class VLLMSampler:
     """Production backend: one vLLM engine per actor, all prompts of a batch in one `generate` call.
@@ -144,6 +148,15 @@ class VLLMSampler:
         # vLLM keeps the EOS it stopped on in token_ids, as HFSampler does; the text leaves it out.
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Sample(text, ids, logps, output.finish_reason)
+
+    def update_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """The new policy's weights (a full HF state dict, HF parameter names) loaded into the running engine in
+        place: no new engine, nothing read from disk. vLLM's loaders map the names onto its fused layers and
+        take each tensor-parallel rank's slice. The prefix cache goes too: its KV blocks came from the old
+        weights."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
 
     def close(self) -> None:
         """Stop the engine and free what it holds (with the in-process CPU engine, also torch.distributed's

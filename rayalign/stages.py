@@ -77,17 +77,22 @@ def eval_frame(eval_prompts: list[Prompt]) -> pd.DataFrame:
     return prompt_frame(eval_prompts, EVAL_PROMPT_ID)
 
 
-def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: str) -> pd.DataFrame:
+def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: str, pool=None,
+                tag: str | None = None) -> pd.DataFrame:
     """One Ray Data pass: Generator actors (`model`) chained into Judge actors (`model` vs `sft_path`).
 
-    `model` and `sft_path` are what the actors open: `StageStorage.inputs` of the driver's paths.
-    Returns one row per prompt: the generation's list columns and the judgment (see `rayalign.judge`).
+    `model` and `sft_path` are what the actors open: `StageStorage.inputs` of the driver's paths. With `pool`
+    (a `rayalign.generator_pool.GeneratorPool`) its long-lived hosts generate, holding the weights of `tag`
+    (the driver's path of `model`). Returns one row per prompt: the generation's list columns and the
+    judgment (see `rayalign.judge`).
     """
     from rayalign.generate import generation_dataset
     from rayalign.judge import judge_dataset
 
-    dataset = generation_dataset(prompts, model, config.generate,
-                                 load=LoadOptions.of(config.model))
+    if pool is not None:
+        dataset = pool.dataset(prompts, model=model, tag=tag or model)
+    else:
+        dataset = generation_dataset(prompts, model, config.generate, load=LoadOptions.of(config.model))
     return judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config).to_pandas()
 
 

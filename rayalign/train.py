@@ -149,7 +149,7 @@ def _absolute(path: str) -> str:
 
 
 def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), prepare_only: bool = False,
-              storage=None, inputs: StageInputs | None = None, tracking=None) -> int:
+              storage=None, inputs: StageInputs | None = None, tracking=None, push_weights: dict | None = None) -> int:
     """Run the training stage; returns the process exit code.
 
     `callbacks`: extra Ray Train callbacks (a Tune trial passes TuneReportCallback). `prepare_only`: stop
@@ -158,7 +158,8 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     (default: run.dir bound to run.storage, if set): workers then read and write through it. `inputs`: what
     this stage trains (models, data, epochs, SPA mix; the loop's per iteration), by default the config's.
     `tracking`: the stage's `rayalign.tracking.TrackingSettings` (the loop's and a sweep's name their stages),
-    by default resolved from the config and run.dir."""
+    by default resolved from the config and run.dir. `push_weights`: the loop's persistent generators
+    (`rayalign.generator_pool.GeneratorPool.push_target`), which rank 0 sends the final weights to."""
     from rayalign.data import load_rows
     from rayalign.models import LoadOptions, load_tokenizer
 
@@ -210,6 +211,7 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     paths.update(data_kind=kind, inputs=inputs.to_dict(),
                  tracking=(tracking or TrackingSettings.resolve(config, run_dir)).to_dict())
     paths["kill_worker_at"] = os.environ.get("RAYALIGN_KILL_WORKER_AT")  # fault drills (tests), else None
+    paths["push_weights"] = push_weights
     try:
         _fit(config, paths, run_dir, callbacks)
     except Exception as exc:  # Ray Train wraps worker errors; say what to do rather than dump its traceback

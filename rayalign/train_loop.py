@@ -353,10 +353,14 @@ class Worker:
                 if self.lora:  # a plain HF model, the adapters merged: the next stages load it as any other
                     from rayalign.lora import save_merged
 
-                    save_merged(self.policy, out, dtype=dtype)
+                    saved = save_merged(self.policy, out, dtype=dtype)
                 else:
-                    save_weights(self.policy, out, state_dict, dtype=dtype)
+                    saved = save_weights(self.policy, out, state_dict, dtype=dtype)
                 self.tokenizer.save_pretrained(out)
+            if self.paths.get("push_weights"):  # the loop's persistent generators (`rayalign.generator_pool`)
+                from rayalign.generator_pool import push_weights
+
+                push_weights(self.paths["push_weights"], saved)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no rank reports the stage done before final/ exists
         self.save_seconds += time.perf_counter() - began

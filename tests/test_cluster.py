@@ -42,7 +42,8 @@ GPU8_WORKER = "ray.worker.gpu8"  # the 8-GPU node of configs/gpu/llama8b_ultrafe
 WORKERS = (CPU_WORKER, GPU_WORKER, GPU8_WORKER)
 # Which install each node type runs (its effective command list, Ray's merge rules) and with which extras.
 EXTRAS = {HEAD: "dev", CPU_WORKER: "dev", GPU_WORKER: "dev,vllm", GPU8_WORKER: "dev,vllm"}
-PLACEMENT = {("generate", "resources"), ("judge", "resources"), ("ref", "resources"),
+# generate.persistent is off on the cluster: a generator kept for the run would keep its node from scaling down.
+PLACEMENT = {("generate", "resources"), ("generate", "persistent"), ("judge", "resources"), ("ref", "resources"),
              ("train", "resources_per_worker"), ("train", "use_gpu")}
 MARKER = "RAYALIGN_TEST_CLUSTER"  # in the fake head's environment, inherited by every process it starts
 
@@ -117,9 +118,10 @@ def test_cluster_quickstart_is_the_quickstart_placed_on_the_node_types():
 
     quick = yaml.safe_load((REPO / "configs/quickstart.yaml").read_text())
     placed = yaml.safe_load((REPO / "configs/cluster_quickstart.yaml").read_text())
-    stripped = copy.deepcopy(placed)
+    stripped, quick = copy.deepcopy(placed), copy.deepcopy(quick)
     for section, key in PLACEMENT:
         stripped.get(section, {}).pop(key, None)
+        quick.get(section, {}).pop(key, None)
     assert {k: v for k, v in stripped.items() if v} == quick, "cluster_quickstart.yaml drifted from quickstart.yaml"
     config = load_config(REPO / "configs/cluster_quickstart.yaml")
     types = CLUSTER["available_node_types"]

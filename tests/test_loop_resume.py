@@ -51,7 +51,8 @@ def _tagged_processes(tag: str) -> dict[int, str]:
 
 
 def _kill_run_in_iteration_2_generation(command: list[str], env: dict, tag: str) -> str:
-    """Start the run in its own session, SIGKILL its process group once iteration 2's Generator actor is up."""
+    """Start the run in its own session, SIGKILL its process group once iteration 2's generator actor is up (the
+    quickstart's generate.persistent host, started at the resumed run's first pass; else a Ray Data actor)."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env=env, start_new_session=True)
     lines: list[str] = []
@@ -61,8 +62,8 @@ def _kill_run_in_iteration_2_generation(command: list[str], env: dict, tag: str)
         _wait_for(lambda: any("iteration 2: generating" in line for line in lines) or proc.poll() is not None,
                   900, "the log line of iteration 2's generation")
         assert proc.poll() is None, "".join(lines)[-4000:]
-        _wait_for(lambda: any("MapBatches(Generator)" in c for c in _tagged_processes(tag).values()), 120,
-                  "iteration 2's Generator actor")
+        _wait_for(lambda: any("SamplerHost" in c or "MapBatches(Generator)" in c
+                              for c in _tagged_processes(tag).values()), 120, "iteration 2's generator actor")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -114,6 +115,11 @@ def _copy_up_to_iteration_1(source: Path, target: Path) -> None:
     (target / "metrics.jsonl").write_text("".join(f"{line}\n" for line in records))
 
 
+def _nested(value):
+    """Parquet's (nested) arrays of token ids as plain lists of ints."""
+    return [_nested(v) for v in value] if hasattr(value, "__iter__") else int(value)
+
+
 def test_resume_after_kill_in_iteration_2_generation(quickstart_run, tmp_path):
     reference = quickstart_run
     assert reference.result.returncode == 0, reference.result.stdout[-3000:] + reference.result.stderr[-3000:]
@@ -141,10 +147,17 @@ def test_resume_after_kill_in_iteration_2_generation(quickstart_run, tmp_path):
     assert "setup: pi_SFT found" in log and "iteration 0: training found" in log, log
     assert "iteration 1: found iter-1/judge_counts.json" in log and "iteration 1: training found" in log, log
     assert "iteration 1: generating" not in log and "iteration 2: generating" in log, log
+    # the resumed run's generator starts from pi_1's files, then gets pi_2's weights pushed in memory
+    assert "generator: 1 engine(s) started for the run; 0 weight load(s) from files" in log, log
     assert _stamp(run_dir) == before, "a finished stage was rewritten by --resume"
     assert not _reap(tag), "Ray processes outlived a normally finished run"
 
-    # The interrupted + resumed run equals the uninterrupted one: per-iteration metrics and final weights.
+    # The interrupted + resumed run equals the uninterrupted one: its samples, per-iteration metrics, final weights.
+    import pandas as pd
+
+    for name in ("iter-2/samples.parquet", "eval/iter-2.parquet"):
+        ours, theirs = pd.read_parquet(run_dir / name), pd.read_parquet(reference.run_dir / name)
+        assert _nested(ours["token_ids"]) == _nested(theirs["token_ids"]), name
     ours, theirs = _records(run_dir), _records(reference.run_dir)
     assert [r.keys() for r in ours] == [r.keys() for r in theirs]
     for mine, other in zip(ours, theirs):

@@ -31,7 +31,7 @@ def test_the_loop_passes_inputs_and_leaves_the_config_as_written(tmp_path, monke
 
     seen = {}
 
-    def run_train(config, *, resume, storage, inputs, tracking=None):
+    def run_train(config, *, resume, storage, inputs, tracking=None, push_weights=None):
         seen.update(config=config, inputs=inputs)
         return 0
 

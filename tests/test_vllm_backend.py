@@ -130,6 +130,34 @@ def test_samples_depend_on_prompt_id_not_on_batch(sampler, results):
     assert [s.token_ids for s in alone] == [s.token_ids for s in results[2]]
 
 
+def test_weights_updated_in_place_give_the_new_models_logprobs(sampler, results, eos_model_dir):
+    """After `update_weights` (the engine kept, nothing read from disk) the sampled log-probs are an HF forward
+    pass of the NEW weights; updating back to the original weights gives the original samples again."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(eos_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(eos_model_dir, dtype=torch.float32).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    engine = sampler.llm
+    sampler.update_weights(model.state_dict())
+    assert sampler.llm is engine
+    updated = sampler.sample(PROMPTS[:1], PROMPT_IDS[:1])[0]
+    prompt_ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    old = AutoModelForCausalLM.from_pretrained(eos_model_dir, dtype=torch.float32).eval()
+    for s in updated:
+        assert (torch.tensor(s.logprobs) - _hf_token_logprobs(model, prompt_ids, s.token_ids)).abs().max() < 1e-4
+    # the check can tell the weights apart: the old model gives these tokens other log-probs
+    assert max((torch.tensor(s.logprobs) - _hf_token_logprobs(old, prompt_ids, s.token_ids)).abs().max().item()
+               for s in updated) > 1e-2
+    sampler.update_weights(original)
+    again = sampler.sample(PROMPTS[:1], PROMPT_IDS[:1])[0]
+    assert [s.token_ids for s in again] == [s.token_ids for s in results[0]]
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     import ray

@@ -1,0 +1,64 @@
+"""Generators that live for the run (`rayalign.generator_pool`, `generate.persistent=true`) on local Ray.
+
+One pool serves three passes of the same prompts: with the tiny model A; after the new weights B are pushed
+through the object store (as the training stage's rank 0 does, `push_weights`): the samples equal a fresh
+per-pass generator's with B's files; then a pass asking for A again: the host loads A's files into the running
+sampler and gives the first pass's samples. One engine was started in all. HF backend (vLLM's in-place update
+is tested in test_vllm_backend.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayalign.config import GenerateConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process_ray")]
+
+CONFIG = GenerateConfig(num_samples=2, max_new_tokens=6, batch_size=2, seed=4, temperature=1.0)
+PROMPTS = ["I think the movie", "Honestly, this book felt", "The food was", "Our trip"]
+
+
+def _rows(dataset) -> list:
+    frame = dataset.to_pandas().sort_values("prompt_id")
+    return [(int(r.prompt_id), [list(t) for t in r.token_ids]) for r in frame.itertuples()]
+
+
+def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(tiny_model_dir, tmp_path):
+    import pandas as pd
+    import ray
+
+    from rayalign.generate import generation_dataset
+    from rayalign.generator_pool import GeneratorPool, push_weights
+    from rayalign.models import load_model, save_weights
+    from rayalign.train import ensure_ray
+
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    prompts = pd.DataFrame({"prompt_id": range(len(PROMPTS)), "prompt": PROMPTS})
+    model_b = load_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model_b.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    b_dir = tmp_path / "b"
+    state_b = save_weights(model_b, b_dir)
+    (b_dir / "tokenizer.json").write_bytes((tiny_model_dir / "tokenizer.json").read_bytes())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_dir / name).exists():
+            (b_dir / name).write_bytes((tiny_model_dir / name).read_bytes())
+
+    logs: list[str] = []
+    pool = GeneratorPool(CONFIG, log=logs.append)
+    first = _rows(pool.dataset(prompts, model=str(tiny_model_dir), tag="a"))
+    push_weights(pool.push_target("b"), state_b)
+    pushed = _rows(pool.dataset(prompts, model=str(b_dir), tag="b"))
+    assert not any("loading its weights" in line for line in logs)  # the pushed weights were used
+    fresh = _rows(generation_dataset(prompts, str(b_dir), CONFIG))
+    assert pushed == fresh and pushed != first
+    again = _rows(pool.dataset(prompts, model=str(tiny_model_dir), tag="a"))
+    assert again == first
+    assert any("hold b, not a: loading its weights" in line for line in logs)
+    assert pool.engines_started == 1 and pool.loaded_from_files == 1
+    pool.shutdown()
