@@ -8,11 +8,11 @@ engine in place (`update_weights` of `rayalign.samplers`). Before every pass the
 holds the weights of the model the pass is for; one that does not (a stage skipped on a resume, a failed push)
 loads them from that model's files, still into the same engine. Nothing is rebuilt.
 
-Ray Data still drives the pass: one task per block of prompts forwards it to a host and returns the host's
-rows, which flow on to the Judge actors. The tasks, not the hosts, reserve `generate.cpus_per_actor`, so an
-idle host keeps its memory but no CPU while training runs; GPUs cannot be lent, so a host with
-`generate.gpus_per_actor` keeps its GPU share for the run (the other stages must fit beside it). Samples are
-seeded per prompt id, so which host serves a block does not change them.
+Ray Data still drives the pass: light `Forwarder` actors (one per host, started per pass, holding no model)
+hand each block of prompts to a host and return its rows, which flow on to the Judge actors. The forwarders,
+not the hosts, reserve `generate.cpus_per_actor`, so an idle host keeps its memory but no CPU while training
+runs; GPUs cannot be lent, so a host with `generate.gpus_per_actor` keeps its GPU share for the run (the other
+stages must fit beside it). Samples are seeded per prompt id, so which host serves a block does not change them.
 Not here: sampling (`rayalign.samplers`), the judge (chained by `rayalign.stages.judged_pass`).
 """
 
@@ -66,12 +66,19 @@ def read_weights(directory: str) -> dict:
     return {name: tensor for file in files for name, tensor in load_file(file).items()}
 
 
-def _forward(batch: pd.DataFrame, hosts: list, batch_size: int) -> pd.DataFrame:
-    """A Ray Data task: this block's prompts to one host (chosen by the block's first prompt id), its rows back."""
-    import ray
+class Forwarder:
+    """A light Ray Data actor (no model): each block's prompts to one host (chosen by the block's first prompt id),
+    the host's rows back. An actor pool rather than tasks: Ray Data keeps several blocks in flight per actor, so
+    the host never waits for the next task to be scheduled (tasks cost ~0.4 s a block here)."""
 
-    host = hosts[(int(batch["prompt_id"].iloc[0]) // batch_size) % len(hosts)]
-    return ray.get(host.generate.remote(batch))
+    def __init__(self, hosts: list, batch_size: int):
+        self.hosts, self.batch_size = hosts, batch_size
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import ray
+
+        host = self.hosts[(int(batch["prompt_id"].iloc[0]) // self.batch_size) % len(self.hosts)]
+        return ray.get(host.generate.remote(batch))
 
 
 def push_weights(target: dict, state: dict) -> bool:
@@ -112,8 +119,9 @@ class GeneratorPool:
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         c = self.config
         return ray.data.from_pandas(prompt_blocks(prompts, c.batch_size)).map_batches(
-            _forward, fn_kwargs={"hosts": self.hosts, "batch_size": c.batch_size}, batch_format="pandas",
-            batch_size=c.batch_size, num_cpus=c.cpus_per_actor, concurrency=len(self.hosts))
+            Forwarder, fn_constructor_args=(self.hosts, c.batch_size), batch_format="pandas",
+            batch_size=c.batch_size, num_cpus=c.cpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(size=len(self.hosts)))
 
     def push_target(self, tag: str) -> dict | None:
         """What the training stage that writes `tag` (its final/ path) needs to push its weights here."""
@@ -139,7 +147,7 @@ class GeneratorPool:
         from rayalign.devices import actor_resources
 
         c = self.config
-        # num_cpus=0: the pass's forwarding tasks reserve the CPUs (see the module docstring).
+        # num_cpus=0: the pass's forwarders reserve the CPUs (see the module docstring).
         options = {"num_cpus": 0, **actor_resources(c.gpus_per_actor, c.resources)}
         host = ray.remote(SamplerHost).options(**options)
         self.hosts = [host.remote(model, c, tokenizer_path, self.load, tag) for _ in range(c.num_actors)]
