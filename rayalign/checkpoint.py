@@ -45,7 +45,8 @@ def load_tensors(path: str | Path, *, map_location="cpu", allowed: tuple = ()):
                                     f"by rayalign does not ({reason})") from None
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """torch.distributed's barrier inside a process group; nothing outside one (a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -77,13 +78,13 @@ def begin(run_dir: str | Path, step: int, *, rank: int, node_leader: bool = Fals
     if rank == 0 or node_leader:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     return tmp
 
 
 def commit(tmp: Path, state: dict, *, rank: int, keep: int = 0) -> Path:
     """After every rank wrote into `tmp`: rank 0 writes the state file last and renames into place."""
-    _barrier()
+    barrier()
     final = tmp.parent / f"step-{state['step']}"
     if rank == 0:
         atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
@@ -93,5 +94,5 @@ def commit(tmp: Path, state: dict, *, rank: int, keep: int = 0) -> Path:
         if keep > 0:
             for old in complete_checkpoints(tmp.parent.parent)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final

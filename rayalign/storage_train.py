@@ -15,6 +15,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from rayalign.checkpoint import barrier
 from rayalign.stage_timing import WORKER_FILE
 from rayalign.storage import RunStorage, _hash, node_cache_dir
 
@@ -78,7 +79,7 @@ def publish_checkpoint(store: RunStorage, checkpoint: Path, scratch: Path, *, ke
     if rank == 0:
         store.publish(*_present(store, ("metrics.jsonl", "tb")))
         store.open_unit(checkpoint)
-    _barrier()
+    barrier()
     names: list[str] = []
     if node_leader:
         source = checkpoint if checkpoint.is_dir() else scratch
@@ -88,7 +89,7 @@ def publish_checkpoint(store: RunStorage, checkpoint: Path, scratch: Path, *, ke
         store.commit_unit(checkpoint, [name for part in everyone for name in part])
         if keep > 0:
             _drop_old_checkpoints(store, checkpoint.parent, keep)
-    _barrier()
+    barrier()
     if node_leader and not checkpoint.is_dir():
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -102,16 +103,13 @@ def _drop_old_checkpoints(store: RunStorage, checkpoints: Path, keep: int) -> No
         store.delete(checkpoints / f"step-{step}")
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def first_rank_on_node(rank: int) -> bool:
     """Collective: whether `rank` is the lowest rank on its Ray node. Not Ray Train's local rank: that counts
     the ranks per node IP address, and Ray nodes can share one (several raylets on a machine, as in tests)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rank == 0  # one process: no need to ask Ray (which would start it in Ray Train's local mode)
     import ray
 
     node = ray.get_runtime_context().get_node_id()

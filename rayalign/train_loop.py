@@ -361,8 +361,7 @@ class Worker:
                 from rayalign.generator_pool import push_weights
 
                 push_weights(self.paths["push_weights"], saved)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # no rank reports the stage done before final/ exists
+        ckpt.barrier()  # no rank reports the stage done before final/ exists
         self.save_seconds += time.perf_counter() - began
 
     def _due(self, every: int, step: int) -> bool:
