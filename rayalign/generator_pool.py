@@ -27,15 +27,14 @@ from rayalign.models import LoadOptions
 class SamplerHost:
     """A Ray actor holding one `rayalign.generate.Generator` and the tag of the weights it holds."""
 
-    def __init__(self, model_path: str, config: GenerateConfig, tokenizer_path: str | None, load: LoadOptions | None,
-                 tag: str):
+    def __init__(self, model_path: str, config: GenerateConfig, load: LoadOptions | None, tag: str):
         import torch
 
         from rayalign.generate import Generator
 
-        # Ray sizes a worker's thread pool from its CPU reservation, which is 0 here (the pass's tasks hold it).
+        # Ray sizes a worker's thread pool from its CPU reservation, which is 0 here (the pass's forwarders hold it).
         torch.set_num_threads(max(1, int(config.cpus_per_actor)))
-        self.generator, self.tag = Generator(model_path, config, tokenizer_path, load), tag
+        self.generator, self.tag = Generator(model_path, config, load=load), tag
 
     def generate(self, batch: pd.DataFrame) -> pd.DataFrame:
         return self.generator(batch)
@@ -81,7 +80,7 @@ class Forwarder:
         return ray.get(host.generate.remote(batch))
 
 
-def push_weights(target: dict, state: dict) -> bool:
+def push_weights(target: dict, state: dict) -> None:
     """The training stage's end (rank 0): `state` (the consolidated weights just saved) to every host, once
     through the object store; `target` is what `GeneratorPool.push_target` gave the stage. A failure only
     warns: the stage's output is on disk, and the next pass loads it from there (`GeneratorPool`)."""
@@ -92,11 +91,9 @@ def push_weights(target: dict, state: dict) -> bool:
     try:
         ref = ray.put({name: tensor.detach().cpu() for name, tensor in state.items()})
         ray.get([host.update_weights.remote(ref, target["tag"]) for host in target["hosts"]])
-        return True
     except Exception as exc:  # noqa: BLE001 - any failure leaves the engines stale, which the driver repairs
         print(f"rayalign train: warning: could not push the weights to the generators ({exc}); the next "
               "sampling pass loads them from final/", file=sys.stderr)
-        return False
 
 
 class GeneratorPool:
@@ -108,14 +105,14 @@ class GeneratorPool:
         self.engines_started = 0
         self.loaded_from_files = 0
 
-    def dataset(self, prompts: pd.DataFrame, *, model: str, tag: str, tokenizer_path: str | None = None):
+    def dataset(self, prompts: pd.DataFrame, *, model: str, tag: str):
         """The lazy Ray Data pipeline of one generation pass over `prompts` with the weights of `model` (`tag`: the
         driver's name of it, which the training stage's push carries), as `rayalign.generate.generation_dataset`."""
         import ray
 
         from rayalign.generate import prompt_blocks
 
-        self._ensure(model, tag, tokenizer_path)
+        self._ensure(model, tag)
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         c = self.config
         return ray.data.from_pandas(prompt_blocks(prompts, c.batch_size)).map_batches(
@@ -127,11 +124,11 @@ class GeneratorPool:
         """What the training stage that writes `tag` (its final/ path) needs to push its weights here."""
         return {"hosts": list(self.hosts), "tag": tag} if self.hosts else None
 
-    def _ensure(self, model: str, tag: str, tokenizer_path: str | None) -> None:
+    def _ensure(self, model: str, tag: str) -> None:
         import ray
 
         if not self.hosts:
-            self._start(model, tag, tokenizer_path)
+            self._start(model, tag)
             return
         tags = ray.get([host.weights_tag.remote() for host in self.hosts])
         stale = [host for host, held in zip(self.hosts, tags, strict=True) if held != tag]
@@ -141,7 +138,7 @@ class GeneratorPool:
             ray.get([host.load_weights_from.remote(model, tag) for host in stale])
             self.loaded_from_files += len(stale)
 
-    def _start(self, model: str, tag: str, tokenizer_path: str | None) -> None:
+    def _start(self, model: str, tag: str) -> None:
         import ray
 
         from rayalign.devices import actor_resources
@@ -150,7 +147,7 @@ class GeneratorPool:
         # num_cpus=0: the pass's forwarders reserve the CPUs (see the module docstring).
         options = {"num_cpus": 0, **actor_resources(c.gpus_per_actor, c.resources)}
         host = ray.remote(SamplerHost).options(**options)
-        self.hosts = [host.remote(model, c, tokenizer_path, self.load, tag) for _ in range(c.num_actors)]
+        self.hosts = [host.remote(model, c, self.load, tag) for _ in range(c.num_actors)]
         ray.get([h.weights_tag.remote() for h in self.hosts])  # constructed (a failure surfaces here)
         self.engines_started += len(self.hosts)
         self.log(f"generator: {len(self.hosts)} {c.backend} engine(s) started from {model}; they stay for the run")

@@ -106,21 +106,25 @@ def _drop_old_checkpoints(store: RunStorage, checkpoints: Path, keep: int) -> No
 def first_rank_on_node(rank: int) -> bool:
     """Collective: whether `rank` is the lowest rank on its Ray node. Not Ray Train's local rank: that counts
     the ranks per node IP address, and Ray nodes can share one (several raylets on a machine, as in tests)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rank == 0  # one process: no need to ask Ray (which would start it in Ray Train's local mode)
+    if _one_process():
+        return rank == 0  # no need to ask Ray (which would start it in Ray Train's local mode)
     import ray
 
     node = ray.get_runtime_context().get_node_id()
     return _gather(node).index(node) == rank
 
 
+def _one_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+
+
 def _gather(value):
     """Every rank's `value`, in rank order (on every rank); just ours outside a process group."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _one_process():
         return [value]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, value)

@@ -31,7 +31,7 @@ def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(ti
 
     from rayalign.generate import generation_dataset
     from rayalign.generator_pool import GeneratorPool, push_weights
-    from rayalign.models import load_model, save_weights
+    from rayalign.models import load_model, load_tokenizer, save_weights
     from rayalign.train import ensure_ray
 
     ensure_ray()
@@ -44,10 +44,7 @@ def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(ti
             param.add_(0.5 * torch.randn_like(param))
     b_dir = tmp_path / "b"
     state_b = save_weights(model_b, b_dir)
-    (b_dir / "tokenizer.json").write_bytes((tiny_model_dir / "tokenizer.json").read_bytes())
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_model_dir / name).exists():
-            (b_dir / name).write_bytes((tiny_model_dir / name).read_bytes())
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(b_dir)
 
     logs: list[str] = []
     pool = GeneratorPool(CONFIG, log=logs.append)
