@@ -8,7 +8,7 @@ rejected. Model FLOPs = 6 x params x trained tokens + 2 x params x reference-for
 without the input embedding table (a lookup; tied to the head, it counts once, as the head). rayalign's one-off
 reference pass is timed and amortised over its pairs.
 
-It prints where the time goes (step phases, padding, the reference pass, padded vs `train.padding_free=true`,
+It prints where the time goes (step phases, padding, the reference pass, the default packed rows vs padded,
 a profiler split of one forward+backward, AdamW against a fused one), timed by the wall clock and the process
 CPU clock (equal on an idle machine with one thread; on a shared one the CPU clock leaves out time spent
 descheduled). The last line is one JSON object, by `--clock`. `--device cuda` measures MFU on a GPU (bf16, the
@@ -203,7 +203,7 @@ def reference_pass(reference, encoded: list[dict], pad: int, config, device: str
     tokens = sum(map(pair_tokens, encoded))
     return {k: torch.cat(v) for k, v in parts.items()}, {
         "seconds": since(start, device), "tokens": tokens,
-        "positions": tokens if config.train.padding_free else positions}
+        "positions": tokens if config.packs_rows else positions}
 
 
 def timed_step(policy, batch: dict, config, optimizer, scheduler, device: str) -> dict[str, tuple]:
@@ -228,8 +228,9 @@ def timed_step(policy, batch: dict, config, optimizer, scheduler, device: str) -
     return phases
 
 
-def run_rayalign(model, tokenizer, rows: list[dict], args, *, padding_free: bool) -> dict:
-    """Reference pass once, then warm-up + timed steps over consecutive batches of `rows`."""
+def run_rayalign(model, tokenizer, rows: list[dict], args, *, padding_free: bool | None) -> dict:
+    """Reference pass once, then warm-up + timed steps over consecutive batches of `rows`; `padding_free`
+    None: the default (`Config.packs_rows`: packed rows for DPO)."""
     from rayalign.config_loader import load_config
     from rayalign.data_kind import PAIRS
     from rayalign.encode import collate_with_reference
@@ -239,7 +240,8 @@ def run_rayalign(model, tokenizer, rows: list[dict], args, *, padding_free: bool
     prompt_len, device, size = args.max_length // 2, args.device, args.batch_size
     config = load_config(None, [
         "loss.type=dpo", "loss.beta=0.1", "optim.lr=1e-6", f"train.global_batch_size={size}",
-        f"train.padding_free={padding_free}", f"data.max_prompt_length={prompt_len}",
+        *([f"train.padding_free={padding_free}"] if padding_free is not None else []),
+        f"data.max_prompt_length={prompt_len}",
         f"data.max_completion_length={args.max_length - prompt_len}"])
     encoded = encode_pairs(rows, tokenizer, config)
     if encoded.prompts_truncated or encoded.completions_truncated:
@@ -258,7 +260,7 @@ def run_rayalign(model, tokenizer, rows: list[dict], args, *, padding_free: bool
         phases = {"collate": since(start, device), **timed_step(policy, batch, config, optimizer, scheduler, device)}
         real = sum(pair_tokens(encoded.items[i]) for i in index.tolist())
         steps.append({"seconds": since(start, device), "tokens": real, "phases": phases,
-                      "positions": real if padding_free else 2 * batch["chosen_input_ids"].numel()})
+                      "positions": real if config.packs_rows else 2 * batch["chosen_input_ids"].numel()})
     return {"steps": steps[args.warmup_steps:], "ref": ref, "profile": profile_step(policy, batch, config, device),
             "adamw": adamw_seconds(policy, optimizer, device)}
 
@@ -423,12 +425,13 @@ def print_report(runs: dict, rows: dict, peak: float, info: dict, clock: int) ->
 
 
 def run_trainers(model, tokenizer, rows: list[dict], args) -> dict:
-    """rayalign padded and padding-free, then the TRL variants (CPU only); a trainer that cannot run says why."""
-    runs = {"rayalign padded": run_rayalign(model, tokenizer, rows, args, padding_free=False)}
+    """rayalign's defaults (packed rows) and padded, then the TRL variants (CPU only); a trainer that cannot
+    run says why."""
+    runs = {"rayalign default": run_rayalign(model, tokenizer, rows, args, padding_free=None)}
     try:
-        runs["rayalign padding_free"] = run_rayalign(model, tokenizer, rows, args, padding_free=True)
-    except Exception as e:  # keep the headline when packing fails (e.g. CPU-only tensors on CUDA)
-        runs["rayalign padding_free"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        runs["rayalign padded"] = run_rayalign(model, tokenizer, rows, args, padding_free=False)
+    except Exception as e:  # keep the headline when the comparison fails
+        runs["rayalign padded"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     if args.device == "cuda":
         runs["trl default"] = {"error": "skipped on cuda: TRL runs on CPU only here (the GPU machine has no trl)"}
     for variant in [v for v in args.trl_variants.split(",") if v] if args.device == "cpu" else []:
@@ -472,7 +475,7 @@ def main(argv=None) -> dict:
             "matmul peak GFLOP/s (start / end)": " / ".join(f"{p / 1e9:.1f}" for p in peaks),
             "load average before/after": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}"}
     print_report(rounds[-1], rows_out, peak, info, clock)
-    ours = rows_out["rayalign padded"]
+    ours = rows_out["rayalign default"]
     fastest, default = rows_out.get("trl no_gc_precompute"), rows_out.get("trl default")
 
     def rate(row):

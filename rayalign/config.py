@@ -302,7 +302,9 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None
     seed: int = 42
-    padding_free: bool = False
+    # Sequences packed into one row per micro-batch, attending per sequence (`rayalign.varlen_attention`): no
+    # padding computed. None: packed wherever the loss and options allow it (`Config.packs_rows`), else padded.
+    padding_free: bool | None = None
     gradient_checkpointing: bool = False
     eval_every: int = 0  # optimizer steps; 0: only at the end
     # Checkpoints (what `--resume` and a Ray Train restart continue from) are written at the end of every
@@ -367,8 +369,25 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunDirConfig = field(default_factory=RunDirConfig)
 
+    def padded_only(self) -> str | None:
+        """Why this configuration's forwards must be padded (None: they can be packed)."""
+        if self.spa.refine:
+            return "SPA self-refinement mixes padded per-token logits"
+        if LOSSES[self.loss.type].data == BELIEFS:
+            return "GDPO reads the level digit at the first completion position of padded rows"
+        if self.sams.enabled:
+            return "SamS reads per-pair hidden states from the padded forward"
+        return None
+
+    @property
+    def packs_rows(self) -> bool:
+        """`train.padding_free` resolved: unset, rows are packed unless `padded_only` says why not."""
+        return self.train.padding_free if self.train.padding_free is not None else self.padded_only() is None
+
     def __post_init__(self):
         loss = LOSSES[self.loss.type]
+        if self.train.padding_free and (needs_padding := self.padded_only()):
+            raise ConfigError(f"train.padding_free: {needs_padding}; set it false or leave it unset")
         if self.model.lora and self.train.engine == "deepspeed":
             _require(self.train.zero_stage < 3, "train.zero_stage",
                      "3 (parameters sharded) does not combine with model.lora; use 1 or 2 (the frozen base is "
@@ -379,12 +398,6 @@ class Config:
         if needs_dispersion(self.loss) and not self.ref.cache:
             raise ConfigError("ref.cache: MallowsPO's dispersion comes from the cached reference entropies; "
                               "keep ref.cache=true (or set a numeric loss.mallows_phi)")
-        if self.spa.refine:
-            _require(not self.train.padding_free, "train.padding_free",
-                     "SPA self-refinement mixes padded per-token logits; set it false")
-        if loss.data == BELIEFS:
-            _require(not self.train.padding_free, "train.padding_free",
-                     "GDPO reads the level digit at the first completion position of padded rows; set it false")
         if self.sams.enabled:
             _require(not loss.is_group, "sams.enabled",
                      f"needs a pairwise loss; loss.type={self.loss.type} trains on K-sample groups")
@@ -392,7 +405,5 @@ class Config:
             _require(self.train.gradient_accumulation_steps == 1, "train.gradient_accumulation_steps",
                      "must be 1 with sams.enabled (the step forwards all pairs, then back-propagates the "
                      "selected ones; use sams.regrad=true to save activation memory)")
-            _require(not self.train.padding_free, "train.padding_free",
-                     "SamS reads per-pair hidden states from the padded forward; set it false")
             _require(not (self.sams.regrad and self.spa.refine), "sams.regrad",
                      "does not combine with spa.refine (the soft labels come from the first forward)")

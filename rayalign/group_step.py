@@ -54,7 +54,7 @@ def group_logps(model, batch: dict, *, temperature: float = 1.0, padding_free: b
 def reference_group_logps(reference, batch: dict, config: Config) -> torch.Tensor:
     """The reference's (B, K) log-probs of a group batch, without gradient (what `ref_logps` caches)."""
     return group_logps(reference, batch, temperature=config.loss.logit_temperature,
-                       padding_free=config.train.padding_free, chunk_rows=config.model.head_chunk_tokens).detach()
+                       padding_free=config.packs_rows, chunk_rows=config.model.head_chunk_tokens).detach()
 
 
 def _at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ def group_micro_batch_loss(policy, batch: dict, config: Config, *, reference=Non
     without a cache, from `reference`.
     """
     policy_logps = group_logps(policy, batch, temperature=config.loss.logit_temperature,
-                               padding_free=config.train.padding_free, chunk_rows=config.model.head_chunk_tokens)
+                               padding_free=config.packs_rows, chunk_rows=config.model.head_chunk_tokens)
     ref = batch.get(GROUP_REF_KEY)
     if ref is None:
         if reference is None:

@@ -87,8 +87,12 @@ def forward_scores(model, *, chunk_rows: int, temperature: float = 1.0, **inputs
 def packed_token_logps(model, input_ids: torch.Tensor, positions: torch.Tensor, completion: torch.Tensor,
                        segment: torch.Tensor, *, chunk_rows: int, temperature: float = 1.0):
     """One forward over sequences packed into one row ((N,) ids, position ids restarting per sequence,
-    completion mask, sequence index): the model builds the block-diagonal attention from the position ids.
+    completion mask, sequence index): each sequence attends to itself only (`rayalign.varlen_attention`, or the
+    model's own block-diagonal mask built from the position ids where that cannot be switched in).
     Returns (per-token log-probs (N-1,), their mask (N-1,), the `HeadScores` of the (1, N-1) positions)."""
+    from rayalign.varlen_attention import use_varlen_attention
+
+    use_varlen_attention(unwrap(model))
     scores, _ = forward_scores(model, chunk_rows=chunk_rows, temperature=temperature,
                                input_ids=input_ids[None], position_ids=positions[None])
     # A label belongs to its logit's sequence, or it is the next sequence's first token: mask it.

@@ -124,7 +124,7 @@ def scoring_settings(config: Config) -> dict:
     sweep (`rayalign.tune`) warms one cache entry per distinct value of this."""
     return {"dtype": reference_dtype(config), "max_prompt_length": config.data.max_prompt_length,
             "max_completion_length": config.data.max_completion_length,
-            "temperature": config.loss.logit_temperature, "padding_free": config.train.padding_free,
+            "temperature": config.loss.logit_temperature, "padding_free": config.packs_rows,
             "entropy": needs_dispersion(config.loss),
             # which weights a hub id names, and the attention kernel (last bits); only when set, so the keys
             # of existing cache entries stay valid

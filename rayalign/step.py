@@ -181,7 +181,7 @@ def reference_scores(reference, batch: dict, config: Config, *, want_entropy: bo
     for a K-sample loss (whose batches are groups), `ref_logps` (B, K)."""
     if LOSSES[config.loss.type].is_group:
         return {GROUP_REF_KEY: group_step.reference_group_logps(reference, batch, config)}
-    scores = sequence_scores(reference, batch, padding_free=config.train.padding_free,
+    scores = sequence_scores(reference, batch, padding_free=config.packs_rows,
                              temperature=config.loss.logit_temperature, want_entropy=want_entropy,
                              chunk_rows=config.model.head_chunk_tokens)
     out = {"ref_chosen_logps": scores.chosen, "ref_rejected_logps": scores.rejected,
@@ -235,7 +235,9 @@ def micro_batch_loss(
         if reference is None:
             raise ValueError("the batch has no cached reference log-probs and no reference model was given")
         ref = reference_scores(reference, batch, config, want_entropy=False)
-    scores = sequence_scores(policy, batch, kind=kind, padding_free=config.train.padding_free,
+    # SPA's refinement and SamS's context read the padded forward (Config.padded_only says so for a config)
+    packed = config.packs_rows and refine is None and not want_context
+    scores = sequence_scores(policy, batch, kind=kind, padding_free=packed,
                              temperature=config.loss.logit_temperature, keep_forward=refine is not None,
                              want_context=want_context, chunk_rows=config.model.head_chunk_tokens)
     margins = None

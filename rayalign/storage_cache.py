@@ -23,6 +23,7 @@ import fcntl
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -83,16 +84,21 @@ def fill_lock(entry: Path) -> int:
 
 
 def touch(entry: Path) -> None:
-    (entry / ".used").touch()
+    used = entry / ".used"
+    used.touch()
+    # The clock's nanoseconds, set explicitly: a plain touch takes the kernel's coarse clock (ms ticks),
+    # under which two uses in quick succession tie and the eviction order is arbitrary.
+    now = time.time_ns()
+    os.utime(used, ns=(now, now))
 
 
-def _last_used(entry: Path) -> float:
+def _last_used(entry: Path) -> int:
     for path in (entry / ".used", entry):
         try:
-            return path.stat().st_mtime
+            return path.stat().st_mtime_ns
         except FileNotFoundError:
             continue
-    return 0.0
+    return 0
 
 
 def _size(entry: Path) -> int:

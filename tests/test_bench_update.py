@@ -38,5 +38,5 @@ def test_bench_update_tiny_run_prints_positive_finite_json(tmp_path):
     assert result["device"] == "cpu" and result["params"] < 2_000_000 and result["repeats"] == 2
     for name, (low, high) in result["spread"].items():  # min and max over the interleaved rounds
         assert 0 < low <= high, (name, low, high)
-    assert set(result["spread"]) >= {"rayalign padded", "trl default", "trl no_gc_precompute"}
+    assert set(result["spread"]) >= {"rayalign default", "rayalign padded", "trl default", "trl no_gc_precompute"}
     assert json.loads(out.read_text()) == result

@@ -86,7 +86,9 @@ def _assert_columns_equal(reused: pd.DataFrame, scored: pd.DataFrame, columns: t
     for column in columns:
         got = torch.tensor([list(v) if hasattr(v, "__len__") else v for v in reused[column]], dtype=torch.float64)
         want = torch.tensor([list(v) if hasattr(v, "__len__") else v for v in scored[column]], dtype=torch.float64)
-        assert torch.allclose(got, want, atol=1e-5, rtol=0), (column, got, want)
+        # The judge forwards padded rows, the scorer packed ones (the default): the same sums, rounded apart
+        # in float32 by up to ~1e-6 of their size (measured 1e-4 on -81.33).
+        assert torch.allclose(got, want, atol=1e-5, rtol=5e-6), (column, got, want)
 
 
 def _losses(model_dir: str, moved_dir: str, frame: pd.DataFrame, kind: str, config, *,
