@@ -13,12 +13,17 @@ import torch
 
 from rayalign.config import OptimConfig
 
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if config.name == "adamw":
+        # The fused kernel (one pass over each tensor) where torch has one for these parameters: ~3.5x
+        # faster than the default per-tensor loop on CPU (benchmarks/bench_update.py), the same update.
+        fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params)
         return torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                 eps=config.eps, weight_decay=config.weight_decay)
+                                 eps=config.eps, weight_decay=config.weight_decay, fused=fused or None)
     return torch.optim.RMSprop(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
 
 
