@@ -9,7 +9,10 @@ and spreads are printed.
 
 Reported: `ray_overhead` = 1 - Ray samples/s over bare samples/s, end to end (the actor's start-up, model
 loading included) and in steady state (`ray_overhead_steady`: the pass minus its actor's start-up, as the
-actor reports it in `actor_start_seconds`); the bare loop's model load is timed apart and left out. The
+actor reports it in `actor_start_seconds`); the bare loop's model load is timed apart and left out.
+`pool_overhead`: the same for a pass through `generate.persistent=true`'s `GeneratorPool` (a Ray Data pass of
+light forwarders to a sampler host started once before the rounds), which is what `rayalign run` pays per
+pass after its first when the generators persist. The
 model is the tiny one (`rayalign.tiny`, built here) unless `--model` names another. The last line is one
 JSON object. It asserts no speed: the goal (overhead <= 10%) is read, not tested.
 """
@@ -85,6 +88,16 @@ def ray_pass(model: str, settings, prompts: list[str]) -> tuple[float, float, in
     return wall, float(rows[ACTOR_START].sum()), int(sum(len(t) for t in rows["texts"]))
 
 
+def pool_pass(pool, model: str, prompts: list[str]) -> tuple[float, int]:
+    """(pass wall seconds, samples) of one pass through the persistent pool (its host already started)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt_id": range(len(prompts)), "prompt": prompts})
+    started = time.perf_counter()
+    rows = pool.dataset(frame, model=model, tag=model).to_pandas()
+    return time.perf_counter() - started, int(sum(len(t) for t in rows["texts"]))
+
+
 def _spread(values: list[float]) -> list[float]:
     return [round(min(values), 2), round(max(values), 2)]
 
@@ -105,27 +118,41 @@ def main(argv=None) -> dict:
         ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
                                            "TOKENIZERS_PARALLELISM": "false"}})
-        bare, ray_end, ray_steady, starts, loads = [], [], [], [], []
+        from rayalign.generator_pool import GeneratorPool
+
+        pool = GeneratorPool(settings, log=lambda message: None)
+        pool_start = time.perf_counter()
+        pool_pass(pool, model, prompts[:settings.batch_size])  # starts the host: once per run, not per pass
+        pool_start = time.perf_counter() - pool_start
+        bare, ray_end, ray_steady, pooled, starts, loads = [], [], [], [], [], []
         for repeat in range(args.repeats):
             load, seconds, samples = bare_pass(model, settings, prompts)
             wall, start, ray_samples = ray_pass(model, settings, prompts)
+            pool_wall, pool_samples = pool_pass(pool, model, prompts)
             bare.append(samples / seconds)
             ray_end.append(ray_samples / wall)
             ray_steady.append(ray_samples / max(1e-9, wall - start))
+            pooled.append(pool_samples / pool_wall)
             starts.append(start)
             loads.append(load)
             print(f"repeat {repeat + 1}: bare {bare[-1]:.1f} samples/s (model load {load:.1f} s apart); Ray Data "
-                  f"{ray_end[-1]:.1f} end to end, {ray_steady[-1]:.1f} without the actor's start-up ({start:.1f} s)",
-                  flush=True)
+                  f"{ray_end[-1]:.1f} end to end, {ray_steady[-1]:.1f} without the actor's start-up ({start:.1f} s); "
+                  f"persistent pool {pooled[-1]:.1f}", flush=True)
+        pool.shutdown()
         ray.shutdown()
-    median = {name: statistics.median(v) for name, v in (("bare", bare), ("ray", ray_end), ("steady", ray_steady))}
+    median = {name: statistics.median(v) for name, v in (("bare", bare), ("ray", ray_end), ("steady", ray_steady),
+                                                         ("pool", pooled))}
     result = {"bare_samples_per_s": round(median["bare"], 2), "ray_samples_per_s": round(median["ray"], 2),
               "ray_steady_samples_per_s": round(median["steady"], 2),
               "ray_overhead": round(1 - median["ray"] / median["bare"], 3),
               "ray_overhead_steady": round(1 - median["steady"] / median["bare"], 3),
+              "pool_samples_per_s": round(median["pool"], 2),
+              "pool_overhead": round(1 - median["pool"] / median["bare"], 3),
+              "pool_start_s": round(pool_start, 2),
               "actor_start_s": round(statistics.median(starts), 2),
               "bare_model_load_s": round(statistics.median(loads), 2),
-              "spread": {"bare": _spread(bare), "ray": _spread(ray_end), "ray_steady": _spread(ray_steady)},
+              "spread": {"bare": _spread(bare), "ray": _spread(ray_end), "ray_steady": _spread(ray_steady),
+                         "pool": _spread(pooled)},
               "threads": args.threads, "prompts": args.prompts, "num_samples": args.num_samples,
               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "repeats": args.repeats,
               "model": args.model or "tiny"}

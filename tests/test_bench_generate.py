@@ -22,9 +22,10 @@ def test_bench_generate_tiny_run_prints_finite_json(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("bare_samples_per_s", "ray_samples_per_s", "ray_steady_samples_per_s", "actor_start_s"):
+    for key in ("bare_samples_per_s", "ray_samples_per_s", "ray_steady_samples_per_s", "pool_samples_per_s",
+                "actor_start_s", "pool_start_s"):
         assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, (key, result)
-    for key in ("ray_overhead", "ray_overhead_steady"):
+    for key in ("ray_overhead", "ray_overhead_steady", "pool_overhead"):
         assert math.isfinite(result[key]) and result[key] < 1, (key, result)
     assert result["threads"] == 1 and result["prompts"] == 4
     assert json.loads(out.read_text()) == result
