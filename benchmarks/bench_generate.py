@@ -12,9 +12,9 @@ loading included) and in steady state (`ray_overhead_steady`: the pass minus its
 actor reports it in `actor_start_seconds`); the bare loop's model load is timed apart and left out.
 `pool_overhead`: the same for a pass through `generate.persistent=true`'s `GeneratorPool` (a Ray Data pass of
 light forwarders to a sampler host started once before the rounds), which is what `rayalign run` pays per
-pass after its first when the generators persist. The
-model is the tiny one (`rayalign.tiny`, built here) unless `--model` names another. The last line is one
-JSON object. It asserts no speed: the goal (overhead <= 10%) is read, not tested.
+pass after its first when the generators persist. The model is the tiny one (`rayalign.tiny`, built here)
+unless `--model` names another. The last line is one JSON object. It asserts no speed: the goal
+(overhead <= 10%) is read, not tested.
 """
 
 from __future__ import annotations
@@ -74,14 +74,19 @@ def bare_pass(model: str, settings, prompts: list[str]) -> tuple[float, float, i
     return loaded - started, time.perf_counter() - loaded, samples
 
 
-def ray_pass(model: str, settings, prompts: list[str]) -> tuple[float, float, int]:
-    """(pass wall seconds, the actor's start-up seconds, samples) of the loop's Ray Data generation pass."""
+def _prompt_frame(prompts: list[str]):
+    """The prompts as a generation pass reads them (prompt ids 0..n-1: the per-prompt sampling seeds)."""
     import pandas as pd
 
+    return pd.DataFrame({"prompt_id": range(len(prompts)), "prompt": prompts})
+
+
+def ray_pass(model: str, settings, prompts: list[str]) -> tuple[float, float, int]:
+    """(pass wall seconds, the actor's start-up seconds, samples) of the loop's Ray Data generation pass."""
     from rayalign.generate import generation_dataset
     from rayalign.stage_timing import ACTOR_START
 
-    frame = pd.DataFrame({"prompt_id": range(len(prompts)), "prompt": prompts})
+    frame = _prompt_frame(prompts)
     started = time.perf_counter()
     rows = generation_dataset(frame, model, settings).to_pandas()
     wall = time.perf_counter() - started
@@ -90,9 +95,7 @@ def ray_pass(model: str, settings, prompts: list[str]) -> tuple[float, float, in
 
 def pool_pass(pool, model: str, prompts: list[str]) -> tuple[float, int]:
     """(pass wall seconds, samples) of one pass through the persistent pool (its host already started)."""
-    import pandas as pd
-
-    frame = pd.DataFrame({"prompt_id": range(len(prompts)), "prompt": prompts})
+    frame = _prompt_frame(prompts)
     started = time.perf_counter()
     rows = pool.dataset(frame, model=model, tag=model).to_pandas()
     return time.perf_counter() - started, int(sum(len(t) for t in rows["texts"]))
