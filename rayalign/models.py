@@ -23,6 +23,7 @@ transformers and torch are imported inside the functions so `import rayalign.mod
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,28 @@ def load_policy_and_reference(
     return PolicyAndReference(policy_model, reference_model, tokenizer)
 
 
+@contextlib.contextmanager
+def _no_deepspeed_probe():
+    """`save_pretrained` unwraps the model with accelerate, which imports deepspeed (~1 s, once per process)
+    only to test `isinstance(model, DeepSpeedEngine)`. While deepspeed has not been imported, nothing can be
+    such an engine, so accelerate is told it is absent for the call; with deepspeed loaded nothing changes."""
+    import sys
+
+    try:
+        import accelerate.utils.other as unwrap_module
+    except ImportError:  # transformers then unwraps without accelerate
+        unwrap_module = None
+    if unwrap_module is None or "deepspeed" in sys.modules:
+        yield
+        return
+    probe = unwrap_module.is_deepspeed_available
+    unwrap_module.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        unwrap_module.is_deepspeed_available = probe
+
+
 def save_weights(model: PreTrainedModel, directory: Path, state_dict: dict | None = None, *,
                  dtype=None) -> dict:
     """`model.save_pretrained(directory)` with `state_dict` (default: the model's own) cast to `dtype` (None: as
@@ -275,7 +298,8 @@ def save_weights(model: PreTrainedModel, directory: Path, state_dict: dict | Non
     state_dict = state_dict if state_dict is not None else model.state_dict()
     if dtype is not None:
         state_dict = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state_dict.items()}
-    model.save_pretrained(directory, state_dict=state_dict)
+    with _no_deepspeed_probe():
+        model.save_pretrained(directory, state_dict=state_dict)
     if dtype is not None:
         path = Path(directory) / "config.json"
         config = json.loads(path.read_text())

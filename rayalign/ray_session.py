@@ -11,6 +11,9 @@ retries the dead address for minutes. So the address is chosen here first (`choo
   - else a local Ray (`address="local"`), with one line on stderr naming the dead address and the fix
     (`ray stop --force`, or remove the file) when the file names a dead one.
 A TCP answer does not prove a healthy cluster; it rules out the dead-head hang, which is what it is for.
+On a local Ray that this process started, Ray Train's preemption watcher (an extra actor per training run,
+~2 s of a run's start here) is switched off unless the user set RAY_TRAIN_ENABLE_PREEMPTION_WATCHER: one
+machine that is the whole cluster has no node that can be drained while the rest runs on.
 It does not configure logging or resources beyond what the caller passes (`rayalign tune` passes its
 local-start settings, used only when a local Ray is started).
 """
@@ -29,6 +32,7 @@ ADDRESS_FILE: Path | None = None  # None: Ray's own (RAY_TMPDIR or /tmp, then ra
 WAIT_S = 30.0  # RAY_ADDRESS: how long a cluster may take to answer (it may still be starting)
 PROBE_S = 3.0  # the address file: a live GCS answers at once
 FIX = "`ray stop --force` (or remove {file})"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train's controller at each fit
 
 
 def address_file() -> Path:
@@ -107,4 +111,6 @@ def init_ray(**local_settings) -> str | None:
     # PlacementGroupCleaner polls to free a dead controller's resources (tried off: the cleaner fails every second).
     extra = local_settings if address == "local" else {}
     ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
+    if address == "local":
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     return address

@@ -52,7 +52,7 @@ def run_sft(model_path: str, examples: list[tuple[str, str]], out_dir: Path, *, 
     """Fine-tune `model_path` on (prompt, response) pairs and save the result to `out_dir` atomically.
 
     load: the `rayalign.models.LoadOptions` of the run (None: the defaults)."""
-    from rayalign.models import load_model, load_tokenizer
+    from rayalign.models import load_model, load_tokenizer, save_weights
 
     torch.manual_seed(seed)
     tokenizer, model = load_tokenizer(model_path, load), load_model(model_path, load)
@@ -77,6 +77,6 @@ def run_sft(model_path: str, examples: list[tuple[str, str]], out_dir: Path, *, 
     log(f"sft done: {steps} steps in {time.perf_counter() - started:.1f} s, final loss {loss.item():.3f}")
     model.eval()
     with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        save_weights(model, tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir

@@ -331,7 +331,7 @@ class Worker:
 
                 save_adapters(self.policy, tmp, state_dict)
             else:
-                self.policy.save_pretrained(tmp, state_dict=state_dict)
+                save_weights(self.policy, tmp, state_dict)
             self.tokenizer.save_pretrained(tmp)
         state = {"step": step, "epoch": epoch, "total_steps": self.total,
                  **({"spa_window": self.refiner.state_dict()} if self.refiner else {})}

@@ -283,3 +283,19 @@ def test_save_weights_writes_the_final_dtype_and_says_so(tiny_model_dir, tmp_pat
     for name, value in model.state_dict().items():
         if name in saved:
             torch.testing.assert_close(saved[name], value.to(expected), atol=0, rtol=0, msg=name)
+
+
+def test_saving_a_model_does_not_import_deepspeed(tiny_model_dir, tmp_path):
+    """transformers' save_pretrained unwraps through accelerate, which imports deepspeed (~1 s a process) just for an
+    isinstance check: `save_weights` skips that while deepspeed is not loaded; the saved model is unchanged."""
+    code = ("import sys, torch; from rayalign.models import load_model, save_weights; "
+            "import accelerate.utils.other as unwrap\n"
+            f"model = load_model({str(tiny_model_dir)!r}); save_weights(model, {str(tmp_path / 'saved')!r})\n"
+            "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'\n"
+            "assert unwrap.is_deepspeed_available.__name__ == 'is_deepspeed_available'\n"
+            f"again = load_model({str(tmp_path / 'saved')!r})\n"
+            "for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):\n"
+            "    assert torch.equal(a, b), name\n"
+            "print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -101,12 +101,35 @@ def test_ray_starts_locally_despite_a_dead_head_in_the_address_file():
         (Path(tmp) / "ray" / "ray_current_cluster").write_text(dead + "\n")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(RAY_TMPDIR=tmp, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-        code = ("from rayalign.train import ensure_ray; ensure_ray(); import ray; "
-                "print('cpus', ray.cluster_resources()['CPU']); ray.shutdown()")
+        env.pop(ray_session.PREEMPTION_WATCHER_ENV, None)
+        code = ("from rayalign.train import ensure_ray; ensure_ray(); import os, ray; "
+                "print('cpus', ray.cluster_resources()['CPU']); ray.shutdown(); "
+                f"print('watcher', os.environ.get({ray_session.PREEMPTION_WATCHER_ENV!r}))")
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
                                 timeout=150)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "cpus" in result.stdout
+        assert "watcher 0" in result.stdout  # a local Ray: Ray Train's preemption watcher is off
         assert f"no Ray answers at {dead}" in result.stderr and "ray stop --force" in result.stderr
         print(f"local Ray up in {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.parametrize(("ray_address", "user_value", "expected"), [
+    ("local", None, "0"),  # the whole cluster is this machine: nothing to be preempted
+    ("local", "1", "1"),  # the user's choice is kept
+    ("joined", None, None),  # a cluster keeps Ray Train's default (on): its nodes can be drained
+])
+def test_preemption_watcher_is_off_only_on_a_local_ray(monkeypatch, listening, ray_address, user_value, expected):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("RAY_ADDRESS", listening if ray_address == "joined" else "local")
+    if user_value is None:
+        monkeypatch.delenv(ray_session.PREEMPTION_WATCHER_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ray_session.PREEMPTION_WATCHER_ENV, user_value)
+    assert ray_session.init_ray() == calls[0]["address"]
+    assert os.environ.get(ray_session.PREEMPTION_WATCHER_ENV) == expected
