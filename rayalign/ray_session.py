@@ -110,7 +110,7 @@ def init_ray(**local_settings) -> str | None:
     # Ray's dashboard stays on for a local start (~2 s): it serves the state API that Ray Train's
     # PlacementGroupCleaner polls to free a dead controller's resources (tried off: the cleaner fails every second).
     extra = local_settings if address == "local" else {}
-    ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
-    if address == "local":
+    if address == "local":  # before ray.init: the local raylet, and so every worker (Tune's trials), inherit it
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
     return address
