@@ -124,9 +124,11 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
     # Iteration 0 trains on the user's seed pairs when given: their data.split / data.subset apply.
     user_data = {"split": config.data.split, "subset": config.data.subset} if data == config.data.train_file else {}
     reuse = iteration > 0 and reference == policy and judge_logps_reusable(config)
+    # SamS: the scheduler carries on from the stage that trained this iteration's policy (its final/)
+    carried = policy if config.sams.enabled and iteration > 0 else None
     inputs = StageInputs(policy=policy, reference=reference, train_file=data, epochs=epochs,
                          spa_mix=config.spa.mix_for(iteration) if refine else None, loss_type=loss_type,
-                         reference_in_data=reuse, **user_data)
+                         reference_in_data=reuse, sams_state=carried, **user_data)
     stage = dataclasses.replace(  # the user's settings, run in the stage's own directory
         config, run=dataclasses.replace(config.run, dir=str(run_dir), storage=location))
     tracking = TrackingSettings.resolve(config, config.run.dir).stage(f"iter-{iteration}/train", run_dir)

@@ -10,7 +10,8 @@ the selection is global and the same on every worker (ALGORITHMS.md §6). Three 
     top_rs   the K pairs with the highest sample reward r_S, computed directly (no network)
 
 The state (networks, Adam, replay pool, lagged record, RNGs) is saved by rank 0 as `sams.pt` in each
-checkpoint, so a resumed run continues the same rounds. No policy forward, loss or backward here.
+checkpoint, so a resumed run continues the same rounds, and in the stage's final/, from which the loop's
+next iteration continues (`load_carried`). No policy forward, loss or backward here.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ class PairSelector:
             return select_top_k(sample_rewards(margins, chosen_logps, delta=self.delta), ratio=self.ratio)
         chosen = self.scheduler.schedule(context, mean_loss=losses.mean(), margins=margins,
                                          chosen_logps=chosen_logps)
-        self.last.update({"sams/fit_loss": chosen.fit_loss, "sams/warmup": int(chosen.warmup)})
+        # round: counted over the whole loop when the state is carried between iterations (`load_carried`)
+        self.last.update({"sams/fit_loss": chosen.fit_loss, "sams/warmup": int(chosen.warmup),
+                          "sams/round": self.scheduler.round})
         return chosen.indices
 
     def metrics(self) -> dict[str, float]:
@@ -101,6 +104,17 @@ class PairSelector:
     def save(self, directory: Path) -> None:
         if self.rank == 0:
             torch.save(self.state_dict(), directory / STATE_FILE)
+
+    def load_carried(self, directory: Path) -> None:
+        """Continue from the state a previous training stage left in its final/ (`save_final`): the bandit's
+        networks, Adam, replay pool, lagged record, round count and RNGs carry on, so it keeps learning over
+        the loop's iterations (its warm-up, counted in rounds, is not repeated). A final/ without the file (a
+        stage trained before SamS was enabled) starts a fresh selector, saying so."""
+        if self.rank == 0 and not (directory / STATE_FILE).is_file():
+            print(f"rayalign train: warning: no {STATE_FILE} in {directory}: SamS starts a fresh scheduler",
+                  flush=True)
+            return
+        self.load(directory)
 
     def load(self, directory: Path) -> None:
         """Continue from a checkpoint written by `save` (rank 0 holds the state; other ranks hold none)."""

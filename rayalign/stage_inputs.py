@@ -2,10 +2,10 @@
 
 `rayalign train` takes these from the config the user wrote (`StageInputs.from_config`); the iterative loop
 builds them per iteration (the previous model as policy and reference, the iteration's judged data, its
-epochs, SPA's mix for that iteration, and the loss when it differs from `loss.type`: DPO on iteration 0's gold
-seed pairs for a K-sample loss) and passes them to `rayalign.train.run_train`, which hands them to the
-Ray Train workers next to the unchanged config. So `config` stays what the user wrote, and no worker
-recomputes run state from settings. Torch-free, no I/O.
+epochs, SPA's mix for that iteration, the loss when it differs from `loss.type`: DPO on iteration 0's gold
+seed pairs for a K-sample loss, and the SamS scheduler state to continue from) and passes them to
+`rayalign.train.run_train`, which hands them to the Ray Train workers next to the unchanged config. So
+`config` stays what the user wrote, and no worker recomputes run state from settings. Torch-free, no I/O.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ class StageInputs:
     # train_file's rows carry the reference's log-probs (the loop's judged data: its judge, pi_{i-1}, is the
     # reference): read them instead of scoring the reference (`rayalign.prepare.reference_from_rows`)
     reference_in_data: bool = False
+    # SamS: a directory whose `sams.pt` the pair selector continues from (the loop's previous iteration's
+    # final/), so the bandit keeps learning across iterations; None: a fresh selector. A checkpoint of this
+    # stage, when resuming, wins over it.
+    sams_state: str | None = None
 
     def stage_config(self, config):
         """`config` as this stage runs it: `loss.type` replaced when the stage trains another loss, the rest

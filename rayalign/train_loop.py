@@ -150,6 +150,8 @@ class Worker:
             model_config = self.policy.config
             self.selector = PairSelector(self.config, num_layers=model_config.num_hidden_layers,
                                          hidden_size=model_config.hidden_size, total_steps=self.total, rank=self.rank)
+        if self.selector and self.inputs.sams_state and not self.resume_from:
+            self.selector.load_carried(Path(materialize(self.inputs.sams_state)))
         if self.resume_from:
             self.engine.load(self.resume_from)
             if self.selector:
@@ -342,9 +344,10 @@ class Worker:
         self.saved_at = time.monotonic()
 
     def save_final(self) -> None:
-        """RUN_DIR/final/: the consolidated model (16-bit in a bf16 run) and the tokenizer, nothing else: no
-        optimizer or DeepSpeed state and no last checkpoint (a kill before final/ exists resumes from the newest
-        periodic one and redoes the steps after it). Collective: ZeRO-3 gathers the weights on rank 0."""
+        """RUN_DIR/final/: the consolidated model (16-bit in a bf16 run), the tokenizer and, with SamS, the
+        selector's state (`sams.pt`, which the loop's next iteration continues from); no optimizer or DeepSpeed
+        state and no last checkpoint (a kill before final/ exists resumes from the newest periodic one and
+        redoes the steps after it). Collective: ZeRO-3 gathers the weights on rank 0."""
         began = time.perf_counter()
         state_dict = None if self.lora else self.engine.full_state_dict(self.run_dir)
         if self.rank == 0:
@@ -357,6 +360,8 @@ class Worker:
                 else:
                     saved = save_weights(self.policy, out, state_dict, dtype=dtype)
                 self.tokenizer.save_pretrained(out)
+                if self.selector:
+                    self.selector.save(out)
             if self.paths.get("push_weights"):  # the loop's persistent generators (`rayalign.generator_pool`)
                 from rayalign.generator_pool import push_weights
 
