@@ -62,8 +62,13 @@ def compare_rm(rows: pd.DataFrame, baselines: dict[str, pd.DataFrame]) -> dict[s
     return _compare(rows, baselines, column=EVAL_REWARDS, mean_key=f"{RM_PREFIX}reward_mean", prefix=RM_PREFIX)
 
 
+def gold_agreement(judged: pd.DataFrame, gold_reward: Callable[[str], float]) -> list[bool | None]:
+    """Per judged pair: whether the gold reward prefers its chosen side (None where the gold reward ties)."""
+    gold = [(gold_reward(c), gold_reward(r)) for c, r in zip(judged["chosen"], judged["rejected"])]
+    return [None if c == r else c > r for c, r in gold]
+
+
 def judge_accuracy(judged: pd.DataFrame, gold_reward: Callable[[str], float]) -> float | None:
     """Agreement of self-judged pairs with the gold preference, over pairs the gold reward does not tie."""
-    decided = [(gold_reward(c), gold_reward(r)) for c, r in zip(judged["chosen"], judged["rejected"])]
-    decided = [(c, r) for c, r in decided if c != r]
-    return sum(c > r for c, r in decided) / len(decided) if decided else None
+    decided = [agree for agree in gold_agreement(judged, gold_reward) if agree is not None]
+    return sum(decided) / len(decided) if decided else None

@@ -183,13 +183,16 @@ def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name:
     tag = model
     model, sft_path = plan.storage.inputs(model, plan.sft_path)  # run.storage: actors on any node read them
     began = time.perf_counter()
+    from rayalign.sams_score import SCORE_COLUMN, scores_pairs
+
+    sams = EVAL_PROMPT_ID if it_dir and scores_pairs(config) else None  # the bandit scores the training pairs
     rows = judged_pass(config, pd.concat(frames, ignore_index=True), model=model, sft_path=sft_path,
-                       pool=plan.generators, tag=tag)
+                       pool=plan.generators, tag=tag, sams_below_id=sams)
     is_eval = rows["prompt_id"] >= EVAL_PROMPT_ID
     seconds = pass_seconds(rows, is_eval, time.perf_counter() - began)
     _log(f"{f'iteration {iteration}' if it_dir else f'evaluation of {name}'}: pass {stage_line(seconds)}")
     timing = atomic_write_text(pass_file(run_dir, name), json.dumps(seconds) + "\n")
-    write_eval(rows[is_eval], config, eval_path)
+    write_eval(rows[is_eval].drop(columns=[SCORE_COLUMN], errors="ignore"), config, eval_path)
     if it_dir is None:
         plan.storage.commit(timing, eval_path)
         return None
@@ -205,8 +208,9 @@ def iteration_record(config: Config, run_dir: Path, iteration: int, *, name: str
     """The per-iteration record of metrics.jsonl, from the stored evaluation samples."""
     import pandas as pd
 
-    from rayalign.evaluate import compare, compare_rm, judge_accuracy, kl_to_sft
+    from rayalign.evaluate import compare, compare_rm, gold_agreement, judge_accuracy, kl_to_sft
     from rayalign.reward_judge import EVAL_REWARDS
+    from rayalign.sams_score import score_summary
     from rayalign.stage_timing import read_iteration_seconds
     from rayalign.tasks.sentiment import gold_reward
 
@@ -214,10 +218,13 @@ def iteration_record(config: Config, run_dir: Path, iteration: int, *, name: str
         return pd.read_parquet(run_dir / "eval" / f"{model_name}.parquet")
 
     record = {"iteration": iteration, "pairs": pairs, "kl_to_ref": kl_to_sft(rows(name))}
+    judged = pd.read_parquet(judged_path) if judged_path else None
     if config.loop.task == "sentiment":
         record.update(compare(rows(name), {"sft": rows("sft"), "prev": rows(previous)}))
-        record["judge_accuracy"] = (judge_accuracy(pd.read_parquet(judged_path), gold_reward)
-                                    if judged_path else None)
+        record["judge_accuracy"] = judge_accuracy(judged, gold_reward) if judged is not None else None
+    if judged is not None:  # the bandit's scores of the pairs (sams.enabled): vs the gold label when known
+        agreement = gold_agreement(judged, gold_reward) if config.loop.task == "sentiment" else None
+        record.update(score_summary(judged, agreement))
     if config.eval.reward_model:
         frames = {"policy": rows(name), "sft": rows("sft"), "prev": rows(previous)}
         if all(EVAL_REWARDS in f for f in frames.values()):
@@ -330,5 +337,5 @@ def _count_rows(path: str, config: Config) -> int:
 
 def _summary(record: dict) -> str:
     keys = ("win_rate_vs_sft", "win_rate_vs_prev", "gold_reward_mean", "rm/win_rate_vs_sft", "rm/win_rate_vs_prev",
-            "rm/reward_mean", "judge_accuracy", "kl_to_ref")
+            "rm/reward_mean", "judge_accuracy", "sams/score_mean", "sams/score_gap", "kl_to_ref")
     return ", ".join(f"{k} {record[k]:.3f}" for k in keys if record.get(k) is not None)

@@ -1,7 +1,8 @@
 """`RUN_DIR/report.md` and PNG plots from the loop's `metrics.jsonl` and each iteration's training log.
 
 Plots: per iteration, the gold reward's win rates and mean and the judge accuracy (a task with a gold
-reward), KL to pi_SFT, and with eval.reward_model that model's win rates and mean reward (the `rm/*` keys);
+reward), KL to pi_SFT, with eval.reward_model that model's win rates and mean reward (the `rm/*` keys), and
+with SamS the bandit's mean score of the judged pairs and its gap between right and wrong labels;
 the training loss and reward margins of every iteration's update, step by step; and each iteration's
 seconds per stage (`rayalign.stage_timing`), stacked. Matplotlib with the Agg
 backend; no computation beyond reading the logs.
@@ -17,14 +18,19 @@ from rayalign.metrics_log import read_jsonl
 COLUMNS = ("iteration", "pairs", "win_rate_vs_sft", "win_rate_vs_prev", "gold_reward_mean", "judge_accuracy",
            "kl_to_ref", "train_loss", "seconds")
 RM_COLUMNS = ("rm/win_rate_vs_sft", "rm/win_rate_vs_prev", "rm/reward_mean")  # with eval.reward_model
+SAMS_COLUMNS = ("sams/score_mean", "sams/score_gap")  # sams.enabled: the bandit's scores of the judged pairs
 
 
 def _columns(records: list[dict]) -> tuple[str, ...]:
-    """COLUMNS, with the reward model's after the gold ones when some record has them."""
-    if not any(key in r for r in records for key in RM_COLUMNS):
-        return COLUMNS
-    at = COLUMNS.index("gold_reward_mean") + 1
-    return (*COLUMNS[:at], *RM_COLUMNS, *COLUMNS[at:])
+    """COLUMNS, with the reward model's after the gold ones and SamS's after the judge's when records have them."""
+    columns = COLUMNS
+    if any(key in r for r in records for key in RM_COLUMNS):
+        at = columns.index("gold_reward_mean") + 1
+        columns = (*columns[:at], *RM_COLUMNS, *columns[at:])
+    if any(key in r for r in records for key in SAMS_COLUMNS):
+        at = columns.index("judge_accuracy") + 1
+        columns = (*columns[:at], *SAMS_COLUMNS, *columns[at:])
+    return columns
 
 
 def _fmt(value) -> str:
@@ -50,6 +56,8 @@ def _plot_iterations(plt, path: Path, records: list[dict]) -> Path:
     if any(key in r for r in records for key in RM_COLUMNS):
         panels += [(RM_COLUMNS[:2], "win rate (eval.reward_model)", {}, True),
                    (RM_COLUMNS[2:], "mean reward of samples (eval.reward_model)", {"color": "tab:brown"}, False)]
+    if any(key in r for r in records for key in SAMS_COLUMNS):
+        panels.append((SAMS_COLUMNS, "SamS score of judged pairs (gap: right - wrong labels)", {}, False))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (keys, title, style, rate) in zip(axes[0], panels):
         _line(ax, records, keys, title, **style)

@@ -78,13 +78,14 @@ def eval_frame(eval_prompts: list[Prompt]) -> pd.DataFrame:
 
 
 def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: str, pool=None,
-                tag: str | None = None) -> pd.DataFrame:
+                tag: str | None = None, sams_below_id: int | None = None) -> pd.DataFrame:
     """One Ray Data pass: Generator actors (`model`) chained into Judge actors (`model` vs `sft_path`).
 
     `model` and `sft_path` are what the actors open: `StageStorage.inputs` of the driver's paths. With `pool`
     (a `rayalign.generator_pool.GeneratorPool`) its long-lived hosts generate, holding the weights of `tag`
-    (the driver's path of `model`). Returns one row per prompt: the generation's list columns and the
-    judgment (see `rayalign.judge`).
+    (the driver's path of `model`). With `sams_below_id`, SamS scoring actors follow the judges and score the
+    pairs of prompt ids below it (`rayalign.sams_score`, with the bandit in `model`'s sams.pt). Returns one
+    row per prompt: the generation's list columns and the judgment (see `rayalign.judge`).
     """
     from rayalign.generate import generation_dataset
     from rayalign.judge import judge_dataset
@@ -93,7 +94,12 @@ def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: 
         dataset = pool.dataset(prompts, model=model, tag=tag or model)
     else:
         dataset = generation_dataset(prompts, model, config.generate, load=LoadOptions.of(config.model))
-    return judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config).to_pandas()
+    judged = judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config)
+    if sams_below_id is not None:
+        from rayalign.sams_score import score_dataset
+
+        judged = score_dataset(judged, policy_path=model, config=config, below_id=sams_below_id)
+    return judged.to_pandas()
 
 
 def with_gold_rewards(rows: pd.DataFrame, config: Config) -> pd.DataFrame:
