@@ -143,6 +143,15 @@ def _check_resume(run_dir: Path, resume: bool, store=None) -> None:
         store.delete(run_dir / "FAILED.json")
 
 
+def worker_inputs(inputs: StageInputs, store: RunStorage | None) -> StageInputs:
+    """`inputs` as the workers read them: SamS's carried state (the previous stage's final/) as an absolute
+    path or, with run.storage, its storage location (a worker on another node has no copy of the driver's)."""
+    if not inputs.sams_state:
+        return inputs
+    state = _absolute(inputs.sams_state)
+    return dataclasses.replace(inputs, sams_state=store.remote(state) if store else state)
+
+
 def _absolute(path: str) -> str:
     """A local model path made absolute (the workers run in another directory); hub ids unchanged."""
     return str(Path(path).expanduser().absolute()) if Path(path).expanduser().exists() else path
@@ -194,6 +203,7 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
              "reference_path": _absolute(inputs.reference or policy_path)}
     if store:  # Ray Data actors and workers on other nodes read the models from run.storage
         paths = {key: store.remote(path) for key, path in paths.items()}
+    inputs = worker_inputs(inputs, store)
     ensure_ray()
     loaded = time.perf_counter()
     _log(f"data and model ready after {loaded - started:.0f} s")

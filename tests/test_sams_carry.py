@@ -75,3 +75,19 @@ def test_the_loop_hands_each_stage_the_previous_final(monkeypatch, tmp_path, sam
                          data=str(tmp_path / "judged.parquet"), epochs=1, iteration=iteration,
                          storage=StageStorage(config))
     assert captured["inputs"].sams_state == (policy if expected == "POLICY" else None)
+
+
+def test_the_workers_read_the_carried_state_where_they_run(tmp_path, monkeypatch):
+    from rayalign.stage_inputs import StageInputs
+    from rayalign.train import worker_inputs
+
+    class Store:  # run.storage's mapping of a driver path to its storage location
+        def remote(self, path: str) -> str:
+            return "s3://bucket/run/" + path.rsplit("/run/", 1)[1]
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run/iter-0/train/final").mkdir(parents=True)  # relative to where the driver runs
+    inputs = StageInputs(policy="p", sams_state="run/iter-0/train/final")
+    assert worker_inputs(inputs, None).sams_state == str(tmp_path / "run/iter-0/train/final")
+    assert worker_inputs(inputs, Store()).sams_state == "s3://bucket/run/iter-0/train/final"
+    assert worker_inputs(StageInputs(policy="p"), Store()).sams_state is None
