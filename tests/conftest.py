@@ -4,6 +4,11 @@ Sets HF_HUB_OFFLINE=1 at import so no test can ever download, and provides
 - `tiny_model_dir`: one tiny random Llama model + tokenizer (rayalign.tiny defaults), built in about a second;
 - `chat_model_dir`: the same with a ChatML chat template (`<|im_start|>`/`<|im_end|>` special tokens, eos
   `<|im_end|>`, as Qwen), for the conversational (templated) path;
+- `shared_ray_head` (automatic): one `ray start --head` for the whole session, exported as RAY_ADDRESS, which
+  every `rayalign` command the tests run and every in-process `init_ray()` joins in well under a second
+  instead of starting its own local Ray (5-12 s each here). Tests that need a Ray of their own (process
+  tags that find a killed run's daemons, their own clusters) drop RAY_ADDRESS from their environment;
+  RAYALIGN_TEST_OWN_RAY=1 turns the shared head off for a whole session;
 - `quickstart_run`: one uninterrupted, reduced `rayalign run configs/quickstart.yaml` (2 SPA iterations), the
   suite's most expensive step, run once per session and shared by the README test, the resume test and the
   stage-command test. Treat both as read-only.
@@ -11,6 +16,8 @@ Sets HF_HUB_OFFLINE=1 at import so no test can ever download, and provides
 
 import dataclasses
 import os
+import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +64,43 @@ def wait_for(predicate, timeout: float, what: str, details=lambda: "", poll: flo
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
+
+
+SHARED_HEAD_MARKER = "RAYALIGN_TEST_SHARED_HEAD"  # in the shared head's environment: its processes, for teardown
+# Set for the session with the shared head (and so inherited by every command the tests start): auth off on both
+# sides (a token in ~/.ray would otherwise switch the head to token mode), and Ray Train's preemption watcher off
+# as `init_ray` does for a local Ray (Ray Train propagates RAY_TRAIN_* from each driver to its controller).
+SHARED_HEAD_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_ray_head():
+    """The session's Ray head (see the module docstring); yields its GCS address, or None when it is off."""
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAYALIGN_TEST_OWN_RAY") == "1":
+        yield os.environ.get("RAY_ADDRESS")
+        return
+    from tests.ray_heads import kill_marked, start_head
+
+    tag = secrets.token_hex(4)
+    temp_dir = Path(f"/tmp/ra-sh-{tag}")  # short: Ray's unix socket paths must stay < 108 characters
+    saved = {key: os.environ.get(key) for key in ("RAY_ADDRESS", *SHARED_HEAD_ENV)}
+    try:
+        address, _ = start_head(temp_dir, {**os.environ, **SHARED_HEAD_ENV, SHARED_HEAD_MARKER: tag},
+                                SHARED_HEAD_MARKER)
+        os.environ.update(SHARED_HEAD_ENV, RAY_ADDRESS=address)
+        yield address
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        survivors = kill_marked(SHARED_HEAD_MARKER, tag)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not survivors, f"processes of the shared Ray head survived: {survivors}"
+
+
+def own_ray_env(**extra: str) -> dict[str, str]:
+    """This process's environment without RAY_ADDRESS (plus `extra`): a command run with it starts its own
+    local Ray, whose daemons and workers inherit the command's environment (process tags, thread counts)."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **extra}
 
 
 @pytest.fixture(scope="module")

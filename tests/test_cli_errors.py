@@ -96,9 +96,11 @@ def test_a_failed_training_stage_of_the_loop_is_one_line_exit_1():
 def local_ray():
     import ray
 
+    from rayalign.ray_session import init_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        init_ray()  # joins the suite's shared head (RAY_ADDRESS), else a local Ray
     yield
     if started:
         ray.shutdown()

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, SEED_ONLY_LOOP
+from tests.conftest import REPO, SEED_ONLY_LOOP, own_ray_env
 
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 HEAD, CPU_WORKER, GPU_WORKER = "ray.head.default", "ray.worker.cpu", "ray.worker.gpu"
@@ -316,7 +316,7 @@ def test_node_types_autoscale_for_the_loop_and_back(tmp_path):
     venv_bin = str(Path(sys.executable).parent)
     # Auth off on both sides (a token in ~/.ray would otherwise switch the head to token mode); Ray's "not a
     # multi-node platform" switch makes every node, driver and poller pick 127.0.0.1 rather than the host IP.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", MARKER: tag,
+    env = {**own_ray_env(), "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", MARKER: tag,
            "PATH": f"{venv_bin}:{os.environ['PATH']}"}
     nodes_log, poller, run = tmp_path / "nodes.jsonl", None, None
     try:

@@ -17,8 +17,6 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ import pytest
 
 from tests.conftest import REPO, SEED_ONLY_LOOP
 from tests.conftest import wait_for as _wait_for
+from tests.ray_heads import kill_marked, marked_processes, start_head
 
 SUBMIT = str(REPO / "jobs" / "submit.sh")
 MARKER = "RAYALIGN_TEST_JOBS"  # in the head's environment: inherited by every process of that cluster
@@ -89,69 +88,13 @@ def test_requirements_file_is_the_projects_dependencies_without_ray():
         [d for d in dependencies if not d.startswith("ray")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_head(temp_dir: Path, env: dict) -> str:
-    """`ray start --head` on loopback, dashboard included, every port explicit; returns the dashboard URL.
-
-    Under heavy load the raylet can miss Ray's startup deadline ("timed out during startup"): one retry,
-    on fresh ports, after killing what the failed attempt left."""
-    for _attempt in (1, 2):
-        dashboard = _free_port()
-        ports = {flag: _free_port() for flag in ("port", "ray-client-server-port", "dashboard-agent-listen-port",
-                                                "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                                "metrics-export-port")}
-        command = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--temp-dir={temp_dir}",
-                   "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                   f"--object-store-memory={300 * 2**20}", "--disable-usage-stats",
-                   *[f"--{flag}={port}" for flag, port in ports.items()]]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        if result.returncode == 0:
-            return f"http://127.0.0.1:{dashboard}"
-        _kill(env[MARKER])
-    raise AssertionError(f"ray start failed twice:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-
-
-def _processes(key: str, value: str) -> dict[int, str]:
-    """pid -> command line of every live process whose environment has key=value."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if f"{key}={value}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:150]
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return found
-
-
 def _work_processes(tag: str) -> dict[int, str]:
     """The first job's own processes: its driver and the workers of its tasks and actors."""
-    return {pid: c for pid, c in _processes(JOB_MARKER, tag).items() if not c.startswith(RAY_OWN)}
-
-
-def _kill(tag: str) -> dict[int, str]:
-    """SIGTERM, then SIGKILL, exactly the processes of this test's cluster; returns the survivors."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _processes(MARKER, tag):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + 10
-        while _processes(MARKER, tag) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    return _processes(MARKER, tag)
+    return {pid: c for pid, c in marked_processes(JOB_MARKER, tag).items() if not c.startswith(RAY_OWN)}
 
 
 def _tear_down(temp_dir: Path, tag: str) -> None:
-    survivors = _kill(tag)
+    survivors = kill_marked(MARKER, tag)
     shutil.rmtree(temp_dir, ignore_errors=True)
     assert not survivors, f"processes of the test's Ray head survived: {survivors}"
 
@@ -180,7 +123,7 @@ def test_job_stopped_after_iteration_0_resumes_without_redoing_it(tmp_path, monk
                 "VIRTUAL_ENV": sys.prefix})
     run_dir, started = tmp_path / "quick", time.perf_counter()
     try:
-        address = _start_head(temp_dir, env)
+        _, address = start_head(temp_dir, env, MARKER, object_store_mb=300)
         for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_API_SERVER_ADDRESS", address)):
             monkeypatch.setenv(key, value)  # this process's job client: Ray's env vars beat its address argument
         monkeypatch.delenv("RAY_ADDRESS", raising=False)

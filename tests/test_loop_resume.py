@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, own_ray_env
 from tests.conftest import wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
@@ -127,7 +127,7 @@ def test_resume_after_kill_in_iteration_2_generation(quickstart_run, tmp_path):
     _copy_up_to_iteration_1(reference.run_dir, run_dir)
     command = [sys.executable, "-m", "rayalign.cli", "run", "configs/quickstart.yaml", f"run.dir={run_dir}",
                *reference.overrides]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", TAG: tag}
+    env = own_ray_env(HF_HUB_OFFLINE="1", **{TAG: tag})  # a Ray of its own: its daemons carry the tag
 
     first_log = _kill_run_in_iteration_2_generation([*command, "--resume"], env, tag)
     survivors = _reap(tag)

@@ -110,13 +110,17 @@ def test_score_summary_and_report_columns():
 @pytest.mark.usefixtures("in_process_ray")
 def test_the_pass_chains_scoring_actors_after_the_judges(tiny_model_dir, tmp_path):
     from rayalign.stages import judged_pass
+    from rayalign.tiny import make_tiny_model
     from rayalign.train import ensure_ray
 
     config = _config("generate.num_samples=2", "generate.max_new_tokens=8", "generate.batch_size=4")
     policy, _ = _policy_with_bandit(tiny_model_dir, tmp_path, config)
     ensure_ray()
     prompts = pd.DataFrame({"prompt_id": [0, 1, 2, 100], "prompt": [f"Review {i}:" for i in range(4)]})
-    rows = judged_pass(config, prompts, model=policy, sft_path=str(tiny_model_dir), sams_below_id=100)
+    # the reference must differ from the policy: with equal models every margin is 0 up to float noise, and a
+    # pair whose margin is exactly 0 is dropped as a tie (it was, now and then: nothing was left to score)
+    sft = make_tiny_model(tmp_path / "sft", seed=1)  # the same tokenizer, other weights
+    rows = judged_pass(config, prompts, model=policy, sft_path=str(sft), sams_below_id=100)
     rows = rows.sort_values("prompt_id").reset_index(drop=True)
     kept = (rows["dropped"] == "") & (rows["prompt_id"] < 100)
     assert kept.any() and rows.loc[kept, SCORE_COLUMN].notna().all() and rows.loc[~kept, SCORE_COLUMN].isna().all()

@@ -32,9 +32,11 @@ def rayalign(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 def ray_address():
     import ray
 
+    from rayalign.ray_session import init_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        init_ray()  # joins the suite's shared head (RAY_ADDRESS), else a local Ray
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()

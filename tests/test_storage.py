@@ -216,10 +216,11 @@ def three_nodes(s3_endpoint, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     ray_tmp = tempfile.mkdtemp(prefix="ra-st-", dir="/tmp")  # short: Ray's unix socket paths stay < 100 chars
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAYALIGN_CACHE_DIR")}
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAYALIGN_CACHE_DIR", "RAY_ADDRESS")}
     # Ray's daemons and workers inherit these: the address file and sessions stay out of /tmp/ray, so no
-    # other `ray.init()` on this machine can attach to this cluster.
+    # other `ray.init()` on this machine can attach to this cluster; and none of them names the suite's head.
     os.environ.update(RAY_TMPDIR=ray_tmp, RAYALIGN_CACHE_DIR=str(tmp_path_factory.mktemp("node-caches")))
+    os.environ.pop("RAY_ADDRESS", None)
     cluster = None
     try:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

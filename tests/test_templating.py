@@ -288,6 +288,7 @@ def test_ray_data_generation_and_judging_of_message_prompts(chat_model_dir, tmp_
     from rayalign.generate import write_samples
     from rayalign.judge import write_judged
     from rayalign.models import load_tokenizer
+    from rayalign.ray_session import init_ray
     from rayalign.stages import judged_pass, read_sample_groups
     from rayalign.tiny import make_tiny_model
 
@@ -297,7 +298,7 @@ def test_ray_data_generation_and_judging_of_message_prompts(chat_model_dir, tmp_
     prompts = pd.DataFrame({"prompt_id": [0, 1], **prompt_columns(["I think the movie", MESSAGES])})
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        init_ray()  # joins the suite's shared head (RAY_ADDRESS), else a local Ray
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         rows = judged_pass(config, prompts, model=str(chat_model_dir), sft_path=str(sft))

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from rayalign.config_loader import load_config
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, own_ray_env, wait_for
 from tests.test_loop_resume import TAG, _reap, _tagged_processes
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_killed_train_resumes_from_the_default_epoch_end_checkpoint(tiny_model_d
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in gold_pairs(32, seed=11)))
     run_dir, tag = tmp_path / "run", uuid.uuid4().hex
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", TAG: tag, "RAYALIGN_KILL_WORKER_AT": "6:1,9:0:stall"}
+    env = own_ray_env(HF_HUB_OFFLINE="1", RAYALIGN_KILL_WORKER_AT="6:1,9:0:stall", **{TAG: tag})  # tagged own Ray
     checkpoints = run_dir / "checkpoints"
     first = _run_until(_command(tiny_model_dir, data, run_dir), env,
                        lambda: (run_dir / ".stalled-step9-rank0").exists(), "rank 0 to hang before step 9")

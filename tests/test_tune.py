@@ -29,7 +29,7 @@ import pytest
 from rayalign.config import ConfigError
 from rayalign.config_loader import load_config
 from rayalign.tune_space import check_space, grid_size, parse_space, trial_config
-from tests.conftest import REPO
+from tests.conftest import REPO, own_ray_env
 from tests.conftest import wait_for as _wait_for
 
 CONFIG = "configs/tune_mallows.yaml"
@@ -191,7 +191,7 @@ def test_reduced_sweep_killed_and_resumed(pairs_file, tmp_path):
     tune_dir, trials = run_dir / "tune", run_dir / "tune" / "trials"
     command = [sys.executable, "-m", "rayalign.cli", "tune", CONFIG, f"run.dir={run_dir}",
                f"data.train_file={pairs_file}", *REDUCED]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", TAG: tag}
+    env = own_ray_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **{TAG: tag})  # a Ray of its own, tagged
     started = time.perf_counter()
     first_log = _run_until_trials_finish(command, env, trials, count=2)
     _reap(tag)

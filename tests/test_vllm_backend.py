@@ -11,6 +11,8 @@ template's ids (`rayalign.templating.prompt_ids`), the same ids HF generation an
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytest.importorskip("vllm")
@@ -163,7 +165,9 @@ def ray_session():
     import ray
 
     # The actor must not download either; Ray workers get these env vars on top of Ray's own.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    address = os.environ.get("RAY_ADDRESS")  # the suite's shared head, else a local Ray
+    local = {} if address else {"num_cpus": 2, "include_dashboard": False}
+    ray.init(address=address, log_to_driver=False, **local,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()
