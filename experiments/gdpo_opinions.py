@@ -2,13 +2,20 @@
 keeps the model's belief distribution close to the group's (Yao et al., ICLR 2025; ALGORITHMS.md §3)?
 
 Per seed s: the task of `rayalign.tasks.opinions` with seed s (50 questions, 4 groups, p* ~ Dirichlet(1)
-over each question's levels, ROWS_PER_PROMPT rows per (group, question) with beliefs b ~ p*), a tiny Llama
-(seed s) whose tokenizer is trained on the task's texts, SFT on the rows' chosen completions -> pi_SFT,
-then from pi_SFT, with pi_SFT as the reference and the same batches, steps and learning rate:
-  dpo    loss.type=dpo on `gdpo_rows_as_pairs`: whole completions "{b}<{text}>answer", rejected = another belief's
-  gdpo   loss.type=gdpo: KL(p* || q) + belief NLL + DPO on the answers within the stated belief
-Every --eval-every steps (and at step 0) both gap measures are taken on the test prompts (every (group,
-question) in a phrasing the rows never use), per group and overall:
+over each question's levels, ROWS_PER_PROMPT rows per (group, question) with beliefs b ~ p*), of which
+HELDOUT_QUESTIONS whole questions (all groups; seeded) are kept out of every SFT and preference row; a tiny
+Llama (seed s) whose tokenizer is trained on the task's texts, SFT on the other rows' chosen completions ->
+pi_SFT, then from pi_SFT, with pi_SFT as the reference and the same batches, steps and learning rate:
+  dpo        loss.type=dpo on `gdpo_rows_as_pairs`: whole completions "{b}<{text}>answer", rejected = another
+             belief's
+  gdpo       loss.type=gdpo: KL(p* || q) + belief NLL + DPO on the answers within the stated belief
+  gdpo_hist  the information-matched control: GDPO whose target is each (group, question)'s histogram of the
+             8 sampled beliefs in its rows (what DPO's pairs carry) instead of the true p*
+Every --eval-every steps (and at step 0) both gap measures are taken on the test prompts, in a phrasing the
+rows never use: every (group, question) of the trained questions ("seen"; per group and overall) and of
+the held-out questions ("unseen"). p* is drawn independently per (group, question), so nothing about an
+unseen question's p* can be learnt: there the measures show what training does to a belief distribution
+the model was never taught (how far each loss sharpens or flattens it), not generalisation.
   (a) JS distance between p* and the softmax over the L digit logits at the first completion position;
   (b) JS distance between p* and the histogram of the first token of 8 completions sampled at temperature 1
       (no top-k/top-p) over L + 1 bins, non-digits in their own bin (p* = 0 there). The first token of a
@@ -56,7 +63,8 @@ import torch
 DEFAULT_OUT = Path("runs/experiments/gdpo_opinions")
 ROWS_PER_PROMPT = 8
 SAMPLES = 8  # measure (b): completions sampled per test prompt
-ARMS = ("dpo", "gdpo")
+ARMS = ("dpo", "gdpo", "gdpo_hist")
+HELDOUT_QUESTIONS = 10  # whole questions (every group) that no training or SFT row asks: the "unseen" test set
 TRAIN_KEYS = ["optim.name=adamw", "optim.scheduler=constant", "optim.warmup_ratio=0.1", "loss.beta=0.1",
               "train.global_batch_size=32", "data.max_prompt_length=64", "data.max_completion_length=48"]
 
@@ -65,23 +73,63 @@ def log(message: str) -> None:
     print(f"gdpo_opinions: {message}", flush=True)
 
 
-def prepare(out: Path, *, seed: int, sft_epochs: int, sft_lr: float) -> dict[str, Path]:
-    """The task's files and pi_SFT in `out` (kept: a second call reuses them); returns their paths."""
-    from rayalign.io import atomic_directory
+def heldout_questions(num_questions: int, count: int, *, seed: int) -> set[int]:
+    """The qids held out of training (seeded); at least one question is always left to train on."""
+    import random
+
+    return set(random.Random(seed * 7 + 1).sample(range(num_questions), min(count, num_questions - 1)))
+
+
+def load_split(paths: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(training rows of the seen questions, {"seen": test prompts of seen questions, "unseen": of held-out})."""
+    heldout = set(json.loads(paths["heldout"].read_text()))
+    rows = [r for r in map(json.loads, paths["train"].read_text().splitlines()) if r["question"] not in heldout]
+    tests = [json.loads(line) for line in paths["test_prompts"].read_text().splitlines()]
+    return rows, {"seen": with_row_top([t for t in tests if t["question"] not in heldout], rows),
+                  "unseen": [t for t in tests if t["question"] in heldout]}
+
+
+def prepare(out: Path, *, seed: int, sft_epochs: int, sft_lr: float, questions: int = 50,
+            heldout: int = HELDOUT_QUESTIONS) -> dict[str, Path]:
+    """The task's files, the held-out qids and pi_SFT (trained on the seen questions' rows only) in `out`
+    (kept: a second call with the same settings reuses them); returns their paths."""
+    from rayalign.io import atomic_directory, atomic_write_text
     from rayalign.sft import run_sft
     from rayalign.tasks import opinions
     from rayalign.tiny import make_tiny_model
 
-    paths = opinions.write_task(out / "data", seed=seed, per_prompt=ROWS_PER_PROMPT)
-    tiny, sft = out / "tiny-model", out / "sft"
+    paths = opinions.write_task(out / "data", seed=seed, per_prompt=ROWS_PER_PROMPT, num_questions=questions)
+    paths["heldout"] = out / "data" / "heldout_questions.json"
+    atomic_write_text(paths["heldout"], json.dumps(sorted(heldout_questions(questions, heldout, seed=seed))))
+    tiny, sft = out / "tiny-model", out / ("sft" if not heldout else f"sft-{heldout}-heldout")
     if not (tiny / "config.json").exists():
         with atomic_directory(tiny) as tmp:
             make_tiny_model(tmp, corpus=paths["corpus"], seed=seed)
     if not (sft / "config.json").exists():
-        rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+        rows, _ = load_split(paths)
         run_sft(str(tiny), opinions.sft_examples(rows), sft, epochs=sft_epochs, lr=sft_lr, seed=seed,
                 log=lambda message: None)
     return {**paths, "sft": sft}
+
+
+def with_histogram_targets(rows: list[dict]) -> list[dict]:
+    """The information-matched control: each row's GDPO target replaced by its (group, question)'s histogram
+    of the sampled beliefs in the training rows, exactly what DPO's pairs carry, instead of the true p*."""
+    counts: dict = {}
+    for r in rows:
+        counts.setdefault((r["group"], r["question"]), Counter())[r["belief"]] += 1
+    out = []
+    for r in rows:
+        seen = counts[(r["group"], r["question"])]
+        total = sum(seen.values())
+        out.append({**r, "target": [seen[level] / total for level in range(len(r["target"]))]})
+    return out
+
+
+def arm_rows(arm: str, rows: list[dict]) -> list[dict]:
+    from rayalign.batching import gdpo_rows_as_pairs
+
+    return {"dpo": gdpo_rows_as_pairs, "gdpo": list, "gdpo_hist": with_histogram_targets}[arm](rows)
 
 
 @torch.no_grad()
@@ -147,25 +195,27 @@ def reference_numbers(tests: list[dict], *, seed: int, repeats: int = 50) -> dic
 
 
 def run_arm(arm: str, paths: dict, *, seed: int, args) -> list[dict]:
-    """Train one arm from pi_SFT, measuring at step 0 and every `args.eval_every` steps; returns the points."""
-    from rayalign.batching import gdpo_rows_as_pairs
+    """Train one arm from pi_SFT, measuring at step 0 and every `args.eval_every` steps; returns the points
+    (the seen questions' numbers at the top level, the held-out questions' under "unseen")."""
     from rayalign.config_loader import load_config
     from rayalign.models import load_model, load_tokenizer
     from rayalign.oracle import train_pairs
 
-    config = load_config(None, [*TRAIN_KEYS, f"loss.type={arm}", f"optim.lr={args.lr}", f"train.epochs={args.epochs}",
+    loss = "dpo" if arm == "dpo" else "gdpo"
+    config = load_config(None, [*TRAIN_KEYS, f"loss.type={loss}", f"optim.lr={args.lr}", f"train.epochs={args.epochs}",
                                 f"train.seed={seed}", *args.overrides])
-    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
-    tests = with_row_top([json.loads(line) for line in paths["test_prompts"].read_text().splitlines()], rows)
+    rows, tests = load_split(paths)
     torch.manual_seed(seed)
     tokenizer, policy = load_tokenizer(str(paths["sft"])), load_model(str(paths["sft"]))
     reference = copy.deepcopy(policy).requires_grad_(False)
     points = []
 
     def record(step: int) -> None:
-        # the same sampling stream for both arms at a given step: their (b) values are paired
+        # the same sampling stream for every arm at a given step: their (b) values are paired
         generator = torch.Generator().manual_seed(seed * 100_003 + step)
-        points.append({"step": step, **measure(policy, tokenizer, tests, generator=generator)})
+        seen = measure(policy, tokenizer, tests["seen"], generator=generator)
+        unseen = measure(policy, tokenizer, tests["unseen"], generator=generator) if tests["unseen"] else {}
+        points.append({"step": step, **seen, "unseen": unseen})
 
     def on_step(metrics: dict) -> None:
         if metrics["step"] % args.eval_every == 0:
@@ -173,48 +223,64 @@ def run_arm(arm: str, paths: dict, *, seed: int, args) -> list[dict]:
 
     record(0)
     started = time.perf_counter()
-    history = train_pairs(policy, reference, tokenizer, rows if arm == "gdpo" else gdpo_rows_as_pairs(rows), config,
-                          on_step=on_step)
+    history = train_pairs(policy, reference, tokenizer, arm_rows(arm, rows), config, on_step=on_step)
     if points[-1]["step"] != len(history):
         record(len(history))
     first, last = points[0], points[-1]
+    unseen = [p["unseen"].get("gap_a", float("nan")) for p in (first, last)]
     log(f"seed {seed} {arm}: {len(history)} steps in {time.perf_counter() - started:.0f} s; gap a "
-        f"{first['gap_a']:.3f} -> {last['gap_a']:.3f}, b {first['gap_b']:.3f} -> {last['gap_b']:.3f}")
+        f"{first['gap_a']:.3f} -> {last['gap_a']:.3f}, b {first['gap_b']:.3f} -> {last['gap_b']:.3f}; unseen "
+        f"questions a {unseen[0]:.3f} -> {unseen[1]:.3f}")
     return points
 
 
 def _stats(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f}±{sd:.3f}"
+    """mean ± standard error over seeds."""
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f}±{se:.3f}"
 
 
 METRICS = (("gap_a", "gap (a) digits"), ("gap_b", "gap (b) 8 samples"), ("majority_mass", "p*-majority mass"),
            ("row_top_mass", "rows-majority mass"), ("top_mass", "top-level mass"), ("digit_mass", "digit prob. mass"))
+UNSEEN = (("gap_a", "unseen q: gap (a)"), ("gap_b", "unseen q: gap (b)"), ("top_mass", "unseen q: top mass"))
+
+
+def _value(point: dict, key: str, unseen: bool) -> float:
+    return point["unseen"].get(key, float("nan")) if unseen else point[key]
 
 
 def table(results: dict) -> str:
-    """Per seed and arm: each metric at the first and last point; then mean ± sd over seeds; then per group."""
+    """Per seed and arm: each metric at the first and last point, then mean ± s.e. over seeds (seen questions,
+    then the held-out ones); the paired end-of-training differences between arms; then per group."""
     seeds = sorted(results["runs"], key=int)
     arms = [arm for arm in ARMS if arm in results["runs"][seeds[0]]]
-    lines = [f"{'metric':20} {'arm':5} " + " ".join(f"{'seed ' + s:>15}" for s in seeds) + f" {'mean±sd':>25}"]
-    for key, name in METRICS:
-        for arm in arms:
-            cells, starts, ends = [], [], []
-            for s in seeds:
-                points = results["runs"][s][arm]
-                starts.append(points[0][key])
-                ends.append(points[-1][key])
-                cells.append(f"{starts[-1]:.3f}->{ends[-1]:.3f}")
-            lines.append(f"{name:20} {arm:5} " + " ".join(f"{c:>15}" for c in cells)
-                         + f" {_stats(starts) + '->' + _stats(ends):>25}")
+    lines = [f"{'metric':20} {'arm':9} " + " ".join(f"{'seed ' + s:>13}" for s in seeds) + f" {'mean±se':>25}"]
+    for unseen, metrics in ((False, METRICS), (True, UNSEEN)):
+        for key, name in metrics:
+            for arm in arms:
+                starts = [_value(results["runs"][s][arm][0], key, unseen) for s in seeds]
+                ends = [_value(results["runs"][s][arm][-1], key, unseen) for s in seeds]
+                cells = " ".join(f"{a:.3f}->{b:.3f}".rjust(13) for a, b in zip(starts, ends))
+                lines.append(f"{name:20} {arm:9} {cells} {_stats(starts) + '->' + _stats(ends):>25}")
     refs = [results["reference"][s] for s in seeds]
-    lines.append(f"{'p* top-level mass':26} " + " ".join(f"{r['target_majority_mass']:>15.3f}" for r in refs))
-    lines.append(f"{'gap (b) floor (model=p*)':26} " + " ".join(f"{r['floor_b']:>15.3f}" for r in refs))
+    lines.append(f"{'p* top-level mass':30} " + " ".join(f"{r['target_majority_mass']:>13.3f}" for r in refs))
+    lines.append(f"{'gap (b) floor (model=p*)':30} " + " ".join(f"{r['floor_b']:>13.3f}" for r in refs))
+    lines.append("paired differences at the end of training (mean ± s.e. over seeds; negative = first arm closer):")
+    for first, second in (("gdpo", "dpo"), ("gdpo_hist", "dpo"), ("gdpo", "gdpo_hist")):
+        if first in arms and second in arms:
+            cells = [f"{'unseen' if unseen else 'seen'} {key} {_stats(_diffs(results, first, second, key, unseen))}"
+                     for unseen in (False, True) for key in ("gap_a", "gap_b")]
+            lines.append(f"  {first} - {second}: " + ", ".join(cells))
     groups = sorted(results["runs"][seeds[0]][arms[0]][0]["groups"])
     lines.append("end of training, mean over seeds, per group: " + "   ".join(
         f"{g}: " + ", ".join(f"{arm} a {_group_end(results, arm, g, 'gap_a'):.3f} b "
                              f"{_group_end(results, arm, g, 'gap_b'):.3f}" for arm in arms) for g in groups))
     return "\n".join(lines)
+
+
+def _diffs(results: dict, first: str, second: str, key: str, unseen: bool) -> list[float]:
+    return [_value(run[first][-1], key, unseen) - _value(run[second][-1], key, unseen)
+            for run in results["runs"].values()]
 
 
 def _group_end(results: dict, arm: str, group: str, key: str) -> float:
@@ -227,6 +293,8 @@ def _curve(runs: list[list[dict]], value) -> tuple[list[int], list[float]]:
 
 
 def plot(results: dict, path: Path) -> Path:
+    """Gap (a) and (b) over training: the seen questions (each seed faintly, the mean bold) and the held-out
+    questions (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,59 +302,63 @@ def plot(results: dict, path: Path) -> Path:
 
     runs = list(results["runs"].values())
     arms = [arm for arm in ARMS if arm in runs[0]]
-    groups = sorted(runs[0][arms[0]][0]["groups"])
     floor = statistics.mean(r["floor_b"] for r in results["reference"].values())
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
     for row, (key, name) in enumerate(METRICS[:2]):
-        for color, arm in zip(("C3", "C0"), arms):
-            for run in runs:  # each seed faintly, the mean over seeds bold
-                axes[row, 0].plot([p["step"] for p in run[arm]], [p[key] for p in run[arm]], color=color, alpha=0.25)
-            steps, mean = _curve([run[arm] for run in runs], lambda p, key=key: p[key])
-            axes[row, 0].plot(steps, mean, color=color, linewidth=2, marker=".", label=f"{arm} (mean of {len(runs)})")
-            for style, group in zip(("-", "--", ":", "-."), groups):
-                steps, mean = _curve([run[arm] for run in runs], lambda p, g=group, key=key: p["groups"][g][key])
-                axes[row, 1].plot(steps, mean, color=color, linestyle=style, label=f"{arm} {group}")
+        for color, arm in zip(("C3", "C0", "C2"), arms):
+            for run in runs:
+                axes[row, 0].plot([p["step"] for p in run[arm]], [p[key] for p in run[arm]], color=color, alpha=0.2)
+            for col, unseen in ((0, False), (1, True)):
+                steps, mean = _curve([run[arm] for run in runs], lambda p, k=key, u=unseen: _value(p, k, u))
+                axes[row, col].plot(steps, mean, color=color, linewidth=2, marker=".",
+                                    label=f"{arm} (mean of {len(runs)})")
         if key == "gap_b":
             for ax in axes[row]:
                 ax.axhline(floor, color="grey", linewidth=1, linestyle=":", label="floor (model = p*)")
-        axes[row, 0].set(ylabel=f"{name}: JS distance to p*", title=f"{name}, all groups")
-        axes[row, 1].set(title=f"{name}, per group (mean over seeds)")
+        axes[row, 0].set(ylabel=f"{name}: JS distance to p*", title=f"{name}, trained questions (new phrasing)")
+        axes[row, 1].set(title=f"{name}, held-out questions")
         for ax in axes[row]:
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    axes[1, 1].legend(fontsize=7, ncol=2)
     for ax in axes[1]:
         ax.set_xlabel("optimizer step (32 pairs)")
-    fig.suptitle("opinion task: alignment gap to each group's belief distribution (lower is better)")
+    fig.suptitle("opinion task: alignment gap to each group's belief distribution (lower is better); "
+                 "gdpo_hist = GDPO with the rows' belief histogram as target")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--epochs", type=int, default=6, help="preference epochs over the task's rows (50 steps each)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=15)
     parser.add_argument("--sft-epochs", type=int, default=8)
+    parser.add_argument("--questions", type=int, default=50, help="survey questions in the task")
+    parser.add_argument("--heldout-questions", type=int, default=HELDOUT_QUESTIONS,
+                        help="whole questions kept out of SFT and preference training, for evaluation")
     parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--prepare", type=Path, default=None, metavar="DIR",
                         help="only write seed 0's task data and pi_SFT into DIR (for configs/tune_gdpo.yaml)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for both arms")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.prepare:
-        paths = prepare(args.prepare, seed=args.seeds[0], sft_epochs=args.sft_epochs, sft_lr=args.sft_lr)
+        # the sweep (configs/tune_gdpo.yaml) trains on train.jsonl, every question: pi_SFT saw them all too
+        paths = prepare(args.prepare, seed=args.seeds[0], sft_epochs=args.sft_epochs, sft_lr=args.sft_lr,
+                        questions=args.questions, heldout=0)
         log("prepared " + ", ".join(f"{k} {v}" for k, v in paths.items()))
-        return
+        return None
     started = time.perf_counter()
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": {}, "reference": {}}
     for seed in args.seeds:
         t0 = time.perf_counter()
-        paths = prepare(args.out / f"seed{seed}", seed=seed, sft_epochs=args.sft_epochs, sft_lr=args.sft_lr)
+        paths = prepare(args.out / f"seed{seed}", seed=seed, sft_epochs=args.sft_epochs, sft_lr=args.sft_lr,
+                        questions=args.questions, heldout=args.heldout_questions)
         log(f"seed {seed}: task and pi_SFT ready in {time.perf_counter() - t0:.0f} s")
         tests = [json.loads(line) for line in paths["test_prompts"].read_text().splitlines()]
         results["reference"][str(seed)] = reference_numbers(tests, seed=seed)
@@ -295,6 +367,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     log(f"plot {plot(results, args.out / 'gap_curves.png')}; {results['seconds']:.0f} s in all")
+    return results
 
 
 if __name__ == "__main__":
