@@ -118,7 +118,9 @@ def main(argv=None) -> dict:
             from rayalign.tiny import make_tiny_model
 
             model = str(make_tiny_model(Path(tmp) / "tiny"))
-        ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False,
+        # a local Ray sized to --threads; a cluster named in RAY_ADDRESS is joined as it is
+        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(2, args.threads), "include_dashboard": False}
+        ray.init(log_to_driver=False, **local,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
                                            "TOKENIZERS_PARALLELISM": "false"}})
         from rayalign.generator_pool import GeneratorPool

@@ -6,10 +6,11 @@ and 2-core): only that the headline keys are present and finite, the rates posit
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.conftest import own_ray_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--prompts", "4", "--num-samples", "2", "--max-new-tokens", "6", "--batch-size", "2", "--repeats", "1"]
@@ -17,7 +18,8 @@ TINY = ["--prompts", "4", "--num-samples", "2", "--max-new-tokens", "6", "--batc
 
 def test_bench_generate_tiny_run_prints_finite_json(tmp_path):
     out = tmp_path / "result.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # a Ray of its own, as the benchmark starts it (its CPU count follows --threads): not the suite's shared head
+    env = own_ray_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generate.py"), *TINY, "--out", str(out)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
