@@ -29,22 +29,20 @@ Training is in-process (`rayalign.oracle.train_pairs`, whose step is `micro_batc
 workers run and are tested equal to) with an `on_step` hook that measures the live policy: through
 `rayalign train` every run would pay Ray start-up and every measuring point a checkpoint save and reload,
 for the same numbers, on a shared 2-core machine.
-Hyper-parameters: AdamW, lr 1e-3 (constant after 10% warm-up), beta 0.1, batch 32 pairs, 6 epochs (300
-steps), GDPO weights 1 (the authors'); SFT 8 epochs at 3e-3 (`rayalign.sft`). The paper's RMSprop at 5e-7 is
-for 7B models: a 2-layer, 64-wide model moves ~nothing at that rate, and at 1e-3 the calibration term alone
-brings (a) from 0.26 to ~0.1 in ~500 steps on these prompts. The same lr for both arms; DPO at 1e-4 was also
-run (`--arms dpo --lr 1e-4`) to check its drift is not just a too-large step.
+Hyper-parameters: AdamW, lr 1e-3 (constant after 10% warm-up), beta 0.1, batch 32 pairs, 6 epochs (240
+steps on the 40 trained questions), GDPO weights 1 (the authors'); SFT 8 epochs at 3e-3 (`rayalign.sft`). The
+paper's RMSprop at 5e-7 is for 7B models: a 2-layer, 64-wide model moves ~nothing at that rate, and at 1e-3
+the calibration term alone brings (a) from 0.26 to ~0.1 in ~500 steps on these prompts. The same lr for all
+arms; DPO at 1e-4 was also run earlier (`--arms dpo --lr 1e-4`) to check its drift is not just a too-large step.
 
 Run from the repository root:
-  OMP_NUM_THREADS=1 python -m experiments.gdpo_opinions [--seeds 0 1 2] [--out DIR]
+  OMP_NUM_THREADS=1 python -m experiments.gdpo_opinions [--seeds 0 1 2 3 4] [--out DIR]
   OMP_NUM_THREADS=1 python -m experiments.gdpo_opinions --prepare DIR    # data + pi_SFT for configs/tune_gdpo.yaml
-Measured (3 seeds, both arms, 300 steps each, SFT included): 14.7 min wall (5.5 min CPU) with the 2-core
-machine shared (load 12-15), 5.7 min when it was quieter; per seed ~30-150 s SFT and 40-200 s per arm.
-Result (seeds 0-2, mean ± sd, step 0 -> 300): gap (a) DPO 0.255±0.008 -> 0.479±0.037, GDPO -> 0.172±0.016;
-gap (b) DPO 0.324±0.014 -> 0.724±0.016, GDPO -> 0.260±0.015 (floor 0.19). DPO concentrates (top-level mass
-0.42 -> 0.81, p*'s is 0.58), but mostly not on the group's majority (p*-majority mass 0.35 -> 0.40) and it
-moves probability off the digits altogether (0.99 -> 0.28), which is most of its gap (b). DPO at lr 1e-4:
-gap (a) -> 0.407±0.061, digit mass -> 0.46. GDPO keeps the digits (0.999) and its gap is still falling at 300.
+Measured at commit b0d5faf (5 seeds, 3 arms, SFT included): 973 s on one core of the shared 2-core machine;
+per seed ~25 s SFT and 50-65 s per arm. Result (mean ± s.e., step 0 -> 240), gap (a) on the trained
+questions: DPO 0.255 -> 0.465±0.013, GDPO -> 0.164±0.006, GDPO on the rows' histogram -> 0.202±0.003; on the
+held-out questions 0.295 -> 0.519±0.019 / 0.301±0.011 / 0.347±0.013. Paired, GDPO - DPO -0.301±0.013 and the
+control keeps -0.263±0.012 of it (GDPO - control -0.038±0.004): the loss, not the exact p*, does most of it.
 Writes OUT/{seed<s>/ (task data, tiny model, pi_SFT), results.json, gap_curves.png} and prints the table.
 """
 
@@ -322,8 +320,8 @@ def plot(results: dict, path: Path) -> Path:
     axes[0, 0].legend(fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("optimizer step (32 pairs)")
-    fig.suptitle("opinion task: alignment gap to each group's belief distribution (lower is better); "
-                 "gdpo_hist = GDPO with the rows' belief histogram as target")
+    fig.suptitle("opinion task: gap to each group's belief distribution (lower is better)\n"
+                 "gdpo_hist: GDPO whose target is the rows' belief histogram (DPO's information)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
