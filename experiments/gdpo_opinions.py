@@ -110,12 +110,18 @@ def prepare(out: Path, *, seed: int, sft_epochs: int, sft_lr: float, questions: 
     return {**paths, "sft": sft}
 
 
-def with_histogram_targets(rows: list[dict]) -> list[dict]:
-    """The information-matched control: each row's GDPO target replaced by its (group, question)'s histogram
-    of the sampled beliefs in the training rows, exactly what DPO's pairs carry, instead of the true p*."""
+def belief_counts(rows: list[dict]) -> dict[tuple[str, int], Counter]:
+    """(group, question) -> how often its rows state each belief level."""
     counts: dict = {}
     for r in rows:
         counts.setdefault((r["group"], r["question"]), Counter())[r["belief"]] += 1
+    return counts
+
+
+def with_histogram_targets(rows: list[dict]) -> list[dict]:
+    """The information-matched control: each row's GDPO target replaced by its (group, question)'s histogram
+    of the sampled beliefs in the training rows, exactly what DPO's pairs carry, instead of the true p*."""
+    counts = belief_counts(rows)
     out = []
     for r in rows:
         seen = counts[(r["group"], r["question"])]
@@ -169,9 +175,7 @@ def measure(policy, tokenizer, tests: list[dict], *, generator: torch.Generator)
 def with_row_top(tests: list[dict], rows: list[dict]) -> list[dict]:
     """Each test prompt with `row_top`: the level its (group, question) rows chose most often (what DPO's
     pairwise counts favour), -1 where two levels tie."""
-    counts: dict = {}
-    for r in rows:
-        counts.setdefault((r["group"], r["question"]), Counter())[r["belief"]] += 1
+    counts = belief_counts(rows)
     out = []
     for t in tests:
         top = counts[(t["group"], t["question"])].most_common(2)

@@ -25,7 +25,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, SEED_ONLY_LOOP, own_ray_env
+from tests.ray_heads import free_port
 
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 HEAD, CPU_WORKER, GPU_WORKER = "ray.head.default", "ray.worker.cpu", "ray.worker.gpu"
@@ -224,22 +224,16 @@ def fake_cluster_config(gcs_address: str) -> dict:
             "head_node_type": FAKE_HEAD_NODE_TYPE, "available_node_types": types, **no_commands}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_head(temp_dir: Path, env: dict) -> str:
     """`RAY_FAKE_CLUSTER=1 ray start --head` in its own temp dir and ports; returns the GCS address."""
-    gcs = f"127.0.0.1:{_free_port()}"
+    gcs = f"127.0.0.1:{free_port()}"
     config = fake_cluster_config(gcs)
     (temp_dir / "fake.yaml").write_text(yaml.safe_dump(config))
     head = config["available_node_types"][config["head_node_type"]]["resources"]
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     command = [ray_cli, "start", "--head", f"--autoscaling-config={temp_dir / 'fake.yaml'}", f"--temp-dir={temp_dir}",
-               f"--port={gcs.rsplit(':', 1)[1]}", f"--dashboard-port={_free_port()}", "--include-dashboard=false",
-               f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+               f"--port={gcs.rsplit(':', 1)[1]}", f"--dashboard-port={free_port()}", "--include-dashboard=false",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                "--node-ip-address=127.0.0.1", f"--num-cpus={head.get('CPU', 0)}",
                f"--object-store-memory={FAKE_OBJECT_STORE}", "--disable-usage-stats"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
