@@ -1,123 +1,301 @@
-"""EXO-rw vs DPO (and DPO-rw) on the quickstart task with K = 4 samples: gold reward vs KL to the reference.
+"""EXO vs DPO on the reward-KL frontier: the quickstart's sentiment task, K = 4 gold-labelled samples per prompt.
 
 The EXO paper (Ji et al., ICML 2024; ALGORITHMS.md §4) claims that EXO's reverse KL to the reward's
-distribution over K samples reaches a better reward-KL frontier than DPO's forward KL. Here each arm runs
-the iterative loop of `configs/quickstart.yaml` (`rayalign.loop.run_loop`) with generate.num_samples=4
-and loop.rewards=gold: every iteration samples K = 4 reviews per prompt from the previous model and
-labels them with the task's gold reward (positive minus negative lexicon words), so the arms differ only
-in the loss:
-  dpo      pairs: the best vs the worst of the 4 samples by gold reward
-  exo_rw   all 4 samples, target softmax(r / beta_r), reverse KL
-  dpo_rw   all 4 samples, the same target, forward KL (the EXO paper's DPO baseline on K samples)
-SPA's self-refinement is off (it de-noises self-judged labels; these are gold). Iteration 0 is DPO on the
-gold seed pairs for every arm (a K-sample loss cannot train on pairs), so the arms share pi_SFT, pi_0 and
-pi_0's samples: they are computed once per seed and copied into the other arms' run directories, where the
-loop's resume logic skips them. Each model pi_0..pi_3 is one point: x = KL(pi || pi_SFT) estimated on its own
-samples of the 64 held-out prompts, y = their mean gold reward.
+distribution over K samples reaches more reward than DPO's forward KL at the same KL to the SFT policy. Its
+IMDB setting, at tiny-model size: one SFT'd tiny Llama (`rayalign.loop.build_task_sft`, the quickstart's SFT)
+is pi_SFT and the reference. Per seed s, --prompts training prompts get K = 4 completions sampled from pi_SFT
+at temperature 0.8 (top-p 1), each labelled by the task's gold reward (positive minus negative lexicon
+words). Three arms train from pi_SFT on exactly these samples, with the logits divided by the logit
+temperature 0.8 in training (`loss.logit_temperature`, as the authors' code does), AdamW at --lr, the same
+number of optimizer steps and the same prompts in every step:
+  dpo      DPO on every pair of a prompt's K samples with different gold rewards (the higher one chosen):
+           all the information of the K samples as pairs; a step's batch is (pairs / steps) pairs, so it
+           takes the same optimizer steps over the same samples (and ~2.5x the other arms' sequence passes)
+  dpo_rw   the forward KL to the target softmax(r / beta_r) over the K samples (the paper's DPO baseline)
+  exo_rw   EXO: the reverse KL to the same target
+For each beta (DPO's beta, the K-sample losses' beta_pi; beta_r = --beta-r) in --betas, every --eval-every
+steps the live policy is measured on --eval-prompts held-out prompts, 4 samples each at temperature 0.8:
+mean gold reward and KL(pi || pi_SFT), both of the temperature-0.8 distributions that sampled them (the k1
+estimate: mean over samples of log pi(y) - log pi_SFT(y), both with logits / 0.8). Each (beta, step) is a
+point; an arm's frontier in one seed is its Pareto front of those points plus pi_SFT's (0, r_SFT), and the
+comparison is the reward each front reaches at the KL budgets --kl-budgets (linear between front points,
+flat after the best one; a budget beyond every KL the arm reached counts as not reached), mean ± s.e. over
+seeds and paired by seed (KL estimates of a policy close to pi_SFT can be slightly negative: sampling noise).
 
-Run from the repository root:  python -m experiments.exo_vs_dpo [--seeds 0 1] [--arms dpo exo_rw dpo_rw]
-Writes runs/experiments/exo_vs_dpo/{<arm>-seed<s>/, results.json, frontier.png} and prints the table.
-Not here: no new training code; everything runs through the loop and its configs.
+Run from the repository root:  OMP_NUM_THREADS=1 python -m experiments.exo_vs_dpo [--seeds 5] [--out DIR]
+Writes OUT/{sft/ (pi_SFT), results.json, frontier.png} and prints the table.
+Training and measuring are in-process (`rayalign.oracle.train_pairs`, whose step the Ray Train workers run
+and are tested equal to; `rayalign.samplers.HFSampler` with the live weights pushed to it), for the reason
+`experiments.gdpo_opinions` gives. Not here: the loop (a one-round, offline comparison, as the paper's).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import time
 from pathlib import Path
 
-from experiments.loop_arms import run_arms
+import torch
 
-ARMS = ("dpo", "exo_rw", "dpo_rw")
+from experiments.stats import mean_se
+
+ARMS = ("dpo", "dpo_rw", "exo_rw")
 DEFAULT_OUT = Path("runs/experiments/exo_vs_dpo")
-# What every arm shares (see the module docstring): setup, pi_0 and pi_0's judged samples of iteration 1.
-SHARED = ("data", "tiny-model", "sft", "iter-0", "eval/sft.parquet", "eval/iter-0.parquet",
-          "iter-1/samples.parquet", "iter-1/judged.parquet", "iter-1/judge_counts.json")
+TEMPERATURE = 0.8  # the EXO paper's sampling and logit temperature
+K = 4
+EVAL_SAMPLES = 4
 
 
-def arm_config(arm: str, seed: int, run_dir: Path, *, beta_r: float, iterations: int, extra: list[str]):
+def log(message: str) -> None:
+    print(f"exo_vs_dpo: {message}", flush=True)
+
+
+def make_sampler(sft: str, *, num_samples: int, seed: int, max_new_tokens: int):
+    from rayalign.config import GenerateConfig
+    from rayalign.samplers import HFSampler
+
+    return HFSampler(sft, GenerateConfig(num_samples=num_samples, temperature=TEMPERATURE, top_p=1.0,
+                                         max_new_tokens=max_new_tokens, seed=seed))
+
+
+def sample_groups(sampler, prompts: list[str], *, first_id: int = 0) -> tuple[list[dict], list]:
+    """{prompt, completions[K], rewards[K]} per prompt (the sampler's K completions and their gold rewards),
+    and the samples themselves (their token ids)."""
+    from rayalign.tasks.sentiment import gold_reward
+
+    samples = sampler.sample(prompts, list(range(first_id, first_id + len(prompts))))
+    groups = [{"prompt": p, "completions": [s.text for s in g], "rewards": [gold_reward(s.text) for s in g]}
+              for p, g in zip(prompts, samples, strict=True)]
+    return groups, samples
+
+
+def all_pairs(groups: list[dict]) -> list[dict]:
+    """Every pair of a group's completions with different rewards, the higher one chosen, grouped by prompt."""
+    pairs = []
+    for g in groups:
+        scored = list(zip(g["completions"], g["rewards"], strict=True))
+        for i, (a, ra) in enumerate(scored):
+            for b, rb in scored[i + 1:]:
+                if ra != rb:
+                    chosen, rejected = (a, b) if ra > rb else (b, a)
+                    pairs.append({"prompt": g["prompt"], "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def tempered_logps(model, sampler, prompts: list[str], samples: list) -> torch.Tensor:
+    """Sequence log-prob of every sampled completion's own token ids, logits / TEMPERATURE, (N * K,)."""
+    from rayalign.step import completion_logps
+    from rayalign.templating import as_prompt, prompt_ids
+
+    tokenizer = sampler.tokenizer
+    ids = [prompt_ids(tokenizer, as_prompt(p))[0] for p in prompts]
+    return completion_logps(model, [i for i, g in zip(ids, samples, strict=True) for _ in g],
+                            [s.token_ids for g in samples for s in g], pad_token_id=tokenizer.pad_token_id,
+                            temperature=TEMPERATURE)
+
+
+def measure(policy, sft_model, sampler, prompts: list[str]) -> dict:
+    """Mean gold reward and KL(pi_T || pi_SFT,T) on the live policy's own temperature-0.8 samples (top-p 1:
+    the tempered softmax is exactly what sampled them)."""
+    sampler.update_weights(policy.state_dict())
+    groups, samples = sample_groups(sampler, prompts, first_id=1_000_000)
+    kl = tempered_logps(policy, sampler, prompts, samples) - tempered_logps(sft_model, sampler, prompts, samples)
+    rewards = [r for g in groups for r in g["rewards"]]
+    return {"gold_reward": sum(rewards) / len(rewards), "kl": float(kl.double().mean())}
+
+
+def train_config(arm: str, beta: float, rows: int, steps_per_epoch: int, args, seed: int):
     from rayalign.config_loader import load_config
 
-    return load_config("configs/quickstart.yaml", [
-        f"loss.type={arm}", f"loss.beta_r={beta_r}", "generate.num_samples=4", "loop.rewards=gold",
-        "spa.refine=false", f"loop.iterations={iterations}", f"train.seed={seed}", f"data.seed={seed}",
-        f"generate.seed={seed}", f"run.dir={run_dir}", *extra])
+    return load_config(None, [
+        f"loss.type={arm}", f"loss.beta={beta}", f"loss.beta_r={args.beta_r}",
+        f"loss.logit_temperature={TEMPERATURE}", "optim.name=adamw", f"optim.lr={args.lr}",
+        "optim.scheduler=constant", "optim.warmup_ratio=0.1", f"train.epochs={args.epochs}",
+        f"train.global_batch_size={-(-rows // steps_per_epoch)}", f"train.seed={seed}",
+        "data.max_prompt_length=64", "data.max_completion_length=48"])
 
 
-def _train_examples(run_dir: Path, iteration: int) -> int:
-    """Rows the iteration trained on (pairs or groups), from its prepared training split."""
-    import pandas as pd
+def run_arm(arm: str, beta: float, sft: str, groups: list[dict], context: dict, args, seed: int) -> list[dict]:
+    """Train one arm at one beta from pi_SFT; its measured points, one per --eval-every steps."""
+    from rayalign.models import load_model
+    from rayalign.oracle import train_pairs
 
-    return len(pd.read_parquet(run_dir / f"iter-{iteration}" / "train" / "prepared" / "train.parquet"))
+    rows = all_pairs(groups) if arm == "dpo" else groups
+    steps_per_epoch = -(-len(groups) // args.batch)
+    config = train_config(arm, beta, len(rows), steps_per_epoch, args, seed)
+    torch.manual_seed(seed)
+    policy = load_model(sft)
+    points = []
+
+    def on_step(metrics: dict) -> None:
+        if metrics["step"] % args.eval_every == 0:
+            points.append({"step": metrics["step"], **measure(policy, context["sft_model"], context["sampler"],
+                                                                context["eval_prompts"])})
+            policy.train()
+
+    train_pairs(policy, context["sft_model"], context["tokenizer"], rows, config, on_step=on_step)
+    return points
 
 
-def table(results: dict, arms) -> str:
-    """Per arm and iteration: mean over seeds (and the per-seed values) of gold reward and KL."""
-    lines = [f"{'arm':8} {'iter':>4} {'gold reward':>12} {'KL to SFT':>10} {'win vs SFT':>10} {'examples':>8}   "
-             "per seed (gold reward / KL)"]
+def front_reward(points: list[tuple[float, float]], budget: float) -> float:
+    """The reward of the Pareto front of (kl, reward) points at KL `budget`: linear between front points, flat
+    after its last (best) point up to the largest KL any point reached, NaN beyond that (never explored)."""
+    front, best = [], float("-inf")
+    for kl, reward in sorted(points):
+        if reward > best:
+            front.append((kl, reward))
+            best = reward
+    if budget > max(kl for kl, _ in points):
+        return float("nan")
+    for (k0, r0), (k1, r1) in zip(front, front[1:]):
+        if budget <= k1:
+            return r0 + (r1 - r0) * (budget - k0) / (k1 - k0) if budget > k0 else r0
+    return front[-1][1]
+
+
+def seed_fronts(run: dict, budgets: list[float]) -> dict[str, list[float]]:
+    """Per arm: front_reward at every budget from this seed's points (pi_SFT's point included)."""
+    origin = (0.0, run["sft"]["gold_reward"])
+    fronts = {}
+    for arm in run["arms"]:
+        points = [origin] + [(p["kl"], p["gold_reward"]) for beta in run["arms"][arm].values() for p in beta]
+        fronts[arm] = [front_reward(points, b) for b in budgets]
+    return fronts
+
+
+def summarise(runs: list[dict], budgets: list[float]) -> dict:
+    """Per arm and budget: mean ± s.e. of the front's reward over the seeds that reached it, and paired
+    differences against dpo (seeds where both reached it)."""
+    fronts = [seed_fronts(run, budgets) for run in runs]
+    arms = list(runs[0]["arms"])
+    out = {"budgets": budgets, "arms": {}, "vs_dpo": {}}
     for arm in arms:
-        runs = [r for r in results.values() if r["arm"] == arm]
-        for i in range(len(runs[0]["records"])):
-            rows = [r["records"][i] for r in runs]
-            mean = {k: sum(r[k] for r in rows) / len(rows)
-                    for k in ("gold_reward_mean", "kl_to_ref", "win_rate_vs_sft", "train_examples")}
-            seeds = "  ".join(f"{r['gold_reward_mean']:+.3f}/{r['kl_to_ref']:.2f}" for r in rows)
-            lines.append(f"{arm:8} {i:>4} {mean['gold_reward_mean']:>+12.3f} {mean['kl_to_ref']:>10.3f} "
-                         f"{mean['win_rate_vs_sft']:>10.3f} {mean['train_examples']:>8.0f}   {seeds}")
+        out["arms"][arm] = [mean_se([f[arm][i] for f in fronts if f[arm][i] == f[arm][i]]) + (
+            sum(f[arm][i] == f[arm][i] for f in fronts),) for i in range(len(budgets))]
+        if arm != "dpo" and "dpo" in arms:
+            out["vs_dpo"][arm] = [mean_se([f[arm][i] - f["dpo"][i] for f in fronts
+                                           if f[arm][i] == f[arm][i] and f["dpo"][i] == f["dpo"][i]])
+                                  for i in range(len(budgets))]
+    if {"exo_rw", "dpo_rw"} <= set(arms):
+        out["exo_rw_vs_dpo_rw"] = [mean_se([f["exo_rw"][i] - f["dpo_rw"][i] for f in fronts
+                                            if f["exo_rw"][i] == f["exo_rw"][i] and f["dpo_rw"][i] == f["dpo_rw"][i]])
+                                   for i in range(len(budgets))]
+    return out
+
+
+def table(summary: dict, runs: list[dict]) -> str:
+    sft = mean_se([run["sft"]["gold_reward"] for run in runs])
+    lines = [f"pi_SFT gold reward {sft[0]:+.3f} ± {sft[1]:.3f}; reward of each arm's front at KL budget "
+             f"(mean ± s.e. over seeds that reached it, n):",
+             f"{'arm':10} " + " ".join(f"{'KL ' + format(b, 'g'):>22}" for b in summary["budgets"])]
+    for arm, cells in summary["arms"].items():
+        lines.append(f"{arm:10} " + " ".join(f"{m:+.3f} ± {s:.3f} (n={n})".rjust(22) for m, s, n in cells))
+    diffs = {f"{a} - dpo": v for a, v in summary["vs_dpo"].items()}
+    if "exo_rw_vs_dpo_rw" in summary:
+        diffs["exo_rw - dpo_rw"] = summary["exo_rw_vs_dpo_rw"]
+    for name, cells in diffs.items():
+        lines.append(f"{name:10} " + " ".join(f"{m:+.3f} ± {s:.3f}".rjust(22) for m, s in cells))
     return "\n".join(lines)
 
 
-def plot(results: dict, arms, path: Path) -> Path:
+def plot(runs: list[dict], summary: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for color, arm in zip(("C0", "C3", "C2"), arms):
-        runs = [r for r in results.values() if r["arm"] == arm]
-        for r in runs:  # each seed faintly, the mean over seeds bold
-            ax.plot([x["kl_to_ref"] for x in r["records"]], [x["gold_reward_mean"] for x in r["records"]],
-                    color=color, alpha=0.3, marker=".", linewidth=1)
-        count = len(runs[0]["records"])
-        kl = [sum(r["records"][i]["kl_to_ref"] for r in runs) / len(runs) for i in range(count)]
-        gold = [sum(r["records"][i]["gold_reward_mean"] for r in runs) / len(runs) for i in range(count)]
-        ax.plot(kl, gold, color=color, marker="o", linewidth=2, label=f"{arm} (mean of {len(runs)} seeds)")
-        for i, (x, y) in enumerate(zip(kl, gold)):
-            ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=color)
-    ax.set(xlabel="KL(pi || pi_SFT), nats per completion", ylabel="mean gold reward (held-out prompts)",
-           title="quickstart, K = 4 gold-labelled samples: reward vs KL (labels: iteration)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    sft = mean_se([run["sft"]["gold_reward"] for run in runs])[0]
+    left.scatter([0], [sft], color="black", zorder=3, label="pi_SFT")
+    for color, arm in zip(("C0", "C2", "C3"), runs[0]["arms"]):
+        mean_points = []
+        for beta in runs[0]["arms"][arm]:
+            for i in range(len(runs[0]["arms"][arm][beta])):
+                kl = mean_se([run["arms"][arm][beta][i]["kl"] for run in runs])
+                reward = mean_se([run["arms"][arm][beta][i]["gold_reward"] for run in runs])
+                left.errorbar(kl[0], reward[0], xerr=kl[1], yerr=reward[1], color=color, fmt="o", ms=4,
+                              alpha=0.4 + 0.6 * (i + 1) / len(runs[0]["arms"][arm][beta]), capsize=2)
+                left.annotate(f"{beta}", (kl[0], reward[0]), textcoords="offset points", xytext=(3, 3),
+                              fontsize=6, color=color)
+                mean_points.append((kl[0], reward[0]))
+        grid = [x * max(k for k, _ in mean_points) / 60 for x in range(61)]
+        left.plot(grid, [front_reward([(0.0, sft)] + mean_points, b) for b in grid], color=color, label=arm)
+        cells = summary["arms"][arm]
+        right.errorbar(summary["budgets"], [c[0] for c in cells], yerr=[c[1] for c in cells], color=color,
+                       marker="o", capsize=3, label=arm)
+    left.set(xlabel="KL(pi || pi_SFT), nats per completion (T = 0.8)", ylabel="mean gold reward, held-out prompts",
+             title="points: (beta, step), mean ± s.e. over seeds; line: front of the means")
+    right.set(xscale="log", xlabel="KL budget", ylabel="reward of the seed's front at that KL",
+              title=f"reward at matched KL, mean ± s.e. over {len(runs)} seeds")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.2, 1.0])
     parser.add_argument("--beta-r", type=float, default=1.0,
-                        help="reward temperature of exo_rw/dpo_rw; the gold rewards are integer word counts")
+                        help="target temperature of dpo_rw/exo_rw; the gold rewards are integer word counts")
+    parser.add_argument("--prompts", type=int, default=256, help="training prompts per seed (K samples each)")
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16, help="prompts per optimizer step")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--eval-every", type=int, default=24)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--kl-budgets", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--sft-examples", type=int, default=1200)
+    parser.add_argument("--sft-epochs", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every arm")
-    args = parser.parse_args()
-    args.out = args.out.resolve()  # Ray Train workers do not run in this directory: relative paths break
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from rayalign.config_loader import load_config
+    from rayalign.loop import build_task_sft
+    from rayalign.models import load_model, load_tokenizer
+    from rayalign.stage_storage import StageStorage
+    from rayalign.tasks.sentiment import make_prompts
+
     args.out.mkdir(parents=True, exist_ok=True)
-    def make_config(arm, seed, run_dir):
-        return arm_config(arm, seed, run_dir, beta_r=args.beta_r, iterations=args.iterations, extra=args.overrides)
-
-    def annotate(run_dir, record):
-        record["train_examples"] = _train_examples(run_dir, record["iteration"])
-
-    results = run_arms(args.arms, args.seeds, args.out, make_config=make_config, shared=SHARED, annotate=annotate,
-                       label="exo_vs_dpo")
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results, args.arms))
-    print(f"exo_vs_dpo: plot {plot(results, args.arms, args.out / 'frontier.png')}")
+    began = time.time()
+    config = load_config("configs/quickstart.yaml", [f"loop.sft_examples={args.sft_examples}",
+                                                     f"loop.sft_epochs={args.sft_epochs}"])
+    sft = str(build_task_sft(config, args.out, StageStorage(config)))
+    tokenizer, sft_model = load_tokenizer(sft), load_model(sft).requires_grad_(False).eval()
+    eval_prompts, runs = make_prompts(args.eval_prompts, seed=20_000), []
+    for seed in range(args.seeds):
+        sampler = make_sampler(sft, num_samples=K, seed=seed, max_new_tokens=args.max_new_tokens)
+        groups, _ = sample_groups(sampler, make_prompts(args.prompts, seed=100 + seed))
+        eval_sampler = make_sampler(sft, num_samples=EVAL_SAMPLES, seed=500 + seed, max_new_tokens=args.max_new_tokens)
+        context = {"sft_model": sft_model, "sampler": eval_sampler, "tokenizer": tokenizer,
+                   "eval_prompts": eval_prompts}
+        run = {"seed": seed, "pairs": len(all_pairs(groups)), "arms": {},
+               "sft": measure(copy.deepcopy(sft_model), sft_model, eval_sampler, eval_prompts)}
+        for arm in args.arms:
+            run["arms"][arm] = {}
+            for beta in args.betas:
+                started = time.perf_counter()
+                run["arms"][arm][str(beta)] = run_arm(arm, beta, sft, groups, context, args, seed)
+                log(f"seed {seed} {arm} beta {beta}: {run['arms'][arm][str(beta)][-1]} "
+                    f"({time.perf_counter() - started:.0f} s)")
+        runs.append(run)
+    summary = summarise(runs, args.kl_budgets)
+    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "summary": summary, "runs": runs}, indent=2) + "\n")
+    print(table(summary, runs))
+    log(f"plot {plot(runs, summary, args.out / 'frontier.png')}; {time.time() - began:.0f} s")
+    return summary
 
 
 if __name__ == "__main__":

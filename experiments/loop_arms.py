@@ -1,7 +1,7 @@
 """Run several arms of the quickstart loop per seed, sharing what every arm computes identically.
 
 The first arm of a seed runs the whole loop; later arms start from a copy of its shared stages (setup,
-pi_0, and whatever else the caller lists) and the loop resumes past them. Used by `exo_vs_dpo` and
+pi_0, and whatever else the caller lists) and the loop resumes past them. Used by
 `spa_ablation`; it does not build tables or plots.
 """
 

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from experiments.stats import mean_se
+
 SELECTORS = {"sams": "bandit", "random": "random", "top_rs": "top_rs"}
 DEFAULT_OUT = Path("runs/experiments/sams_noise")
 
@@ -62,16 +64,20 @@ def noisy_pairs(n: int, *, noise: float, seed: int) -> tuple[list[dict], list[di
 
 
 @torch.no_grad()
-def reward_accuracy(policy, reference, tokenizer, rows: list[dict], config) -> float:
-    """Held-out implicit-reward accuracy: (log pi/ref)(chosen) > (log pi/ref)(rejected)."""
+def implicit_margins(policy, reference, tokenizer, rows: list[dict], config) -> torch.Tensor:
+    """(N,) implicit-reward margins (log pi/ref)(chosen) - (log pi/ref)(rejected) of pair `rows`."""
     from rayalign.oracle import encode_pairs, reference_columns
 
     encoded = encode_pairs(rows, tokenizer, config).items
     mine = reference_columns(policy, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
     ref = reference_columns(reference, encoded, pad_token_id=tokenizer.pad_token_id, config=config)
-    margin = (mine["ref_chosen_logps"] - ref["ref_chosen_logps"]) - (mine["ref_rejected_logps"]
-                                                                     - ref["ref_rejected_logps"])
-    return float((margin > 0).double().mean())
+    return (mine["ref_chosen_logps"] - ref["ref_chosen_logps"]) - (mine["ref_rejected_logps"]
+                                                                 - ref["ref_rejected_logps"])
+
+
+def reward_accuracy(policy, reference, tokenizer, rows: list[dict], config) -> float:
+    """Held-out implicit-reward accuracy: (log pi/ref)(chosen) > (log pi/ref)(rejected)."""
+    return float((implicit_margins(policy, reference, tokenizer, rows, config) > 0).double().mean())
 
 
 @contextlib.contextmanager
@@ -132,20 +138,12 @@ def run_arm(sft: str, name: str, arm: dict, data: tuple, heldout: list[dict], ar
             "backward_pairs": int(selected), "seconds": round(seconds, 1)}
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan")
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return statistics.mean(values), se
-
-
 def summarise(results: list[dict], names: list[str]) -> list[dict]:
     rows = []
     for name in names:
         mine = [r for r in results if r["arm"] == name]
-        accuracy, accuracy_se = _mean_se([r["heldout_accuracy"] for r in mine])
-        share, share_se = _mean_se([r["flipped_share"] for r in mine])
+        accuracy, accuracy_se = mean_se([r["heldout_accuracy"] for r in mine])
+        share, share_se = mean_se([r["flipped_share"] for r in mine])
         rows.append({"arm": name, "accuracy": accuracy, "accuracy_se": accuracy_se, "flipped_share": share,
                      "flipped_share_se": share_se, "backward_pairs": mine[0]["backward_pairs"],
                      "seconds": statistics.mean(r["seconds"] for r in mine), "seeds": len(mine)})

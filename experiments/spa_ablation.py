@@ -27,11 +27,13 @@ import json
 import statistics
 from pathlib import Path
 
-from experiments.exo_vs_dpo import SHARED
 from experiments.loop_arms import run_arms
 
 ARMS = {"refine": "spa.refine=true", "no_refine": "spa.refine=false"}
 DEFAULT_OUT = Path("runs/experiments/spa_ablation")
+# What both arms share (see the module docstring): setup, pi_0 and pi_0's judged samples of iteration 1.
+SHARED = ("data", "tiny-model", "sft", "iter-0", "eval/sft.parquet", "eval/iter-0.parquet",
+          "iter-1/samples.parquet", "iter-1/judged.parquet", "iter-1/judge_counts.json")
 
 
 def arm_config(arm: str, seed: int, run_dir: Path, extra: list[str]):

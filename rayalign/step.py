@@ -262,9 +262,10 @@ def micro_batch_loss(
 
 @torch.no_grad()
 def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
-                     pad_token_id: int, batch_size: int = 32, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+                     pad_token_id: int, batch_size: int = 32, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                     temperature: float = 1.0) -> torch.Tensor:
     """Summed log-prob of each completion given its prompt, (N,) float32+, batched and right-padded; the head
-    in chunks of `chunk_rows` completion positions."""
+    in chunks of `chunk_rows` completion positions, the logits divided by `temperature`."""
     out, device = [], model_device(model)
     for start in range(0, len(prompt_ids), batch_size):
         rows = list(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]))
@@ -272,6 +273,7 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
         ids = pad_rows([p + c for p, c in rows], length, pad_token_id).to(device)
         attention = pad_rows([[1] * (len(p) + len(c)) for p, c in rows], length, 0).to(device)
         completion = pad_rows([[0] * len(p) + [1] * len(c) for p, c in rows], length, 0).to(device)
-        head, _ = forward_scores(model, chunk_rows=chunk_rows, input_ids=ids, attention_mask=attention)
+        head, _ = forward_scores(model, chunk_rows=chunk_rows, temperature=temperature, input_ids=ids,
+                                 attention_mask=attention)
         out.append(head.token_logps(ids[:, 1:], completion[:, 1:]).sum(dim=-1).cpu())
     return torch.cat(out)

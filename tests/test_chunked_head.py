@@ -145,3 +145,19 @@ def test_a_model_whose_logits_are_not_its_head_falls_back_to_full_logits(tiny_mo
     with torch.no_grad():
         want = token_logps(capped(input_ids=ids).logits[:, :-1], ids[:, 1:], mask)
     torch.testing.assert_close(got.token_logps(ids[:, 1:], mask), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_completion_logps_are_the_tempered_full_logits_summed_over_the_completion(tiny_model_dir, temperature):
+    from rayalign.models import load_model
+    from rayalign.step import completion_logps
+
+    model = load_model(str(tiny_model_dir)).eval()
+    prompts, completions = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14, 15]]
+    got = completion_logps(model, prompts, completions, pad_token_id=0, chunk_rows=3, temperature=temperature)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(input_ids=ids).logits[0].double() / temperature, dim=-1)
+        expected = sum(float(logps[len(prompt) - 1 + i, token]) for i, token in enumerate(completion))
+        assert float(got[row]) == pytest.approx(expected, abs=1e-4)
