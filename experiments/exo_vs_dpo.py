@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from experiments.common import add_sft_arguments, make_sampler, quickstart_sft, save_figure, save_results
 from experiments.stats import mean_se
 
 ARMS = ("dpo", "dpo_rw", "exo_rw")
@@ -50,14 +50,6 @@ EVAL_SAMPLES = 4
 
 def log(message: str) -> None:
     print(f"exo_vs_dpo: {message}", flush=True)
-
-
-def make_sampler(sft: str, *, num_samples: int, seed: int, max_new_tokens: int):
-    from rayalign.config import GenerateConfig
-    from rayalign.samplers import HFSampler
-
-    return HFSampler(sft, GenerateConfig(num_samples=num_samples, temperature=TEMPERATURE, top_p=1.0,
-                                         max_new_tokens=max_new_tokens, seed=seed))
 
 
 def sample_groups(sampler, prompts: list[str], *, first_id: int = 0) -> tuple[list[dict], list]:
@@ -232,10 +224,7 @@ def plot(runs: list[dict], summary: dict, path: Path) -> Path:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -252,32 +241,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=24)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--kl-budgets", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
-    parser.add_argument("--sft-examples", type=int, default=1200)
-    parser.add_argument("--sft-epochs", type=int, default=6)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    add_sft_arguments(parser, DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from rayalign.config_loader import load_config
-    from rayalign.loop import build_task_sft
-    from rayalign.models import load_model, load_tokenizer
-    from rayalign.stage_storage import StageStorage
     from rayalign.tasks.sentiment import make_prompts
 
-    args.out.mkdir(parents=True, exist_ok=True)
     began = time.time()
-    config = load_config("configs/quickstart.yaml", [f"loop.sft_examples={args.sft_examples}",
-                                                     f"loop.sft_epochs={args.sft_epochs}"])
-    sft = str(build_task_sft(config, args.out, StageStorage(config)))
-    tokenizer, sft_model = load_tokenizer(sft), load_model(sft).requires_grad_(False).eval()
+    sft, tokenizer, sft_model = quickstart_sft(args)
     eval_prompts, runs = make_prompts(args.eval_prompts, seed=20_000), []
     for seed in range(args.seeds):
-        sampler = make_sampler(sft, num_samples=K, seed=seed, max_new_tokens=args.max_new_tokens)
+        sampler = make_sampler(sft, num_samples=K, temperature=TEMPERATURE, seed=seed,
+                               max_new_tokens=args.max_new_tokens)
         groups, _ = sample_groups(sampler, make_prompts(args.prompts, seed=100 + seed))
-        eval_sampler = make_sampler(sft, num_samples=EVAL_SAMPLES, seed=500 + seed, max_new_tokens=args.max_new_tokens)
+        eval_sampler = make_sampler(sft, num_samples=EVAL_SAMPLES, temperature=TEMPERATURE, seed=500 + seed,
+                                    max_new_tokens=args.max_new_tokens)
         context = {"sft_model": sft_model, "sampler": eval_sampler, "tokenizer": tokenizer,
                    "eval_prompts": eval_prompts}
         run = {"seed": seed, "pairs": len(all_pairs(groups)), "arms": {},
@@ -291,8 +271,7 @@ def main(argv=None) -> dict:
                     f"({time.perf_counter() - started:.0f} s)")
         runs.append(run)
     summary = summarise(runs, args.kl_budgets)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "summary": summary, "runs": runs}, indent=2) + "\n")
+    save_results(args.out / "results.json", args, summary=summary, runs=runs)
     print(table(summary, runs))
     log(f"plot {plot(runs, summary, args.out / 'frontier.png')}; {time.time() - began:.0f} s")
     return summary

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from experiments.common import save_figure, save_results
+
 HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 DEFAULT_OUT = Path("runs/experiments/mallows_sweep")
 SWEEP = Path(__file__).resolve().parents[1] / "configs" / "tune_mallows.yaml"
@@ -159,10 +161,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     left.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -215,8 +214,7 @@ def main(argv=None) -> list[dict]:
                "correct": correct_pairs(t["dir"] / "final", reference, tokenizer, test, config).tolist()}
               for t in trials(tune_dir)]
     rows = summarise(scored)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "summary": rows, "trials": scored}) + "\n")
+    save_results(args.out / "results.json", args, summary=rows, trials=scored)
     print(table(rows, len(test)))
     log(f"plot {plot(rows, args.out / 'mallows_sweep.png')}; {time.time() - began:.0f} s")
     return rows
