@@ -238,7 +238,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16, help="prompts per optimizer step")
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--eval-every", type=int, default=24)
+    parser.add_argument("--eval-every", type=int, default=12)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--kl-budgets", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     add_sft_arguments(parser, DEFAULT_OUT)

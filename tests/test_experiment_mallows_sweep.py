@@ -29,6 +29,7 @@ def test_summary_pairs_the_two_losses_on_the_same_test_pairs():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("in_process_ray")  # run_tune joins Ray from this process: leave it before the head goes
 @pytest.mark.skipif(not exp.HH.exists(), reason=f"the shared HH file is not present at {exp.HH}")
 def test_toy_sweep_scores_every_trial_as_its_training_run_did(tmp_path):
     out = tmp_path / "mallows"
