@@ -172,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sft-epochs", type=int, default=3)
     parser.add_argument("--sft-lr", type=float, default=3e-3)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4])
     parser.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.05, 0.1])
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                         help="extra overrides written into the sweep's YAML (toy runs)")
