@@ -32,7 +32,6 @@ and are tested equal to; `rayalign.samplers.HFSampler` with the live weights pus
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -261,7 +260,7 @@ def main(argv=None) -> dict:
         context = {"sft_model": sft_model, "sampler": eval_sampler, "tokenizer": tokenizer,
                    "eval_prompts": eval_prompts}
         run = {"seed": seed, "pairs": len(all_pairs(groups)), "arms": {},
-               "sft": measure(copy.deepcopy(sft_model), sft_model, eval_sampler, eval_prompts)}
+               "sft": measure(sft_model, sft_model, eval_sampler, eval_prompts)}
         for arm in args.arms:
             run["arms"][arm] = {}
             for beta in args.betas:

@@ -66,8 +66,10 @@ def sample(sampler, model, prompts: list[str], *, first_id: int, chunk: int = 25
 
 @torch.no_grad()
 def judge(policy, sft_model, tokenizer, prompts: list[str], samples: list[list]) -> tuple[list[dict], dict]:
-    """SPA's direct judgment of 2 samples per prompt: pairs {prompt, chosen, rejected, gold_error} and counts.
-    `gold_error`: True where the gold reward ranks the pair the other way, None where it ties."""
+    """SPA's direct judgment of 2 samples per prompt (`rayalign.core.spa`, as the Judge actor does): pairs
+    {prompt, chosen, rejected, gold_error} and counts. `gold_error`: True where the gold reward ranks the pair
+    the other way, None where it ties."""
+    from rayalign.core.spa import implicit_rewards, judge_pairs
     from rayalign.step import completion_logps
     from rayalign.tasks.sentiment import gold_reward
     from rayalign.templating import as_prompt, prompt_ids
@@ -76,15 +78,15 @@ def judge(policy, sft_model, tokenizer, prompts: list[str], samples: list[list])
     flat_prompts = [i for i, group in zip(ids, samples, strict=True) for _ in group]
     flat = [s.token_ids for group in samples for s in group]
     pad = tokenizer.pad_token_id
-    reward = BETA * (completion_logps(policy, flat_prompts, flat, pad_token_id=pad)
-                     - completion_logps(sft_model, flat_prompts, flat, pad_token_id=pad))
+    rewards = implicit_rewards(completion_logps(policy, flat_prompts, flat, pad_token_id=pad),
+                               completion_logps(sft_model, flat_prompts, flat, pad_token_id=pad), beta=BETA)
+    chosen_index, rejected_index, _, tied = judge_pairs(rewards.view(len(prompts), -1))
     pairs, dropped = [], 0
     for j, (prompt, group) in enumerate(zip(prompts, samples, strict=True)):
-        (a, b), (ra, rb) = group, reward[2 * j:2 * j + 2].tolist()
-        if ra == rb or a.text == b.text or not a.text.strip() or not b.text.strip():
+        chosen, rejected = group[int(chosen_index[j])].text, group[int(rejected_index[j])].text
+        if tied[j] or chosen == rejected or not chosen.strip() or not rejected.strip():
             dropped += 1
             continue
-        chosen, rejected = (a.text, b.text) if ra > rb else (b.text, a.text)
         gc, gr = gold_reward(chosen), gold_reward(rejected)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                       "gold_error": None if gc == gr else gc < gr})
