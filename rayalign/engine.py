@@ -102,14 +102,29 @@ def deepspeed_config(config: Config) -> dict:
     }
 
 
+def start_deepspeed_comm():
+    """Import DeepSpeed and start its communication backend (gloo unless a process group exists); returns the
+    module. On a CPU accelerator DeepSpeed would first JIT-compile its shared-memory all-reduce kernel (~30 s on
+    each fresh node), which only its *inference* all-reduce calls: ZeRO training reduces through the process
+    group, so the build is skipped (`build_shm_op` returning None is DeepSpeed's own "not available" path)."""
+    import importlib
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # by module path: the attribute `deepspeed.comm.torch` is the torch package, not this module
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if not (dist.is_available() and dist.is_initialized()):
+        deepspeed.init_distributed(dist_backend="gloo")
+    return deepspeed
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 1/2/3 with a torch optimizer (gloo on CPU, NCCL on GPU)."""
 
     def __init__(self, model: torch.nn.Module, config: Config, total_steps: int):
-        import deepspeed
-
-        if not (dist.is_available() and dist.is_initialized()):
-            deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed = start_deepspeed_comm()
         optimizer = build_optimizer(model.parameters(), config.optim)
         scheduler = build_scheduler(optimizer, config.optim, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -176,11 +191,9 @@ def partitioned_loading(config: Config):
     if config.train.engine != "deepspeed" or config.train.zero_stage != 3:
         yield
         return
-    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    if not (dist.is_available() and dist.is_initialized()):
-        deepspeed.init_distributed(dist_backend="gloo")
+    start_deepspeed_comm()
     settings = HfDeepSpeedConfig(deepspeed_config(config))  # transformers keeps only a weak reference
     try:
         yield

@@ -5,7 +5,8 @@ non-finite norm (the trainer stops the run on it, like a non-finite loss) and le
 optimizer state and the schedule untouched; a later finite step is applied normally. DDP runs in this
 process; DeepSpeed (ZeRO 1-3 on gloo, one rank) in a subprocess, so that its process group and global
 state stay out of the rest of the suite; there the engine's checkpoint also round-trips through our
-weights_only reader (DeepSpeed's own unpickles fully), and a crafted optimizer file is refused.
+weights_only reader (DeepSpeed's own unpickles fully), a crafted optimizer file is refused, and DeepSpeed's
+shared-memory all-reduce kernel (inference only) is not JIT-compiled.
 """
 
 from __future__ import annotations
@@ -122,3 +123,5 @@ def test_deepspeed_engine_non_finite_gradient_and_safe_checkpoint_loading(tmp_pa
                             cwd=tmp_path, env=env, timeout=600)
     output = result.stdout[-3000:] + result.stderr[-3000:]
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), output
+    # the shared-memory all-reduce kernel serves DeepSpeed's inference only: not JIT-built (~30 s) for training
+    assert "deepspeed_shm_comm" not in output, output
