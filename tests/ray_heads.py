@@ -3,7 +3,7 @@
 Every port is explicit and on loopback; the head gets a marker in its environment (KEY=tag) that every
 process of its cluster inherits (daemons, workers, job drivers), so teardown kills exactly those processes:
 never `ray stop`, which kills every Ray on the machine (another test's, or a developer's).
-Used by the suite's shared head (conftest) and by the jobs test's head with its job API.
+Used by the suite's shared head (conftest).
 """
 
 from __future__ import annotations
