@@ -1,8 +1,9 @@
 """`rayalign train` on real Ray Train workers (local Ray, gloo, the tiny model).
 
 Each `TorchTrainer.fit` costs ~20 s here, so the runs are few and shared: one uninterrupted 2-worker run
-is the reference that the oracle, the other batch splits, DeepSpeed and resume are compared with (worker-kill
-recovery with the default settings: tests/test_train_defaults.py).
+is the reference that the oracle, the other batch splits and DeepSpeed are compared with; a crashed and resumed
+run with SPA's self-refinement is compared with the oracle (worker-kill recovery with the default settings:
+tests/test_train_defaults.py).
 """
 
 from __future__ import annotations
@@ -192,25 +193,6 @@ def test_zero3_offloading_everything_restarts_after_a_worker_died_and_equals_ddp
     assert not (checkpoint / "optimizer.pt").exists()
 
 
-def test_resume_after_a_crash_equals_uninterrupted(uninterrupted, tiny_model_dir, pairs_file, tmp_path,
-                                                   monkeypatch, capsys):
-    run_dir = tmp_path / "run"
-    monkeypatch.setenv("RAYALIGN_KILL_WORKER_AT", "5:0")  # SIGKILL rank 0 before step 5; no restarts allowed
-    assert train(tiny_model_dir, pairs_file, run_dir, "train.max_failures=0") == 1
-    assert "rerun the same command with --resume" in capsys.readouterr().err
-    # save_every=2 and the end of epoch 1 (3 steps an epoch) wrote steps 2, 3 and 4; the newest 2 are kept
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == [
-        "step-3", "step-4"]
-    assert not (run_dir / "final").exists()
-    with pytest.raises(ConfigError, match="already has checkpoints .* pass --resume"):
-        train(tiny_model_dir, pairs_file, run_dir)
-    assert train(tiny_model_dir, pairs_file, run_dir, resume=True) == 0
-    out = capsys.readouterr().out
-    assert "reference cache hit" in out and "resuming from" in out
-    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
-    assert_same_weights(run_dir / "final", uninterrupted / "final", atol=1e-6)
-
-
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tiny_model_dir, pairs_file, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -267,19 +249,35 @@ def test_gdpo_trains_on_ray_workers(tiny_model_dir, tmp_path):
     assert "eval/loss" in final and 0.0 < final["eval/gdpo/js_gap"] < 0.833  # the alignment gap, in [0, sqrt ln 2]
 
 
-def test_spa_self_refinement_on_ray_workers(tiny_model_dir, pairs_file, tmp_path):
-    """Soft labels start once the margin window is full and the warm start is over; the window is saved."""
-    run_dir = tmp_path / "run"
-    assert train(tiny_model_dir, pairs_file, run_dir, "spa.refine=true", "spa.window=8", "spa.k_fraction=0.25",
-                 "spa.warm_start=0.3", "spa.iteration=2") == 0
+def test_spa_self_refinement_crashed_and_resumed_on_ray_workers(tiny_model_dir, pairs_file, tmp_path, monkeypatch,
+                                                                 capsys):
+    """Rank 0 is SIGKILLed before step 5 with `train.max_failures=0`: the run ends with exit 1 and says how to
+    go on, keeps its newest 2 checkpoints, and refuses a rerun without --resume. Resumed from step-4, with SPA's
+    soft labels (active from step 3, once the margin window is full and the warm start is over) and the
+    window restored from the checkpoint, it computes what the in-process oracle computes, step for step."""
+    run_dir, spa = tmp_path / "run", ("spa.refine=true", "spa.window=8", "spa.k_fraction=0.25",
+                                      "spa.warm_start=0.3", "spa.iteration=2")
+    monkeypatch.setenv("RAYALIGN_KILL_WORKER_AT", "5:0")  # no restarts allowed: the run fails
+    assert train(tiny_model_dir, pairs_file, run_dir, *spa, "train.max_failures=0") == 1
+    assert "rerun the same command with --resume" in capsys.readouterr().err
+    # save_every=2 and the end of epoch 1 (3 steps an epoch) wrote steps 2, 3 and 4; the newest 2 are kept
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step-3", "step-4"]
+    assert not (run_dir / "final").exists()
+    state = json.loads((run_dir / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert len(state["spa_window"]["values"]) == 8
+    with pytest.raises(ConfigError, match="already has checkpoints .* pass --resume"):
+        train(tiny_model_dir, pairs_file, run_dir, *spa)
+    assert train(tiny_model_dir, pairs_file, run_dir, *spa, resume=True) == 0  # the drill fired once already
+    out = capsys.readouterr().out
+    assert "reference cache hit" in out and "resuming from" in out
     steps = metrics(run_dir)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
     assert steps[0]["spa/threshold"] == 0.0 and steps[0]["spa/active"] == 0  # window empty, warm start
     assert all(s["spa/active"] == 1 for s in steps[2:])  # 30% of 6 steps -> active from step 3
     assert sum(s["spa/relabelled"] for s in steps[2:]) > 0
     assert all(s["spa/relabelled"] == 0 for s in steps[:2])
-    state = json.loads((run_dir / "checkpoints" / "step-4" / "trainer_state.json").read_text())  # save_every=2
-    assert len(state["spa_window"]["values"]) == 8
-    # the in-process oracle refines the same way (it used to ignore spa.refine)
+    # the in-process oracle refines the same way (it used to ignore spa.refine), without interruption
     import copy
 
     from rayalign.data import load_rows
@@ -293,3 +291,6 @@ def test_spa_self_refinement_on_ray_workers(tiny_model_dir, pairs_file, tmp_path
     history = train_pairs(model, copy.deepcopy(model).requires_grad_(False), tokenizer, train_rows, config)
     for key in ("loss", "spa/relabelled", "spa/threshold", "spa/active"):
         assert [h[key] for h in history] == pytest.approx([m[key] for m in steps], abs=1e-5), key
+    oracle = {k: v.detach() for k, v in model.state_dict().items()}
+    for name, value in weights(run_dir / "final").items():
+        torch.testing.assert_close(value, oracle[name], atol=2e-5, rtol=0, msg=name)
