@@ -5,13 +5,11 @@
   pi_{i-1}) are judged again, in-process, by the Judge actor class with the fitted reward model, and both
   judgments are scored against the gold reward with the loop's own `judge_accuracy`. Same samples, so the
   comparison is of the judges alone, not of two loops' sampling noise.
-- `rayalign judge` with judge.type=reward_model and `rayalign eval` with eval.reward_model, run as a user runs
-  them on Ray (the rm_rewards column crosses Ray Data; training prompts get NaN and leave it out).
+- `rayalign judge` with judge.type=reward_model, run as a user runs it on Ray (`rayalign eval` with
+  eval.reward_model: tests/test_stage_commands.py, on the same models).
 """
 
 from __future__ import annotations
-
-import json
 
 import pandas as pd
 import pytest
@@ -53,8 +51,7 @@ def test_reward_model_judge_is_at_least_as_accurate_as_the_implicit_judge(quicks
 
 
 @pytest.mark.slow
-def test_judge_and_eval_commands_with_reward_models(quickstart_run, reward_model_dir, ray_address, tmp_path):  # noqa: F811
-    from rayalign.evaluate import compare_rm, kl_to_sft
+def test_judge_command_with_a_reward_model(quickstart_run, reward_model_dir, ray_address, tmp_path):  # noqa: F811
     from rayalign.reward_model import RewardModel
 
     assert quickstart_run.result.returncode == 0, quickstart_run.result.stderr[-3000:]
@@ -77,19 +74,3 @@ def test_judge_and_eval_commands_with_reward_models(quickstart_run, reward_model
         scores = rm.score([row.prompt], [list(group["text"])])[0]
         assert list(row.judge_rewards) == pytest.approx(scores.tolist(), abs=1e-4)
         assert row.chosen_index == int(scores.argmax()) and row.rejected_index == int(scores.argmin())
-
-    # eval: pi_2 vs pi_SFT by the reward model (the baseline's samples get its scores too)
-    _ok(rayalign("eval", *common, f"run.dir={tmp_path / 'eval'}", f"model.policy={base / 'iter-2/train/final'}",
-                 env=env))
-    summary = json.loads((tmp_path / "eval/eval/summary.json").read_text())
-    policy, baseline = (pd.read_parquet(tmp_path / f"eval/eval/{n}.parquet") for n in ("policy", "baseline"))
-    loop_eval = pd.read_parquet(base / "eval/iter-2.parquet").head(8)
-    assert [list(t) for t in policy["texts"]] == [list(t) for t in loop_eval["texts"]]
-    for frame in (policy, baseline):
-        expected = rm.score(list(frame["prompt"]), [list(t) for t in frame["texts"]])
-        assert [v for r in frame["rm_rewards"] for v in r] == pytest.approx(expected.flatten().tolist(), abs=1e-4)
-    assert summary["kl_to_sft"] == pytest.approx(kl_to_sft(loop_eval), abs=1e-5)
-    expected = compare_rm(policy, {"baseline": baseline})
-    assert {k: summary[k] for k in expected} == pytest.approx(expected)
-    assert summary["rm/baseline_reward_mean"] == pytest.approx(compare_rm(baseline, {})["rm/reward_mean"])
-    assert 0.0 <= summary["rm/win_rate_vs_baseline"] <= 1.0 and "win_rate_vs_baseline" in summary  # gold too

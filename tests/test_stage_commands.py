@@ -3,8 +3,9 @@
 The stages give prompts the loop's ids (so the loop's per-prompt seeds): run by hand on the models of the
 session's reduced quickstart (`quickstart_run`), each must reproduce what the loop wrote for the same
 prompts. A few prompts keep this cheap: the embedded task's prompt lists are seeded prefixes, so the first 8
-prompts of a smaller config are the loop's first 8. The three commands share one Ray instance, started
-here, through RAY_ADDRESS.
+prompts of a smaller config are the loop's first 8. `eval` also runs with eval.reward_model (the reward
+model's metrics beside the gold ones). The three commands share one Ray instance, started here, through
+RAY_ADDRESS.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _ok(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.slow
-def test_generate_judge_eval_reproduce_the_loop(quickstart_run, ray_address, tmp_path):
+def test_generate_judge_eval_reproduce_the_loop(quickstart_run, reward_model_dir, ray_address, tmp_path):
     assert quickstart_run.result.returncode == 0, quickstart_run.result.stderr[-3000:]
     base, out = quickstart_run.run_dir, tmp_path / "stages"
     common = ("configs/quickstart.yaml", *quickstart_run.overrides, *FEW, f"run.dir={out}")
@@ -79,10 +80,13 @@ def test_generate_judge_eval_reproduce_the_loop(quickstart_run, ray_address, tmp
         assert list(judged[column]) == list(loop_judged[column]), column
     assert judged["margin"].tolist() == pytest.approx(loop_judged["margin"].tolist(), abs=1e-5)
 
-    # eval: pi_2 against pi_SFT (the default baseline) on the held-out prompts -> the loop's numbers there.
-    from rayalign.evaluate import compare, kl_to_sft
+    # eval: pi_2 against pi_SFT (the default baseline) on the held-out prompts -> the loop's numbers there; with
+    # eval.reward_model, the reward model's metrics besides them.
+    from rayalign.evaluate import compare, compare_rm, kl_to_sft
+    from rayalign.reward_model import RewardModel
 
-    shown = _ok(rayalign("eval", *common, f"model.policy={base / 'iter-2/train/final'}", sft, env=env))
+    shown = _ok(rayalign("eval", *common, f"model.policy={base / 'iter-2/train/final'}", sft,
+                         f"eval.reward_model={reward_model_dir}", env=env))
     summary = json.loads((out / "eval/summary.json").read_text())
     assert json.loads(shown[shown.index("{"):]) == summary
     loop_eval, loop_sft = (pd.read_parquet(base / f"eval/{name}.parquet").head(8) for name in ("iter-2", "sft"))
@@ -91,6 +95,16 @@ def test_generate_judge_eval_reproduce_the_loop(quickstart_run, ray_address, tmp
     expected = {"kl_to_sft": kl_to_sft(loop_eval), **compare(loop_eval, {"baseline": loop_sft})}
     assert summary["prompts"] == 8 and summary["baseline"] == str(base / "sft")
     assert {k: summary[k] for k in expected} == pytest.approx(expected, abs=1e-5)
+    # the reward model scored both sides' samples (the baseline's too); its metrics are computed from them
+    rm = RewardModel(str(reward_model_dir), key="eval.reward_model", max_length=64 + 48)
+    baseline = pd.read_parquet(out / "eval/baseline.parquet")
+    for frame in (ours_eval, baseline):
+        scores = rm.score(list(frame["prompt"]), [list(t) for t in frame["texts"]])
+        assert [v for r in frame["rm_rewards"] for v in r] == pytest.approx(scores.flatten().tolist(), abs=1e-4)
+    expected = compare_rm(ours_eval, {"baseline": baseline})
+    assert {k: summary[k] for k in expected} == pytest.approx(expected)
+    assert summary["rm/baseline_reward_mean"] == pytest.approx(compare_rm(baseline, {})["rm/reward_mean"])
+    assert 0.0 <= summary["rm/win_rate_vs_baseline"] <= 1.0
 
 
 def test_stage_commands_reject_bad_input_naming_it(tmp_path, tiny_model_dir, capsys):
