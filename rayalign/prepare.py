@@ -119,25 +119,27 @@ def fingerprint_model(path: str) -> str:
     return digest.hexdigest()
 
 
-def scoring_settings(config: Config) -> dict:
+def scoring_settings(config: Config, *, entropy: bool | None = None) -> dict:
     """The config values the cached reference columns depend on (besides the models and the data); a
-    sweep (`rayalign.tune`) warms one cache entry per distinct value of this."""
+    sweep (`rayalign.tune`) warms one cache entry per distinct value of this. `entropy`: whether the entry
+    holds the reference entropies too (default: whether the loss needs them)."""
     return {"dtype": reference_dtype(config), "max_prompt_length": config.data.max_prompt_length,
             "max_completion_length": config.data.max_completion_length,
             "temperature": config.loss.logit_temperature, "padding_free": config.packs_rows,
-            "entropy": needs_dispersion(config.loss),
+            "entropy": needs_dispersion(config.loss) if entropy is None else entropy,
             # which weights a hub id names, and the attention kernel (last bits); only when set, so the keys
             # of existing cache entries stay valid
             **{f"model.{key}": value for key in ("revision", "attn_implementation")
                if (value := getattr(config.model, key)) is not None}}
 
 
-def cache_key(frame: pd.DataFrame, config: Config, *, kind: str, reference_path: str, tokenizer_path: str) -> str:
+def cache_key(frame: pd.DataFrame, config: Config, *, kind: str, reference_path: str, tokenizer_path: str,
+              entropy: bool | None = None) -> str:
     """Hash of (reference model, data kind and every field the encoder reads, tokenization and scoring
     settings): all an entry holds (token ids, truncation flags, reference columns) depends on."""
     digest = hashlib.sha256()
     settings = {"version": CACHE_VERSION, "kind": kind, "model": fingerprint_model(reference_path),
-                "tokenizer": fingerprint_model(tokenizer_path), **scoring_settings(config)}
+                "tokenizer": fingerprint_model(tokenizer_path), **scoring_settings(config, entropy=entropy)}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for column in TEXT_FIELDS[kind]:  # rewards and level targets too: the entry's encoded rows carry them
         for value in frame[column]:
@@ -214,14 +216,23 @@ def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, kind: str, t
         out = _encode_and_score(frame, config, kind=kind, tokenizer=tokenizer, reference_path=None,
                                 pad_token_id=pad_token_id)
         return _split(with_row_reference(out, reference, kind), rows, splits, cache_path=None, hit=False)
-    key = cache_key(frame, config, kind=kind, reference_path=reference_path, tokenizer_path=tokenizer_path)
-    path = cache_dir / f"{key}.parquet"
+    keys = dict(kind=kind, reference_path=reference_path, tokenizer_path=tokenizer_path)
+    path = cache_dir / f"{cache_key(frame, config, **keys)}.parquet"
     hit = config.ref.cache and path.is_file()
+    superset = cache_dir / f"{cache_key(frame, config, **keys, entropy=True)}.parquet"
+    if config.ref.cache and not hit and kind == PAIRS and superset.is_file():
+        # The same pairs scored with the entropies too (a MallowsPO setting of the same sweep): the same
+        # log-prob columns plus those, which this loss does not read.
+        path, hit = superset, True
     if hit:
         # The key covers the tokenizer and the length limits too, so the entry holds the token ids as well:
         # a hit (every Tune trial after the warm-up) runs no Ray Data pass at all.
         log(f"reference cache hit: {path} ({len(frame)} pairs, no tokenization or reference forward needed)")
         out = pd.read_parquet(path).sort_values("pair_index").reset_index(drop=True)
+        if path == superset and not needs_dispersion(config.loss):
+            from rayalign.step import ENTROPY_KEYS
+
+            out = out.drop(columns=[key for key in ENTROPY_KEYS if key in out.columns])
     else:
         if config.ref.cache:
             log(f"reference cache miss: scoring {len(frame)} pairs with {config.ref.num_actors} actor(s) -> {path}")

@@ -26,7 +26,7 @@ from pathlib import Path
 from rayalign.config import Config, ConfigError, TuneConfig
 from rayalign.config_loader import config_to_dict, dump_config
 from rayalign.io import atomic_write_text
-from rayalign.loss_registry import DISPERSION_KEYS
+from rayalign.loss_registry import DISPERSION_KEYS, needs_dispersion
 from rayalign.run_dir import SWEEP_FILE, check_existing_sweep
 from rayalign.tune_space import Dimension, check_space, grid_size, parse_space, trial_config
 
@@ -92,11 +92,12 @@ def check_sweep(config: Config, dims: list[Dimension], trial_configs: list[Confi
                           "the data for all trials; set model.policy to sweep this key")
 
 
-def _cache_settings(config: Config) -> str:
+def _cache_settings(config: Config, *, entropy: bool | None = None) -> str:
     from rayalign.prepare import scoring_settings
 
     tree = config_to_dict(config)
-    return json.dumps({**{s: tree[s] for s in CACHE_SECTIONS}, **scoring_settings(config)}, sort_keys=True)
+    return json.dumps({**{s: tree[s] for s in CACHE_SECTIONS}, **scoring_settings(config, entropy=entropy)},
+                      sort_keys=True)
 
 
 def _affects_cache(key: str) -> bool:
@@ -104,13 +105,17 @@ def _affects_cache(key: str) -> bool:
 
 
 def warm_configs(base: Config, dims: list[Dimension]) -> list[Config]:
-    """One trial config per distinct cache setting among the values trials can take (ranges excepted)."""
+    """One trial config per distinct cache setting among the values trials can take (ranges excepted). A
+    setting without the reference entropies is left out where one with them is otherwise the same: its
+    entry serves both (`rayalign.prepare.prepare_pairs` reads it), so DPO and MallowsPO share one pass."""
     relevant = [d for d in dims if d.kind in ("grid", "choice") and _affects_cache(d.key)]
     distinct: dict[str, Config] = {}
     for values in itertools.product(*(d.values for d in relevant)):
         trial = trial_config(base, dict(zip((d.key for d in relevant), values)))
         distinct.setdefault(_cache_settings(trial), trial)
-    return list(distinct.values())
+    with_entropy = {_cache_settings(c) for c in distinct.values() if needs_dispersion(c.loss)}
+    return [c for c in distinct.values()
+            if needs_dispersion(c.loss) or _cache_settings(c, entropy=True) not in with_entropy]
 
 
 def warm_up(base: Config, dims: list[Dimension], tune_dir: Path) -> Config:
@@ -131,10 +136,14 @@ def warm_up(base: Config, dims: list[Dimension], tune_dir: Path) -> Config:
 
     done = set()
     if not base.model.policy:
-        prepare(base)  # rayalign.train builds the tiny model into RUN_DIR/tiny-model
+        # rayalign.train builds the tiny model into RUN_DIR/tiny-model, then scores with it as the reference:
+        # with the first setting to warm, so that this pass is one of the warm-up's
+        first = warm_configs(base, dims)[0]
+        prepare(first)
         model = tune_dir / "tiny-model"
-        base = dataclasses.replace(base, model=dataclasses.replace(base.model, policy=str(model)))
-        done.add(_cache_settings(base))  # what that pass scored: the built model is its reference
+        base, first = (dataclasses.replace(c, model=dataclasses.replace(c.model, policy=str(model)))
+                       for c in (base, first))
+        done.add(_cache_settings(first))  # what that pass scored: the built model is its reference
         _log(f"every trial trains the tiny model built once from the data: {model}")
     configs = warm_configs(base, dims)
     for config in configs:

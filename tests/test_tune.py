@@ -63,6 +63,23 @@ def test_every_shipped_sweep_passes_the_checks_made_before_ray(path):
     check_sweep(config, dims, check_space(sweep_base(config), dims))
 
 
+def test_one_reference_pass_serves_dpo_and_mallows_trials():
+    """The shipped grid (DPO and MallowsPO-theta; beta and lr do not change the reference) warms one entry, with
+    the entropies MallowsPO-theta needs; a MallowsPO-phi with a fixed phi (no entropies) shares DPO's entry;
+    another completion length is another entry."""
+    from rayalign.loss_registry import needs_dispersion
+    from rayalign.tune import sweep_base, warm_configs
+
+    config = load_config(REPO / CONFIG, ["run.dir=unused"])
+    warm = warm_configs(sweep_base(config), parse_space(config.tune.space))
+    assert len(warm) == 1 and needs_dispersion(warm[0].loss)
+    space = {"loss.type": {"grid": ["dpo", "mallows_phi"]}, "loss.mallows_phi": {"grid": [0.5]},
+             "data.max_completion_length": {"grid": [32, 64]}}
+    warm = warm_configs(sweep_base(config), parse_space(space))
+    assert sorted(c.data.max_completion_length for c in warm) == [32, 64]
+    assert not any(needs_dispersion(c.loss) for c in warm)
+
+
 def test_a_trial_config_is_built_like_command_line_overrides():
     base = load_config(REPO / CONFIG)
     params = {"loss.type": "mallows_theta", "loss.beta": 0.05, "optim.lr": "1e-6"}  # YAML 1.1 leaves 1e-6 a string
@@ -201,14 +218,14 @@ def test_reduced_sweep_killed_and_resumed(pairs_file, tmp_path):
     cache = sorted((tune_dir / "ref_cache").glob("*.parquet"))
     before = _stamp(kept + cache)
     assert "Trial status:" in first_log, first_log[-3000:]  # Tune's progress table reaches our output
-    # The driver scored the reference once per loss family (MallowsPO also needs entropies), before any
-    # trial; each trial then read the cache.
+    # The driver scored the reference once, before any trial, while building the tiny model: with the
+    # entropies MallowsPO needs, an entry the DPO trial reads too; each trial then read the cache.
     lines = first_log.splitlines()
     misses = [line for line in lines if "reference cache miss" in line]
     hits = [line for line in lines if "run_trial" in line and "reference cache hit" in line]
-    assert len(cache) == 2 and len(misses) == 2 and not any("run_trial" in line for line in misses), misses
+    assert len(cache) == 1 and len(misses) == 1 and not any("run_trial" in line for line in misses), misses
     assert len(hits) == 2 and {Path(h.split("hit: ")[1].split(" ")[0]) for h in hits} == set(cache), hits
-    assert "rayalign tune: reference cache warm for 2 setting(s)" in first_log
+    assert "rayalign tune: reference cache warm for 1 setting(s)" in first_log
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     total = time.perf_counter() - started
