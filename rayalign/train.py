@@ -27,7 +27,15 @@ from rayalign.storage import RunStorage
 from rayalign.storage_train import pull_outputs, ray_storage, worker_paths
 from rayalign.templating import check_data_template
 
-POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"  # read when the trainer starts its controller
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read when the trainer starts its controller
+USER_POLL_S = os.environ.get(POLL_ENV)  # a value the user exported wins over `poll_interval`
+
+
+def poll_interval(num_workers: int) -> float:
+    """Seconds between the controller's polls of the workers: 0.25 up to 16 workers (measured on a 1-worker
+    fit here: 11.1-11.7 s at 0.25, 12.6 s at 0.5, 14.2 s at Ray's 2.0), then longer so that the controller
+    sends at most ~64 polls a second; never above Ray's default."""
+    return min(2.0, max(0.25, num_workers / 64))
 
 
 def _log(message: str) -> None:
@@ -271,8 +279,8 @@ def _fit(config: Config, paths: dict, run_dir: Path, callbacks: tuple = ()) -> N
 
     # Ray Train's controller acts on the workers' state once per poll (start, each report, finish), 2 s by
     # default: a short run spent seconds waiting for it. A value the user exported is kept.
-    os.environ.setdefault(POLL_ENV, POLL_S)
     train = config.train
+    os.environ[POLL_ENV] = USER_POLL_S or str(poll_interval(train.num_workers))
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {}), **train.resources_per_worker}
     trainer = TorchTrainer(
         train_fn_per_worker,

@@ -133,3 +133,9 @@ def test_preemption_watcher_is_off_only_on_a_local_ray(monkeypatch, listening, r
         monkeypatch.setenv(ray_session.PREEMPTION_WATCHER_ENV, user_value)
     assert ray_session.init_ray() == calls[0]["address"]
     assert os.environ.get(ray_session.PREEMPTION_WATCHER_ENV) == expected
+
+
+def test_ray_train_polls_its_workers_often_for_small_groups_and_rarely_for_large_ones():
+    from rayalign.train import poll_interval
+
+    assert [poll_interval(n) for n in (1, 2, 16, 32, 64, 128, 512)] == [0.25, 0.25, 0.25, 0.5, 1.0, 2.0, 2.0]
