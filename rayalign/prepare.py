@@ -219,17 +219,19 @@ def prepare_pairs(splits: dict[str, list[dict]], config: Config, *, kind: str, t
     keys = dict(kind=kind, reference_path=reference_path, tokenizer_path=tokenizer_path)
     path = cache_dir / f"{cache_key(frame, config, **keys)}.parquet"
     hit = config.ref.cache and path.is_file()
-    superset = cache_dir / f"{cache_key(frame, config, **keys, entropy=True)}.parquet"
-    if config.ref.cache and not hit and kind == PAIRS and superset.is_file():
+    superset = None
+    if config.ref.cache and not hit and kind == PAIRS and not needs_dispersion(config.loss):
         # The same pairs scored with the entropies too (a MallowsPO setting of the same sweep): the same
         # log-prob columns plus those, which this loss does not read.
-        path, hit = superset, True
+        superset = cache_dir / f"{cache_key(frame, config, **keys, entropy=True)}.parquet"
+        if superset.is_file():
+            path, hit = superset, True
     if hit:
         # The key covers the tokenizer and the length limits too, so the entry holds the token ids as well:
         # a hit (every Tune trial after the warm-up) runs no Ray Data pass at all.
         log(f"reference cache hit: {path} ({len(frame)} pairs, no tokenization or reference forward needed)")
         out = pd.read_parquet(path).sort_values("pair_index").reset_index(drop=True)
-        if path == superset and not needs_dispersion(config.loss):
+        if path == superset:
             from rayalign.step import ENTROPY_KEYS
 
             out = out.drop(columns=[key for key in ENTROPY_KEYS if key in out.columns])

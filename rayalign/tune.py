@@ -113,7 +113,7 @@ def warm_configs(base: Config, dims: list[Dimension]) -> list[Config]:
     for values in itertools.product(*(d.values for d in relevant)):
         trial = trial_config(base, dict(zip((d.key for d in relevant), values)))
         distinct.setdefault(_cache_settings(trial), trial)
-    with_entropy = {_cache_settings(c) for c in distinct.values() if needs_dispersion(c.loss)}
+    with_entropy = {settings for settings, c in distinct.items() if needs_dispersion(c.loss)}
     return [c for c in distinct.values()
             if needs_dispersion(c.loss) or _cache_settings(c, entropy=True) not in with_entropy]
 

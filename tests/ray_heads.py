@@ -3,7 +3,7 @@
 Every port is explicit and on loopback; the head gets a marker in its environment (KEY=tag) that every
 process of its cluster inherits (daemons, workers, job drivers), so teardown kills exactly those processes:
 never `ray stop`, which kills every Ray on the machine (another test's, or a developer's).
-Used by the suite's shared head (conftest).
+Used by the suite's shared head (conftest) and the fake autoscaling cluster of tests/test_cluster_jobs.py.
 """
 
 from __future__ import annotations
@@ -51,23 +51,29 @@ def kill_marked(key: str, value: str) -> dict[int, str]:
     return marked_processes(key, value)
 
 
-def start_head(temp_dir: Path, env: dict, marker: str, *, object_store_mb: int | None = None) -> tuple[str, str]:
+def start_head(temp_dir: Path, env: dict, marker: str, *, object_store_mb: int | None = None,
+               num_cpus: int | None = None, port: int | None = None,
+               extra_args: tuple[str, ...] = ()) -> tuple[str, str]:
     """`ray start --head` (dashboard included) in `temp_dir` with `env`, which must hold `marker`; returns
     (GCS address, dashboard URL). The head's processes get RAY_API_SERVER_ADDRESS = its dashboard, so Ray
     Train's PlacementGroupCleaner finds this cluster's state API even with other clusters on the machine.
+    `num_cpus`: the head's logical CPUs (default: the machine's); `port`: its GCS port, for a config that must
+    name the address before the start (default: a free one); `extra_args` go to `ray start` as they are.
 
     Under heavy load the raylet can miss Ray's startup deadline ("timed out during startup"): one retry,
     on fresh ports, after killing what the failed attempt left."""
     for _attempt in (1, 2):
-        gcs, dashboard = free_port(), free_port()
+        gcs, dashboard = port or free_port(), free_port()
         ports = {flag: free_port() for flag in ("ray-client-server-port", "dashboard-agent-listen-port",
                                                 "dashboard-agent-grpc-port", "runtime-env-agent-port",
                                                 "metrics-export-port")}
         memory = [f"--object-store-memory={object_store_mb * 2**20}"] if object_store_mb else []
         command = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--temp-dir={temp_dir}",
-                   "--node-ip-address=127.0.0.1", f"--num-cpus={os.cpu_count()}", "--include-dashboard=true",
+                   "--node-ip-address=127.0.0.1", f"--num-cpus={os.cpu_count() if num_cpus is None else num_cpus}",
+                   "--include-dashboard=true",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--port={gcs}",
-                   "--disable-usage-stats", *memory, *[f"--{flag}={port}" for flag, port in ports.items()]]
+                   "--disable-usage-stats", *memory, *[f"--{flag}={port}" for flag, port in ports.items()],
+                   *extra_args]
         head_env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
         result = subprocess.run(command, env=head_env, capture_output=True, text=True, timeout=180)
         if result.returncode == 0:

@@ -33,7 +33,7 @@ import yaml
 
 from tests.conftest import REPO, SEED_ONLY_LOOP, own_ray_env
 from tests.conftest import wait_for as _wait_for
-from tests.ray_heads import free_port, marked_processes
+from tests.ray_heads import free_port, marked_processes, start_head
 from tests.test_cluster import CLUSTER
 
 SUBMIT = str(REPO / "jobs" / "submit.sh")
@@ -88,26 +88,15 @@ def fake_cluster_config(gcs_address: str) -> dict:
 
 
 def _start_head(temp_dir: Path, env: dict) -> tuple[str, str]:
-    """`RAY_FAKE_CLUSTER=1 ray start --head` with the job API, in its own temp dir and ports; returns (GCS
-    address, dashboard URL). The head's processes get RAY_API_SERVER_ADDRESS = its dashboard, so Ray Train's
-    PlacementGroupCleaner finds this cluster's state API even with other clusters on the machine."""
-    gcs, dashboard = f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    config = fake_cluster_config(gcs)
+    """`RAY_FAKE_CLUSTER=1 ray start --head` with the job API (`tests.ray_heads.start_head`) and cluster.yaml's
+    node types as its autoscaling config; returns (GCS address, dashboard URL)."""
+    port = free_port()
+    config = fake_cluster_config(f"127.0.0.1:{port}")
     (temp_dir / "fake.yaml").write_text(yaml.safe_dump(config))
     head = config["available_node_types"][config["head_node_type"]]["resources"]
-    ports = [f"--{flag}={free_port()}" for flag in ("ray-client-server-port", "dashboard-agent-listen-port",
-                                                     "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                                     "metrics-export-port")]
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head",
-               f"--autoscaling-config={temp_dir / 'fake.yaml'}", f"--temp-dir={temp_dir}",
-               f"--port={gcs.rsplit(':', 1)[1]}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", *ports, "--node-ip-address=127.0.0.1",
-               f"--num-cpus={head.get('CPU', 0)}", f"--object-store-memory={FAKE_OBJECT_STORE}",
-               "--disable-usage-stats"]
-    result = subprocess.run(command, env={**env, "RAY_API_SERVER_ADDRESS": dashboard}, capture_output=True,
-                            text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return gcs, dashboard
+    return start_head(temp_dir, env, MARKER, object_store_mb=FAKE_OBJECT_STORE // 2**20,
+                      num_cpus=head.get("CPU", 0), port=port,
+                      extra_args=(f"--autoscaling-config={temp_dir / 'fake.yaml'}",))
 
 
 def _cluster_processes(temp_dir: Path, tag: str) -> list:
