@@ -31,8 +31,11 @@ quickstart: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Two pytest-xdist workers (tests/conftest.py keeps the tests sharing an expensive fixture on one worker and splits
+# the cores between them); TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -12,6 +12,10 @@ Sets HF_HUB_OFFLINE=1 at import so no test can ever download, and provides
 - `quickstart_run`: one uninterrupted, reduced `rayalign run configs/quickstart.yaml` (2 SPA iterations), the
   suite's most expensive step, run once per session and shared by the README test, the resume test and the
   stage-command test. Treat both as read-only.
+
+`make test` runs the suite on 2 pytest-xdist workers (`-n 2 --dist loadgroup`): a 2-core machine sat ~25% idle
+while one test waited on process start-ups. `worker_group` keeps the tests that share an expensive fixture on one
+worker, and each worker's torch (and every process it starts) gets its share of the cores (`worker_threads`).
 """
 
 import dataclasses
@@ -26,6 +30,17 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 # The tokenizers library warns (and can deadlock) when a process forks after using its thread pool.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def worker_threads(cpus: int, workers: int) -> int:
+    """Threads per torch process when `workers` pytest workers share `cpus` cores: more would oversubscribe them
+    (OpenMP's spinning threads then slow every worker down)."""
+    return max(1, cpus // max(1, workers))
+
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # before torch is imported; a value the user exported wins
+    os.environ.setdefault("OMP_NUM_THREADS", str(worker_threads(os.cpu_count() or 1,
+                                                                int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import pytest  # noqa: E402
 
@@ -43,10 +58,30 @@ MICRO_LOOP = ("loop.iterations=1", "loop.prompts_per_iteration=16", "eval.prompt
 SEED_ONLY_LOOP = tuple("loop.iterations=0" if o.startswith("loop.iterations=") else o for o in MICRO_LOOP)
 
 
+EXPENSIVE_SESSION_FIXTURES = ("quickstart_run",)  # ~90 s: built once per worker that runs a test using it
+
+
+def worker_group(item) -> str | None:
+    """The pytest-xdist group of a test (`--dist loadgroup` runs a group on one worker), None to schedule it
+    alone: the tests using an expensive session fixture form one group, and those of a module with a module-
+    or class-scoped fixture another (its set-up would otherwise run on every worker)."""
+    names = set(item.fixturenames)
+    for name in EXPENSIVE_SESSION_FIXTURES:
+        if name in names:
+            return name
+    definitions = getattr(item, "_fixtureinfo", None)
+    scopes = {d.scope for defs in (definitions.name2fixturedefs.values() if definitions else ()) for d in defs}
+    return item.module.__name__ if scopes & {"module", "class"} else None
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu`-marked tests run only where torch sees a CUDA device (benchmarks/gpu_check.sh); skipped elsewhere."""
+    """`gpu`-marked tests run only where torch sees a CUDA device (benchmarks/gpu_check.sh); skipped elsewhere.
+    Every test gets its `worker_group`, if any (read only by pytest-xdist's loadgroup)."""
     import torch
 
+    for item in items:
+        if group := worker_group(item):
+            item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on a GPU machine)")
