@@ -13,9 +13,10 @@ Sets HF_HUB_OFFLINE=1 at import so no test can ever download, and provides
   suite's most expensive step, run once per session and shared by the README test, the resume test and the
   stage-command test. Treat both as read-only.
 
-`make test` runs the suite on 2 pytest-xdist workers (`-n 2 --dist loadgroup`): a 2-core machine sat ~25% idle
-while one test waited on process start-ups. `worker_group` keeps the tests that share an expensive fixture on one
-worker, and each worker's torch (and every process it starts) gets its share of the cores (`worker_threads`).
+`make test` runs the suite on one pytest-xdist worker per 2 cores from 4 cores up (`--dist loadgroup`), in one
+process below that (the Makefile says why). `worker_group` keeps the tests that share an expensive fixture on one
+worker, and each worker's torch (and every process it starts) gets its share of the cores (`worker_threads`);
+the groups and lone tests are handed out longest first, by their measured seconds (`tests/scheduling.py`).
 """
 
 import dataclasses
@@ -43,6 +44,8 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # before torch is imported; a val
                                                                 int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import pytest  # noqa: E402
+
+from tests import scheduling  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_REDUCED = ("loop.iterations=2", "loop.prompts_per_iteration=48", "eval.prompts=48",
@@ -76,18 +79,29 @@ def worker_group(item) -> str | None:
 
 def pytest_collection_modifyitems(config, items):
     """`gpu`-marked tests run only where torch sees a CUDA device (benchmarks/gpu_check.sh); skipped elsewhere.
-    Every test gets its `worker_group`, if any (read only by pytest-xdist's loadgroup)."""
+    Every test gets its `worker_group`, if any (read only by pytest-xdist's loadgroup); under pytest-xdist the
+    costliest groups and tests come first (`tests/scheduling.py`)."""
     import torch
 
     for item in items:
         if group := worker_group(item):
             item.add_marker(pytest.mark.xdist_group(group))
+    if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+        items[:] = scheduling.costliest_first(items, worker_group, scheduling.load_durations())
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on a GPU machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    scheduling.record(report)
+
+
+def pytest_sessionfinish(session):
+    scheduling.store(session.config)
 
 
 def wait_for(predicate, timeout: float, what: str, details=lambda: "", poll: float = 0.5):
