@@ -160,8 +160,10 @@ def test_resume_from_an_adapter_checkpoint_equals_uninterrupted(tiny_model_dir, 
     # policy's parameters sit elsewhere in memory than the trained one's, and the packed row's GEMMs round
     # accordingly (measured: 2.7e-7 on a loss of 0.45; bit-equal when padded).
     assert losses == pytest.approx(expected, abs=1e-6)
+    # Adam divides by sqrt(v): where v is tiny those last-bit gradient differences become weight differences
+    # (measured on an AVX-512 machine: 2.2e-6 at lr 1e-2), while a lost optimizer state moves them by ~3e-2.
     for (name, a), b in zip(resumed.named_parameters(), straight.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
 
 
 def test_merged_model_is_a_plain_hf_model_that_generates(tiny_model_dir, tmp_path):
