@@ -32,10 +32,13 @@ def segment_bounds(position_ids: torch.Tensor) -> list[int]:
 
 
 def _per_sequence(query, key, value, bounds: list[int], dropout: float, scaling) -> torch.Tensor:
-    """(H, N, D) of one row -> (H, N, D), each [start, end) attending causally to itself."""
-    return torch.cat([F.scaled_dot_product_attention(query[:, start:end], key[:, start:end], value[:, start:end],
-                                                     dropout_p=dropout, is_causal=True, scale=scaling)
-                      for start, end in zip(bounds[:-1], bounds[1:])], dim=1)
+    """(1, H, N, D) of one row -> (1, H, N, D), each [start, end) attending causally to itself. The inputs stay
+    4-D (on CPU, 3-D ones fall back to SDPA's unfused math path) and are cut with `split`, whose backward is one
+    `cat`: a slice per sequence would zero-fill and add a full-size gradient for each (both measured here)."""
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    return torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+                      for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2),
+                                         value.split(sizes, dim=2))], dim=2)
 
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
@@ -55,8 +58,9 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     if key.shape[1] != query.shape[1]:  # grouped-query attention: expand the key/value heads
         repeats = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
-    rows = [_per_sequence(q, k, v, b, dropout, scaling) for q, k, v, b in zip(query, key, value, bounds)]
-    return torch.stack(rows).transpose(1, 2).contiguous(), None
+    rows = [_per_sequence(q, k, v, b, dropout, scaling)
+            for q, k, v, b in zip(query.split(1), key.split(1), value.split(1), bounds)]
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
 def _varlen_mask(*args, attention_mask=None, **kwargs):

@@ -116,5 +116,7 @@ def test_spa_refinement_in_the_oracle(tiny):
     assert [h["spa/active"] for h in refined] == [0, 0, 1, 1]  # 4 steps; ceil(0.3 x 4) = 2 warm-up steps
     assert refined[0]["spa/threshold"] == 0.0 and refined[2]["spa/threshold"] != 0.0  # full after 2 x 4 pairs
     assert all(h["spa/relabelled"] == 0 for h in refined[:2]) and sum(h["spa/relabelled"] for h in refined) > 0
-    assert [h["loss"] for h in refined[:2]] == pytest.approx([h["loss"] for h in plain[:2]], abs=1e-6)
+    # Equal up to rounding: the two losses' gradients differ in their last bits, which Adam turns into weight
+    # differences (step 2: 6e-7 to 1.1e-6 by the attention kernel); the soft labels move the loss by ~3e-2.
+    assert [h["loss"] for h in refined[:2]] == pytest.approx([h["loss"] for h in plain[:2]], abs=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(refined_policy.parameters(), plain_policy.parameters()))

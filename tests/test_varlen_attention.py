@@ -4,7 +4,8 @@ A packed row of four sequences through `rayalign.lm_head.packed_token_logps` (wh
 `varlen_attention`) gives the log-probs and parameter gradients of four separate forwards of an unswitched
 copy (1e-5), with gradient checkpointing too (its recompute in backward runs outside the call that switched);
 with grouped-query attention; and a switched model still computes padded batches and KV-cache generation
-exactly as transformers' `sdpa` does. Models on `eager` are left alone.
+exactly as transformers' `sdpa` does. Models on `eager` are left alone. On CPU the per-sequence attention
+runs SDPA's fused kernel (profiled).
 """
 
 from __future__ import annotations
@@ -110,3 +111,28 @@ def test_eager_models_are_left_alone(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="eager")
     assert not use_varlen_attention(model) and model.config._attn_implementation == "eager"
+
+
+def test_cpu_attention_runs_the_fused_kernel_once_per_sequence():
+    """On CPU each sequence goes through SDPA's fused flash kernel, forward and backward, and never its unfused
+    math fallback (bmm + softmax), which 3-D inputs used to select; the gradients of q, k and v come back through
+    one `cat` rather than a zero-filled full-size tensor per sequence."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from rayalign.varlen_attention import varlen_attention
+
+    class Module:
+        is_causal = True
+
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 4, sum(LENGTHS), 8, generator=g, requires_grad=True) for _ in range(3))
+    _, positions, _ = _packed_row(32)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out, _ = varlen_attention(Module(), query, key, value, None, position_ids=positions[None])
+        out.sum().backward()
+    calls = {event.key: event.count for event in prof.key_averages()}
+    fused = [name for name in calls if "flash_attention" in name and "backward" not in name]
+    assert fused and sum(calls[name] for name in fused) == len(LENGTHS), calls
+    assert any("flash_attention" in name and "backward" in name for name in calls), calls
+    assert "aten::bmm" not in calls and "aten::_softmax" not in calls, calls
+    assert calls.get("aten::fill_", 0) < len(LENGTHS), calls
