@@ -10,9 +10,11 @@ and spreads are printed.
 Reported: `ray_overhead` = 1 - Ray samples/s over bare samples/s, end to end (the actor's start-up, model
 loading included) and in steady state (`ray_overhead_steady`: the pass minus its actor's start-up, as the
 actor reports it in `actor_start_seconds`); the bare loop's model load is timed apart and left out.
-`pool_overhead`: the same for a pass through `generate.persistent=true`'s `GeneratorPool` (a Ray Data pass of
-light forwarders to a sampler host started once before the rounds), which is what `rayalign run` pays per
-pass after its first when the generators persist. The model is the tiny one (`rayalign.tiny`, built here)
+`pool_overhead`: the same for a pass through `generate.persistent=true`'s `GeneratorPool` (sampler hosts
+started once before the rounds, which sample each pass's blocks on their own, running ahead of the pass's light
+Ray Data takers), which is what `rayalign run` pays per pass after its first when the generators persist. Each
+timed pass follows `--settle` seconds of rest, so that the previous pass's tear-down (a per-pass actor exiting)
+does not run inside it. The model is the tiny one (`rayalign.tiny`, built here)
 unless `--model` names another. The last line is one JSON object. It asserts no speed: the goal
 (overhead <= 10%) is read, not tested.
 """
@@ -42,6 +44,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per sampler call (generate.batch_size)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the bare loop (= the actor's CPUs)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="seconds of rest before each timed pass, so one pass's tear-down does not run in the next")
     p.add_argument("--out", default="", help="also write the JSON result here")
     return p.parse_args(argv)
 
@@ -131,8 +135,11 @@ def main(argv=None) -> dict:
         pool_start = time.perf_counter() - pool_start
         bare, ray_end, ray_steady, pooled, starts, loads = [], [], [], [], [], []
         for repeat in range(args.repeats):
+            time.sleep(args.settle)
             load, seconds, samples = bare_pass(model, settings, prompts)
+            time.sleep(args.settle)
             wall, start, ray_samples = ray_pass(model, settings, prompts)
+            time.sleep(args.settle)
             pool_wall, pool_samples = pool_pass(pool, model, prompts)
             bare.append(samples / seconds)
             ray_end.append(ray_samples / wall)

@@ -8,43 +8,125 @@ engine in place (`update_weights` of `rayalign.samplers`). Before every pass the
 holds the weights of the model the pass is for; one that does not (a stage skipped on a resume, a failed push)
 loads them from that model's files, still into the same engine. Nothing is rebuilt.
 
-Ray Data still drives the pass: light `Forwarder` actors (one per host, started per pass, holding no model)
-hand each block of prompts to a host and return its rows, which flow on to the Judge actors. The forwarders,
-not the hosts, reserve `generate.cpus_per_actor`, so an idle host keeps its memory but no CPU while training
-runs; GPUs cannot be lent, so a host with `generate.gpus_per_actor` keeps its GPU share for the run (the other
-stages must fit beside it). Samples are seeded per prompt id, so which host serves a block does not change them.
+Ray Data still carries the pass, but it no longer paces the sampling. When a pass's dataset is built, each
+host is handed its share of the prompt blocks at once (`begin_pass`) and samples them in order on a thread of
+its own, at most `RUN_AHEAD_BLOCKS` blocks beyond what the pass has taken. The dataset's light `BlockTaker`
+actors (one per host, started per pass, holding no model) take each block's rows from its host as it finishes,
+and the rows flow on to the Judge actors. So a host never idles for Ray Data's scheduling (a taker starts in ~1 s
+here, a sampling block takes ~0.3 s), and holds at most that many finished blocks in memory. The takers, not
+the hosts, reserve `generate.cpus_per_actor`, so an idle host keeps its memory but no CPU while training runs;
+GPUs cannot be lent, so a host with `generate.gpus_per_actor` keeps its GPU share for the run (the other stages
+must fit beside it). Samples are seeded per prompt id, so which host serves a block does not change them.
 Not here: sampling (`rayalign.samplers`), the judge (chained by `rayalign.stages.judged_pass`).
 """
 
 from __future__ import annotations
+
+import threading
 
 import pandas as pd
 
 from rayalign.config import GenerateConfig
 from rayalign.models import LoadOptions
 
+# How far a host samples ahead of the pass's takers: enough to cover a taker's start-up (~1 s here, 3-4 blocks),
+# few enough that finished blocks waiting for a slow judge do not pile up in its memory.
+RUN_AHEAD_BLOCKS = 4
+# Threads of a host actor: the feed's own thread is extra; these serve begin_pass, take (the blocks a taker
+# holds in flight; more if a pass is abandoned) and the weight calls.
+HOST_CONCURRENCY = 4
+
+
+class PassFeed:
+    """One pass's blocks on one host, sampled in order by a thread, at most `ahead` blocks beyond those taken.
+
+    `take(k)` waits for block k's rows and hands them over once; a failed block's error is raised by every take
+    that follows it. `cancel` stops the thread after the block it is sampling (a pass abandoned half-way)."""
+
+    def __init__(self, pass_id: str, blocks: list[tuple[int, pd.DataFrame]], ahead: int, sample):
+        self.pass_id, self.blocks, self.ahead, self.sample = pass_id, blocks, max(1, ahead), sample
+        self.indices = {index for index, _ in blocks}
+        self.done: dict[int, pd.DataFrame] = {}
+        self.taken, self.failed, self.cancelled = 0, None, False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name=f"feed-{pass_id}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for produced, (index, block) in enumerate(self.blocks):
+            with self.changed:
+                self.changed.wait_for(lambda n=produced: self.cancelled or n - self.taken < self.ahead)
+                if self.cancelled:
+                    return
+            try:
+                rows = self.sample(block)
+            except BaseException as exc:  # noqa: BLE001 - handed to the take that waits, raised there
+                with self.changed:
+                    self.failed = exc
+                    self.changed.notify_all()
+                return
+            with self.changed:
+                self.done[index] = rows
+                self.changed.notify_all()
+
+    def take(self, index: int) -> pd.DataFrame:
+        if index not in self.indices:  # a block given to another host: waiting for it here would never end
+            raise KeyError(f"block {index} is not one of pass {self.pass_id}'s blocks on this host")
+        with self.changed:
+            self.changed.wait_for(lambda: index in self.done or self.failed is not None or self.cancelled)
+            if index not in self.done:
+                if self.failed is not None:
+                    raise self.failed
+                raise RuntimeError(f"pass {self.pass_id} was cancelled before block {index} was sampled")
+            self.taken += 1
+            self.changed.notify_all()
+            return self.done.pop(index)
+
+    def cancel(self) -> None:
+        with self.changed:
+            self.cancelled = True
+            self.changed.notify_all()
+        self.thread.join()
+
 
 class SamplerHost:
-    """A Ray actor holding one `rayalign.generate.Generator` and the tag of the weights it holds."""
+    """A Ray actor (threaded: `HOST_CONCURRENCY`) holding one `rayalign.generate.Generator`, the tag of the
+    weights it holds and the feed of the pass it serves."""
 
     def __init__(self, model_path: str, config: GenerateConfig, load: LoadOptions | None, tag: str):
         import torch
 
         from rayalign.generate import Generator
 
-        # Ray sizes a worker's thread pool from its CPU reservation, which is 0 here (the pass's forwarders hold it).
+        # Ray sizes a worker's thread pool from its CPU reservation, which is 0 here (the pass's takers hold it).
         torch.set_num_threads(max(1, int(config.cpus_per_actor)))
         self.generator, self.tag = Generator(model_path, config, load=load), tag
+        self.feed: PassFeed | None = None
 
-    def generate(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self.generator(batch)
+    def begin_pass(self, pass_id: str, blocks: list[tuple[int, pd.DataFrame]], ahead: int) -> None:
+        """Start sampling `blocks` ((index in the pass, prompts) in order) for the pass `pass_id`."""
+        self._end_pass()
+        self.feed = PassFeed(pass_id, blocks, ahead, self.generator)
+
+    def take(self, pass_id: str, index: int) -> pd.DataFrame:
+        feed = self.feed
+        if feed is None or feed.pass_id != pass_id:
+            raise RuntimeError(f"block {index} of pass {pass_id} asked of a host serving "
+                               f"{feed.pass_id if feed else 'no pass'}")
+        return feed.take(index)
 
     def weights_tag(self) -> str:
         return self.tag
 
     def update_weights(self, state: dict, tag: str) -> None:
+        self._end_pass()  # the feed's thread must not sample while the weights change
         self.generator.sampler.update_weights(state)
         self.tag = tag
+
+    def _end_pass(self) -> None:
+        if self.feed is not None:
+            self.feed.cancel()
+            self.feed = None
 
     def load_weights_from(self, model_path: str, tag: str) -> None:
         """The weights of the model at `model_path` (a directory or storage location), into the running sampler."""
@@ -65,19 +147,20 @@ def read_weights(directory: str) -> dict:
     return {name: tensor for file in files for name, tensor in load_file(file).items()}
 
 
-class Forwarder:
-    """A light Ray Data actor (no model): each block's prompts to one host (chosen by the block's first prompt id),
-    the host's rows back. An actor pool rather than tasks: Ray Data keeps several blocks in flight per actor, so
-    the host never waits for the next task to be scheduled (tasks cost ~0.4 s a block here)."""
+class BlockTaker:
+    """A light Ray Data actor (no model): the rows of the pass's block `batch["block"]` from the host sampling it.
 
-    def __init__(self, hosts: list, batch_size: int):
-        self.hosts, self.batch_size = hosts, batch_size
+    Actors, not tasks: measured in the quickstart's pass (generation chained into the judges), tasks made the
+    pass ~0.7 s slower; an actor's start-up (~1 s here) is hidden behind the hosts' running ahead."""
+
+    def __init__(self, hosts: list, pass_id: str):
+        self.hosts, self.pass_id = hosts, pass_id
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import ray
 
-        host = self.hosts[(int(batch["prompt_id"].iloc[0]) // self.batch_size) % len(self.hosts)]
-        return ray.get(host.generate.remote(batch))
+        index = int(batch["block"].iloc[0])
+        return ray.get(self.hosts[index % len(self.hosts)].take.remote(self.pass_id, index))
 
 
 def push_weights(target: dict, state: dict) -> None:
@@ -106,19 +189,25 @@ class GeneratorPool:
         self.loaded_from_files = 0
 
     def dataset(self, prompts: pd.DataFrame, *, model: str, tag: str):
-        """The lazy Ray Data pipeline of one generation pass over `prompts` with the weights of `model` (`tag`: the
-        driver's name of it, which the training stage's push carries), as `rayalign.generate.generation_dataset`."""
+        """The Ray Data pipeline of one generation pass over `prompts` with the weights of `model` (`tag`: the
+        driver's name of it, which the training stage's push carries), as `rayalign.generate.generation_dataset`
+        gives; unlike that one, the hosts start sampling when it is built, not when it is consumed."""
+        import uuid
+
         import ray
 
         from rayalign.generate import prompt_blocks
 
         self._ensure(model, tag)
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        c = self.config
-        return ray.data.from_pandas(prompt_blocks(prompts, c.batch_size)).map_batches(
-            Forwarder, fn_constructor_args=(self.hosts, c.batch_size), batch_format="pandas",
-            batch_size=c.batch_size, num_cpus=c.cpus_per_actor,
-            compute=ray.data.ActorPoolStrategy(size=len(self.hosts)))
+        c, count = self.config, len(self.hosts)
+        blocks, pass_id = prompt_blocks(prompts, c.batch_size), uuid.uuid4().hex
+        # The sampling starts now, not when Ray Data schedules it (the module docstring says why).
+        ray.get([host.begin_pass.remote(pass_id, [(k, b) for k, b in enumerate(blocks) if k % count == h],
+                                        RUN_AHEAD_BLOCKS) for h, host in enumerate(self.hosts)])
+        return ray.data.from_pandas([pd.DataFrame({"block": [k]}) for k in range(len(blocks))]).map_batches(
+            BlockTaker, fn_constructor_args=(self.hosts, pass_id), batch_format="pandas", batch_size=1,
+            num_cpus=c.cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=count))
 
     def push_target(self, tag: str) -> dict | None:
         """What the training stage that writes `tag` (its final/ path) needs to push its weights here."""
@@ -144,8 +233,9 @@ class GeneratorPool:
         from rayalign.devices import actor_resources
 
         c = self.config
-        # num_cpus=0: the pass's forwarders reserve the CPUs (see the module docstring).
-        options = {"num_cpus": 0, **actor_resources(c.gpus_per_actor, c.resources)}
+        # num_cpus=0: the pass's takers reserve the CPUs (see the module docstring).
+        options = {"num_cpus": 0, "max_concurrency": HOST_CONCURRENCY,
+                   **actor_resources(c.gpus_per_actor, c.resources)}
         host = ray.remote(SamplerHost).options(**options)
         self.hosts = [host.remote(model, c, self.load, tag) for _ in range(c.num_actors)]
         ray.get([h.weights_tag.remote() for h in self.hosts])  # constructed (a failure surfaces here)

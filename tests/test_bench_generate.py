@@ -13,7 +13,8 @@ from pathlib import Path
 from tests.conftest import own_ray_env
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--prompts", "4", "--num-samples", "2", "--max-new-tokens", "6", "--batch-size", "2", "--repeats", "1"]
+TINY = ["--prompts", "4", "--num-samples", "2", "--max-new-tokens", "6", "--batch-size", "2", "--repeats", "1",
+        "--settle", "0"]
 
 
 def test_bench_generate_tiny_run_prints_finite_json(tmp_path):

@@ -1,13 +1,17 @@
 """Generators that live for the run (`rayalign.generator_pool`, `generate.persistent=true`) on local Ray.
 
-One pool serves three passes of the same prompts: with the tiny model A; after the new weights B are pushed
-through the object store (as the training stage's rank 0 does, `push_weights`): the samples equal a fresh
-per-pass generator's with B's files; then a pass asking for A again: the host loads A's files into the running
-sampler and gives the first pass's samples. One engine was started in all. HF backend (vLLM's in-place update
-is tested in test_vllm_backend.py).
+One pool of two hosts serves three passes of the same prompts (after a pass that was built and never read,
+whose sampling the next pass cancels): with the tiny model A; after the new weights B are pushed through the
+object store (as the training stage's rank 0 does, `push_weights`): the samples equal a fresh one-actor per-pass
+generator's with B's files (blocks alternate between the hosts; seeds are per prompt); then a pass asking for A
+again: the hosts load A's files into their running samplers and give the first pass's samples. Two engines were
+started in all. HF backend (vLLM's in-place update is tested in test_vllm_backend.py); the hosts' pass feed
+alone is tested in test_pass_feed.py.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from rayalign.config import GenerateConfig
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process_ray")]
 
 CONFIG = GenerateConfig(num_samples=2, max_new_tokens=6, batch_size=2, seed=4, temperature=1.0)
+TWO_HOSTS = dataclasses.replace(CONFIG, num_actors=2)
 PROMPTS = ["I think the movie", "Honestly, this book felt", "The food was", "Our trip"]
 
 
@@ -47,7 +52,8 @@ def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(ti
     load_tokenizer(str(tiny_model_dir)).save_pretrained(b_dir)
 
     logs: list[str] = []
-    pool = GeneratorPool(CONFIG, log=logs.append)
+    pool = GeneratorPool(TWO_HOSTS, log=logs.append)
+    pool.dataset(prompts, model=str(tiny_model_dir), tag="a")  # abandoned: its sampling is cancelled below
     first = _rows(pool.dataset(prompts, model=str(tiny_model_dir), tag="a"))
     push_weights(pool.push_target("b"), state_b)
     pushed = _rows(pool.dataset(prompts, model=str(b_dir), tag="b"))
@@ -56,6 +62,6 @@ def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(ti
     assert pushed == fresh and pushed != first
     again = _rows(pool.dataset(prompts, model=str(tiny_model_dir), tag="a"))
     assert again == first
-    assert any("hold b, not a: loading its weights" in line for line in logs)
-    assert pool.engines_started == 1 and pool.loaded_from_files == 1
+    assert any("2 engine(s) hold b, not a: loading its weights" in line for line in logs)
+    assert pool.engines_started == 2 and pool.loaded_from_files == 2
     pool.shutdown()
