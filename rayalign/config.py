@@ -183,6 +183,9 @@ class JudgeConfig:
     gpus_per_actor: float = 0.0  # the policy, pi_sft and the reward models of a judge actor (as generate.*)
     dtype: str = "auto"
     resources: dict[str, float] = field(default_factory=dict)  # as generate.resources
+    # `rayalign run`: the judge actors live for the whole run and receive each new policy's weights in memory
+    # (`rayalign.judge_pool`) instead of starting (and loading two models) per pass; with GPUs they keep their share.
+    persistent: bool = False
 
     def __post_init__(self):
         _check_resources(self.resources, "judge.resources")

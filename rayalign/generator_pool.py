@@ -1,12 +1,9 @@
 """Generator actors that live for a whole `rayalign run` (`generate.persistent=true`), updated in memory.
 
 Each `SamplerHost` actor builds its sampler (a vLLM engine or the HF model) once, from the first model a pass
-asks for. After each training stage it receives the new policy's weights in memory: the stage's rank 0 pushes
-the consolidated state it has just written to final/ through Ray's object store (`push_weights`, called by
-`rayalign.train_loop`), tagged with the driver's path of that final/; the host loads it into the running
-engine in place (`update_weights` of `rayalign.samplers`). Before every pass the driver checks that each host
-holds the weights of the model the pass is for; one that does not (a stage skipped on a resume, a failed push)
-loads them from that model's files, still into the same engine. Nothing is rebuilt.
+asks for, and takes each new policy's weights in memory (`rayalign.host_pool`: the push after each training
+stage, the repair of a stale host from files; `update_weights` of `rayalign.samplers` loads them into the
+running engine in place). Nothing is rebuilt.
 
 Ray Data still carries the pass, but it no longer paces the sampling. When a pass's dataset is built, each
 host is handed its share of the prompt blocks at once (`begin_pass`) and samples them in order on a thread of
@@ -14,9 +11,8 @@ its own, at most `RUN_AHEAD_BLOCKS` blocks beyond what the pass has taken. The d
 actors (one per host, started per pass, holding no model) take each block's rows from its host as it finishes,
 and the rows flow on to the Judge actors. So a host never idles for Ray Data's scheduling (a taker starts in ~1 s
 here, a sampling block takes ~0.3 s), and holds at most that many finished blocks in memory. The takers, not
-the hosts, reserve `generate.cpus_per_actor`, so an idle host keeps its memory but no CPU while training runs;
-GPUs cannot be lent, so a host with `generate.gpus_per_actor` keeps its GPU share for the run (the other stages
-must fit beside it). Samples are seeded per prompt id, so which host serves a block does not change them.
+the hosts, reserve `generate.cpus_per_actor` (a host with `generate.gpus_per_actor` keeps its GPU share for the
+run: `rayalign.host_pool`). Samples are seeded per prompt id, so which host serves a block does not change them.
 Not here: sampling (`rayalign.samplers`), the judge (chained by `rayalign.stages.judged_pass`).
 """
 
@@ -27,6 +23,7 @@ import threading
 import pandas as pd
 
 from rayalign.config import GenerateConfig
+from rayalign.host_pool import HostPool, WeightsHost
 from rayalign.models import LoadOptions
 
 # How far a host samples ahead of the pass's takers: enough to cover a taker's start-up (~1 s here, 3-4 blocks),
@@ -89,7 +86,7 @@ class PassFeed:
         self.thread.join()
 
 
-class SamplerHost:
+class SamplerHost(WeightsHost):
     """A Ray actor (threaded: `HOST_CONCURRENCY`) holding one `rayalign.generate.Generator`, the tag of the
     weights it holds and the feed of the pass it serves."""
 
@@ -115,36 +112,14 @@ class SamplerHost:
                                f"{feed.pass_id if feed else 'no pass'}")
         return feed.take(index)
 
-    def weights_tag(self) -> str:
-        return self.tag
-
-    def update_weights(self, state: dict, tag: str) -> None:
+    def _load_state(self, state: dict) -> None:
         self._end_pass()  # the feed's thread must not sample while the weights change
         self.generator.sampler.update_weights(state)
-        self.tag = tag
 
     def _end_pass(self) -> None:
         if self.feed is not None:
             self.feed.cancel()
             self.feed = None
-
-    def load_weights_from(self, model_path: str, tag: str) -> None:
-        """The weights of the model at `model_path` (a directory or storage location), into the running sampler."""
-        from rayalign.storage import materialize
-
-        self.update_weights(read_weights(materialize(model_path)), tag)
-
-
-def read_weights(directory: str) -> dict:
-    """Every tensor of an HF model directory's safetensors files (one file or shards)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors weights to load into the generator")
-    return {name: tensor for file in files for name, tensor in load_file(file).items()}
 
 
 class BlockTaker:
@@ -163,30 +138,14 @@ class BlockTaker:
         return ray.get(self.hosts[index % len(self.hosts)].take.remote(self.pass_id, index))
 
 
-def push_weights(target: dict, state: dict) -> None:
-    """The training stage's end (rank 0): `state` (the consolidated weights just saved) to every host, once
-    through the object store; `target` is what `GeneratorPool.push_target` gave the stage. A failure only
-    warns: the stage's output is on disk, and the next pass loads it from there (`GeneratorPool`)."""
-    import sys
-
-    import ray
-
-    try:
-        ref = ray.put({name: tensor.detach().cpu() for name, tensor in state.items()})
-        ray.get([host.update_weights.remote(ref, target["tag"]) for host in target["hosts"]])
-    except Exception as exc:  # noqa: BLE001 - any failure leaves the engines stale, which the driver repairs
-        print(f"rayalign train: warning: could not push the weights to the generators ({exc}); the next "
-              "sampling pass loads them from final/", file=sys.stderr)
-
-
-class GeneratorPool:
+class GeneratorPool(HostPool):
     """The driver's side: starts the hosts on the first pass, keeps them current, builds each pass's dataset."""
 
+    kind = "generator"
+
     def __init__(self, config: GenerateConfig, load: LoadOptions | None = None, log=print):
-        self.config, self.load, self.log = config, load, log
-        self.hosts: list = []
-        self.engines_started = 0
-        self.loaded_from_files = 0
+        super().__init__(log)
+        self.config, self.load = config, load
 
     def dataset(self, prompts: pd.DataFrame, *, model: str, tag: str):
         """The Ray Data pipeline of one generation pass over `prompts` with the weights of `model` (`tag`: the
@@ -198,7 +157,7 @@ class GeneratorPool:
 
         from rayalign.generate import prompt_blocks
 
-        self._ensure(model, tag)
+        self.ensure(model, tag, lambda: self._start(model, tag))
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         c, count = self.config, len(self.hosts)
         blocks, pass_id = prompt_blocks(prompts, c.batch_size), uuid.uuid4().hex
@@ -209,25 +168,7 @@ class GeneratorPool:
             BlockTaker, fn_constructor_args=(self.hosts, pass_id), batch_format="pandas", batch_size=1,
             num_cpus=c.cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=count))
 
-    def push_target(self, tag: str) -> dict | None:
-        """What the training stage that writes `tag` (its final/ path) needs to push its weights here."""
-        return {"hosts": list(self.hosts), "tag": tag} if self.hosts else None
-
-    def _ensure(self, model: str, tag: str) -> None:
-        import ray
-
-        if not self.hosts:
-            self._start(model, tag)
-            return
-        tags = ray.get([host.weights_tag.remote() for host in self.hosts])
-        stale = [host for host, held in zip(self.hosts, tags, strict=True) if held != tag]
-        if stale:  # e.g. a resumed run whose training stage was found done: nothing was pushed
-            self.log(f"generator: {len(stale)} engine(s) hold {tags[self.hosts.index(stale[0])]}, not {tag}: "
-                     "loading its weights from its files into the running engines")
-            ray.get([host.load_weights_from.remote(model, tag) for host in stale])
-            self.loaded_from_files += len(stale)
-
-    def _start(self, model: str, tag: str) -> None:
+    def _start(self, model: str, tag: str) -> list:
         import ray
 
         from rayalign.devices import actor_resources
@@ -237,14 +178,4 @@ class GeneratorPool:
         options = {"num_cpus": 0, "max_concurrency": HOST_CONCURRENCY,
                    **actor_resources(c.gpus_per_actor, c.resources)}
         host = ray.remote(SamplerHost).options(**options)
-        self.hosts = [host.remote(model, c, self.load, tag) for _ in range(c.num_actors)]
-        ray.get([h.weights_tag.remote() for h in self.hosts])  # constructed (a failure surfaces here)
-        self.engines_started += len(self.hosts)
-        self.log(f"generator: {len(self.hosts)} {c.backend} engine(s) started from {model}; they stay for the run")
-
-    def shutdown(self) -> None:
-        import ray
-
-        for host in self.hosts:
-            ray.kill(host)
-        self.hosts = []
+        return [host.remote(model, c, self.load, tag) for _ in range(c.num_actors)]

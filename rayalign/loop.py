@@ -47,6 +47,12 @@ class Plan:
     prompt_sets: list[list[str]]
     eval_prompts: list[str]
     generators: object = None  # generate.persistent: the run's `rayalign.generator_pool.GeneratorPool`
+    judges: object = None  # judge.persistent: the run's `rayalign.judge_pool.JudgePool`
+
+    @property
+    def pools(self) -> tuple:
+        """The run's long-lived hosts (`rayalign.host_pool`) that take each new policy's weights."""
+        return tuple(pool for pool in (self.generators, self.judges) if pool is not None)
 
 
 def setup(config: Config, run_dir: Path) -> Plan:
@@ -72,6 +78,10 @@ def setup(config: Config, run_dir: Path) -> Plan:
         from rayalign.generator_pool import GeneratorPool
 
         plan.generators = GeneratorPool(config.generate, LoadOptions.of(config.model), log=_log)
+    if config.judge.persistent:
+        from rayalign.judge_pool import JudgePool
+
+        plan.judges = JudgePool(config, log=_log)
     check_prompts_template([p for prompts in plan.prompt_sets for p in prompts] + plan.eval_prompts, sft_path,
                            source=config.data.prompts_file, load=LoadOptions.of(config.model))
     return plan
@@ -103,7 +113,7 @@ def build_task_sft(config: Config, run_dir: Path, storage: StageStorage) -> Path
 
 
 def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: str, data: str, epochs: int,
-                    iteration: int, storage: StageStorage, pool=None) -> str:
+                    iteration: int, storage: StageStorage, pools: tuple = ()) -> str:
     """Run the Ray Train stage into `run_dir` (resuming its checkpoints); returns the final model path."""
     from rayalign.judge import training_data
     from rayalign.stage_inputs import StageInputs
@@ -133,7 +143,9 @@ def train_iteration(config: Config, run_dir: Path, *, policy: str, reference: st
         config, run=dataclasses.replace(config.run, dir=str(run_dir), storage=location))
     tracking = TrackingSettings.resolve(config, config.run.dir).stage(f"iter-{iteration}/train", run_dir)
     # a non-zero exit: run_train printed why; the CLI prints one line
-    push = pool.push_target(str(final)) if pool is not None else None  # generate.persistent: weights in memory
+    from rayalign.host_pool import push_target
+
+    push = push_target(str(final), *pools)  # generate/judge.persistent: the new weights to them in memory
     if run_train(stage, resume=True, storage=store, inputs=inputs, tracking=tracking, push_weights=push) != 0:
         from rayalign.errors import StageFailed
 
@@ -187,7 +199,7 @@ def sample_model(config: Config, run_dir: Path, plan: Plan, *, model: str, name:
 
     sams = EVAL_PROMPT_ID if it_dir and scores_pairs(config) else None  # the bandit scores the training pairs
     rows = judged_pass(config, pd.concat(frames, ignore_index=True), model=model, sft_path=sft_path,
-                       pool=plan.generators, tag=tag, sams_below_id=sams)
+                       pool=plan.generators, judges=plan.judges, tag=tag, sams_below_id=sams)
     is_eval = rows["prompt_id"] >= EVAL_PROMPT_ID
     seconds = pass_seconds(rows, is_eval, time.perf_counter() - began)
     _log(f"{f'iteration {iteration}' if it_dir else f'evaluation of {name}'}: pass {stage_line(seconds)}")
@@ -271,7 +283,7 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
     stage_start = time.perf_counter()
     policy = train_iteration(config, run_dir / "iter-0" / "train", policy=plan.sft_path, reference=plan.sft_path,
                              data=plan.seed_pairs, epochs=config.loop.seed_epochs, iteration=0, storage=plan.storage,
-                             pool=plan.generators)
+                             pools=plan.pools)
     pending = {"iteration": 0, "previous": "sft", "pairs": _count_rows(plan.seed_pairs, config), "judged_path": None,
                "seconds": _stage_seconds(plan.storage, run_dir, 0, stage_start)}
     for i, prompts in enumerate(plan.prompt_sets, start=1):
@@ -284,15 +296,15 @@ def run_loop(config: Config, *, resume: bool = False) -> int:
              f"{counts['dropped_tie']} ties)")
         policy = train_iteration(config, it_dir / "train", policy=policy, reference=policy,
                                  data=str(it_dir / "judged.parquet"), epochs=config.loop.iteration_epochs,
-                                 iteration=i, storage=plan.storage, pool=plan.generators)
+                                 iteration=i, storage=plan.storage, pools=plan.pools)
         pending = {"iteration": i, "previous": f"iter-{i - 1}", "pairs": counts["pairs"], "judged_path":
                    it_dir / "judged.parquet", "seconds": _stage_seconds(plan.storage, run_dir, i, stage_start)}
     sample_model(config, run_dir, plan, model=policy, name=f"iter-{pending['iteration']}")
     _finish_record(config, run_dir, plan.storage, trackers, name=f"iter-{pending['iteration']}", **pending)
-    if plan.generators is not None:
-        _log(f"generator: {plan.generators.engines_started} engine(s) started for the run; "
-             f"{plan.generators.loaded_from_files} weight load(s) from files, the rest pushed in memory")
-        plan.generators.shutdown()
+    for pool in plan.pools:
+        _log(f"{pool.kind}: {pool.engines_started} engine(s) started for the run; "
+             f"{pool.loaded_from_files} weight load(s) from files, the rest pushed in memory")
+        pool.shutdown()
     report = write_report(run_dir)
     plan.storage.commit(*[p for p in (run_dir / "plots", report) if p.exists()])
     trackers.log_images(sorted((run_dir / "plots").glob("*.png")), step=pending["iteration"])

@@ -77,13 +77,14 @@ def eval_frame(eval_prompts: list[Prompt]) -> pd.DataFrame:
     return prompt_frame(eval_prompts, EVAL_PROMPT_ID)
 
 
-def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: str, pool=None,
+def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: str, pool=None, judges=None,
                 tag: str | None = None, sams_below_id: int | None = None) -> pd.DataFrame:
     """One Ray Data pass: Generator actors (`model`) chained into Judge actors (`model` vs `sft_path`).
 
     `model` and `sft_path` are what the actors open: `StageStorage.inputs` of the driver's paths. With `pool`
     (a `rayalign.generator_pool.GeneratorPool`) its long-lived hosts generate, holding the weights of `tag`
-    (the driver's path of `model`). With `sams_below_id`, SamS scoring actors follow the judges and score the
+    (the driver's path of `model`); with `judges` (a `rayalign.judge_pool.JudgePool`), so do the judges. With
+    `sams_below_id`, SamS scoring actors follow the judges and score the
     pairs of prompt ids below it (`rayalign.sams_score`, with the bandit in `model`'s sams.pt). Returns one
     row per prompt: the generation's list columns and the judgment (see `rayalign.judge`).
     """
@@ -94,7 +95,10 @@ def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: 
         dataset = pool.dataset(prompts, model=model, tag=tag or model)
     else:
         dataset = generation_dataset(prompts, model, config.generate, load=LoadOptions.of(config.model))
-    judged = judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config)
+    if judges is not None:
+        judged = judges.chain(dataset, policy=model, tag=tag or model, sft_path=sft_path)
+    else:
+        judged = judge_dataset(dataset, policy_path=model, sft_path=sft_path, config=config)
     if sams_below_id is not None:
         from rayalign.sams_score import score_dataset
 

@@ -175,8 +175,8 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     (default: run.dir bound to run.storage, if set): workers then read and write through it. `inputs`: what
     this stage trains (models, data, epochs, SPA mix; the loop's per iteration), by default the config's.
     `tracking`: the stage's `rayalign.tracking.TrackingSettings` (the loop's and a sweep's name their stages),
-    by default resolved from the config and run.dir. `push_weights`: the loop's persistent generators
-    (`rayalign.generator_pool.GeneratorPool.push_target`), which rank 0 sends the final weights to."""
+    by default resolved from the config and run.dir. `push_weights`: the loop's persistent generators and
+    judges (`rayalign.host_pool.push_target`), which rank 0 sends the final weights to."""
     from rayalign.data import load_rows
     from rayalign.models import LoadOptions, load_tokenizer
 

@@ -362,8 +362,8 @@ class Worker:
                 self.tokenizer.save_pretrained(out)
                 if self.selector:
                     self.selector.save(out)
-            if self.paths.get("push_weights"):  # the loop's persistent generators (`rayalign.generator_pool`)
-                from rayalign.generator_pool import push_weights
+            if self.paths.get("push_weights"):  # the loop's persistent generators and judges (`rayalign.host_pool`)
+                from rayalign.host_pool import push_weights
 
                 push_weights(self.paths["push_weights"], saved)
         ckpt.barrier()  # no rank reports the stage done before final/ exists

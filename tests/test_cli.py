@@ -76,11 +76,14 @@ def test_readme_quickstart_runs_reduced(quickstart_run):
     stages = ("time/prepare", "time/train_start", "time/train", "time/save", "time/evaluate")
     assert all(r[key] >= 0 for r in records for key in stages), records
     assert all(r["time/train"] > 0 and r["time/evaluate"] > 0 for r in records), records
-    sampling = ("time/sample_pass", "time/actor_start", "time/generate", "time/judge")
+    sampling = ("time/sample_pass", "time/generate", "time/judge")
     assert all(r[key] > 0 for r in records[1:] for key in sampling) and not any(k in records[0] for k in sampling)
-    # generate.persistent: one generator for the four passes, every later policy's weights pushed in memory
-    assert "generator: 1 engine(s) started for the run; 0 weight load(s) from files" in result.stdout, \
-        result.stdout[-4000:]
+    # the generator and the judge started in the first (pi_SFT's) pass; the iterations' passes start no model
+    assert all(r["time/actor_start"] == 0 for r in records[1:]), records
+    # generate/judge.persistent: one generator and one judge for the four passes, later weights pushed in memory
+    for kind in ("generator", "judge"):
+        assert f"{kind}: 1 engine(s) started for the run; 0 weight load(s) from files" in result.stdout, \
+            result.stdout[-4000:]
     # iterations 1 and 2 take the reference log-probs from the judge's pass: no second scoring pass
     assert result.stdout.count("from the data (the judge's pass): no scoring pass") == 2, result.stdout[-4000:]
     for name in ("report.md", "plots/iterations.png", "plots/training.png", "plots/stage_times.png",

@@ -35,7 +35,8 @@ def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(ti
     import ray
 
     from rayalign.generate import generation_dataset
-    from rayalign.generator_pool import GeneratorPool, push_weights
+    from rayalign.generator_pool import GeneratorPool
+    from rayalign.host_pool import push_target, push_weights
     from rayalign.models import load_model, load_tokenizer, save_weights
     from rayalign.train import ensure_ray
 
@@ -55,7 +56,7 @@ def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(ti
     pool = GeneratorPool(TWO_HOSTS, log=logs.append)
     pool.dataset(prompts, model=str(tiny_model_dir), tag="a")  # abandoned: its sampling is cancelled below
     first = _rows(pool.dataset(prompts, model=str(tiny_model_dir), tag="a"))
-    push_weights(pool.push_target("b"), state_b)
+    push_weights(push_target("b", pool), state_b)
     pushed = _rows(pool.dataset(prompts, model=str(b_dir), tag="b"))
     assert not any("loading its weights" in line for line in logs)  # the pushed weights were used
     fresh = _rows(generation_dataset(prompts, str(b_dir), CONFIG))

@@ -147,8 +147,9 @@ def test_resume_after_kill_in_iteration_2_generation(quickstart_run, tmp_path):
     assert "setup: pi_SFT found" in log and "iteration 0: training found" in log, log
     assert "iteration 1: found iter-1/judge_counts.json" in log and "iteration 1: training found" in log, log
     assert "iteration 1: generating" not in log and "iteration 2: generating" in log, log
-    # the resumed run's generator starts from pi_1's files, then gets pi_2's weights pushed in memory
-    assert "generator: 1 engine(s) started for the run; 0 weight load(s) from files" in log, log
+    # the resumed run's generator and judge start from pi_1's files, then get pi_2's weights pushed in memory
+    for kind in ("generator", "judge"):
+        assert f"{kind}: 1 engine(s) started for the run; 0 weight load(s) from files" in log, log
     assert _stamp(run_dir) == before, "a finished stage was rewritten by --resume"
     assert not _reap(tag), "Ray processes outlived a normally finished run"
 

@@ -1,0 +1,110 @@
+"""Model-holding Ray actors that live for a whole `rayalign run` and take each new policy's weights in memory.
+
+A *host* (`WeightsHost`: the generator's `rayalign.generator_pool.SamplerHost`, the judge's
+`rayalign.judge_pool.JudgeHost`) loads its models once, on the first pass that needs it. After each training
+stage, the stage's rank 0 pushes the consolidated state it has just written to final/ to every host through
+Ray's object store (`push_weights`, called by `rayalign.train_loop`), tagged with the driver's path of that
+final/; each host copies it into its running model in place. Before a pass the driver's `HostPool` checks that
+every host holds the weights the pass is for; one that does not (a stage skipped on a resume, a failed push)
+loads them from that model's files, still into the same model. Nothing is rebuilt.
+
+Hosts reserve no CPU (`num_cpus=0`): the pass's light Ray Data actors that call them reserve it, so an idle
+host keeps its memory but no CPU while training runs. GPUs cannot be lent: a host given GPUs keeps its share for
+the run, and the other stages must fit beside it. Not here: what a host computes (its module).
+"""
+
+from __future__ import annotations
+
+
+def read_weights(directory: str) -> dict:
+    """Every tensor of an HF model directory's safetensors files (one file or shards)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors weights to load into the running model")
+    return {name: tensor for file in files for name, tensor in load_file(file).items()}
+
+
+class WeightsHost:
+    """The weight-keeping half of a host actor: `tag` names the weights it holds; `_load_state` is its own."""
+
+    tag: str = ""
+
+    def weights_tag(self) -> str:
+        return self.tag
+
+    def update_weights(self, state: dict, tag: str) -> None:
+        self._load_state(state)
+        self.tag = tag
+
+    def load_weights_from(self, model_path: str, tag: str) -> None:
+        """The weights of the model at `model_path` (a directory or storage location), into the running model."""
+        from rayalign.storage import materialize
+
+        self.update_weights(read_weights(materialize(model_path)), tag)
+
+    def _load_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+def push_weights(target: dict, state: dict) -> None:
+    """The training stage's end (rank 0): `state` (the consolidated weights just saved) to every host, once
+    through the object store; `target` is what `push_target` gave the stage. A failure only warns: the stage's
+    output is on disk, and the next pass loads it from there (`HostPool`)."""
+    import sys
+
+    import ray
+
+    try:
+        ref = ray.put({name: tensor.detach().cpu() for name, tensor in state.items()})
+        ray.get([host.update_weights.remote(ref, target["tag"]) for host in target["hosts"]])
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the hosts stale, which the driver repairs
+        print(f"rayalign train: warning: could not push the weights to the run's generators and judges ({exc}); "
+              "the next sampling pass loads them from final/", file=sys.stderr)
+
+
+def push_target(tag: str, *pools) -> dict | None:
+    """What the training stage that writes `tag` (its final/ path) needs to push its weights to `pools`' hosts."""
+    hosts = [host for pool in pools if pool is not None for host in pool.hosts]
+    return {"hosts": hosts, "tag": tag} if hosts else None
+
+
+class HostPool:
+    """The driver's side of one kind of host: starts them on the first pass, keeps their weights current."""
+
+    kind = "host"  # the log's name of what it holds
+
+    def __init__(self, log=print):
+        self.log = log
+        self.hosts: list = []
+        self.engines_started = 0
+        self.loaded_from_files = 0
+
+    def ensure(self, model: str, tag: str, start) -> None:
+        """Hosts holding the weights of `model` (`tag`): `start()` returns new, constructing handles the first
+        time; afterwards stale hosts load `model`'s files."""
+        import ray
+
+        if not self.hosts:
+            self.hosts = start()
+            ray.get([h.weights_tag.remote() for h in self.hosts])  # constructed (a failure surfaces here)
+            self.engines_started += len(self.hosts)
+            self.log(f"{self.kind}: {len(self.hosts)} engine(s) started from {model}; they stay for the run")
+            return
+        tags = ray.get([host.weights_tag.remote() for host in self.hosts])
+        stale = [host for host, held in zip(self.hosts, tags, strict=True) if held != tag]
+        if stale:  # e.g. a resumed run whose training stage was found done: nothing was pushed
+            self.log(f"{self.kind}: {len(stale)} engine(s) hold {tags[self.hosts.index(stale[0])]}, not {tag}: "
+                     "loading its weights from its files into the running engines")
+            ray.get([host.load_weights_from.remote(model, tag) for host in stale])
+            self.loaded_from_files += len(stale)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for host in self.hosts:
+            ray.kill(host)
+        self.hosts = []

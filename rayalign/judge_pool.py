@@ -1,0 +1,85 @@
+"""Judges that live for a whole `rayalign run` (`judge.persistent=true`), the policy's weights pushed in memory.
+
+Each `JudgeHost` actor builds one `rayalign.judge.Judge` (the policy, pi_SFT, the reward models) on the first
+pass, and afterwards takes each new policy's weights in memory (`rayalign.host_pool`: pushed by the training
+stage, or loaded from the model's files by a stale host); pi_SFT, which the loop never changes, stays loaded.
+A pass's judging is still a Ray Data stage chained onto the generation: light `JudgeForwarder` actors (one
+per host, started per pass, holding no model, reserving `judge.cpus_per_actor`) hand each batch to a host and
+pass its judged rows on. What this saves is the judge's start-up in every pass: a new process, its imports and
+two model loads (~3-4 s a pass on the quickstart), which lie on the pass's critical path, since the judge can
+begin only when it is up. The judgment itself is `Judge`'s, batch for batch, so it equals a per-pass judge's.
+Not here: the judge's math (`rayalign.judge`), the generators (`rayalign.generator_pool`).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from rayalign.config import Config
+from rayalign.host_pool import HostPool, WeightsHost
+
+
+class JudgeHost(WeightsHost):
+    """A Ray actor holding one `Judge` (policy `tag`, pi_SFT `sft_path`) for the run."""
+
+    def __init__(self, policy_path: str, sft_path: str, config: Config, tag: str):
+        import torch
+
+        from rayalign.judge import Judge
+
+        # Ray sizes a worker's thread pool from its CPU reservation, which is 0 here (the forwarders hold it).
+        torch.set_num_threads(max(1, int(config.judge.cpus_per_actor)))
+        self.judge, self.tag = Judge(policy_path, sft_path, config), tag
+
+    def judge_batch(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return self.judge(batch)
+
+    def _load_state(self, state: dict) -> None:
+        self.judge.policy.load_state_dict(state, strict=True)
+
+
+class JudgeForwarder:
+    """A light Ray Data actor (no model): each batch to one host, chosen by the batch's first prompt id (any host
+    judges a batch alike), the judged rows back."""
+
+    def __init__(self, hosts: list):
+        self.hosts = hosts
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import ray
+
+        host = self.hosts[int(batch["prompt_id"].iloc[0]) % len(self.hosts)]
+        return ray.get(host.judge_batch.remote(batch))
+
+
+class JudgePool(HostPool):
+    """The driver's side: starts the judges on the first pass, keeps their policy current, chains each pass."""
+
+    kind = "judge"
+
+    def __init__(self, config: Config, log=print):
+        super().__init__(log)
+        self.config, self.sft_path = config, ""
+
+    def chain(self, dataset, *, policy: str, tag: str, sft_path: str):
+        """`dataset` (per-prompt rows with `texts`) judged with the weights of `policy` (`tag`: the driver's name of
+        it, which the training stage's push carries) against `sft_path`, as `rayalign.judge.judge_dataset`."""
+        import ray
+
+        if self.hosts and sft_path != self.sft_path:
+            raise ValueError(f"judge.persistent: the run's judges hold pi_SFT {self.sft_path}; a pass asked for "
+                             f"{sft_path}")
+        self.ensure(policy, tag, lambda: self._start(policy, tag, sft_path))
+        j = self.config.judge
+        return dataset.map_batches(
+            JudgeForwarder, fn_constructor_args=(self.hosts,), batch_format="pandas", batch_size=j.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=len(self.hosts)), num_cpus=j.cpus_per_actor)
+
+    def _start(self, policy: str, tag: str, sft_path: str) -> list:
+        import ray
+
+        from rayalign.devices import actor_resources
+
+        j, self.sft_path = self.config.judge, sft_path
+        host = ray.remote(JudgeHost).options(num_cpus=0, **actor_resources(j.gpus_per_actor, j.resources))
+        return [host.remote(policy, sft_path, self.config, tag) for _ in range(j.num_actors)]
