@@ -207,3 +207,21 @@ def reward_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reward_model") / "rm"
     fit_reward_model(out)
     return out
+
+
+def perturbed_copy(model_dir: str | Path, out: Path) -> dict:
+    """`model_dir`'s model with every weight moved by 0.5 * N(0, 1) (seed 0), saved with its tokenizer to `out`
+    (other weights than the tiny model's, the same tokenizer); returns the saved state dict (what a training
+    stage pushes to the run's generators and judges)."""
+    import torch
+
+    from rayalign.models import load_model, load_tokenizer, save_weights
+
+    model = load_model(str(model_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    state = save_weights(model, out)
+    load_tokenizer(str(model_dir)).save_pretrained(out)
+    return state

@@ -25,9 +25,9 @@ GPU8_WORKER = "ray.worker.gpu8"  # the 8-GPU node of configs/gpu/llama8b_ultrafe
 WORKERS = (CPU_WORKER, GPU_WORKER, GPU8_WORKER)
 # Which install each node type runs (its effective command list, Ray's merge rules) and with which extras.
 EXTRAS = {HEAD: "dev", CPU_WORKER: "dev", GPU_WORKER: "dev,vllm", GPU8_WORKER: "dev,vllm"}
-# generate.persistent is off on the cluster: a generator kept for the run would keep its node from scaling down.
-PLACEMENT = {("generate", "resources"), ("generate", "persistent"), ("judge", "resources"), ("ref", "resources"),
-             ("train", "resources_per_worker"), ("train", "use_gpu")}
+# generate/judge.persistent are off on the cluster: an actor kept for the run would keep its node from scaling down.
+PLACEMENT = {("generate", "resources"), ("generate", "persistent"), ("judge", "resources"), ("judge", "persistent"),
+             ("ref", "resources"), ("train", "resources_per_worker"), ("train", "use_gpu")}
 MARKER = "RAYALIGN_TEST_CLUSTER"  # in the fake head's environment, inherited by every process it starts
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from rayalign.config import GenerateConfig
+from tests.conftest import perturbed_copy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process_ray")]
 
@@ -37,20 +37,13 @@ def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(ti
     from rayalign.generate import generation_dataset
     from rayalign.generator_pool import GeneratorPool
     from rayalign.host_pool import push_target, push_weights
-    from rayalign.models import load_model, load_tokenizer, save_weights
     from rayalign.train import ensure_ray
 
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     prompts = pd.DataFrame({"prompt_id": range(len(PROMPTS)), "prompt": PROMPTS})
-    model_b = load_model(str(tiny_model_dir))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in model_b.parameters():
-            param.add_(0.5 * torch.randn_like(param))
     b_dir = tmp_path / "b"
-    state_b = save_weights(model_b, b_dir)
-    load_tokenizer(str(tiny_model_dir)).save_pretrained(b_dir)
+    state_b = perturbed_copy(str(tiny_model_dir), b_dir)
 
     logs: list[str] = []
     pool = GeneratorPool(TWO_HOSTS, log=logs.append)

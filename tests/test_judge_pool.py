@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 from rayalign.config_loader import load_config
+from tests.conftest import perturbed_copy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process_ray")]
 
@@ -36,7 +36,6 @@ def test_pushed_weights_judge_as_a_fresh_judge_and_files_reload_in_place(tiny_mo
     from rayalign.host_pool import push_target, push_weights
     from rayalign.judge import judge_dataset
     from rayalign.judge_pool import JudgePool
-    from rayalign.models import load_model, load_tokenizer, save_weights
     from rayalign.tiny import make_tiny_model
     from rayalign.train import ensure_ray
 
@@ -48,14 +47,8 @@ def test_pushed_weights_judge_as_a_fresh_judge_and_files_reload_in_place(tiny_mo
     model_a = str(tiny_model_dir)
     prompts = pd.DataFrame({"prompt_id": range(4), "prompt": [f"Review {i}: the film" for i in range(4)]})
     samples = generation_dataset(prompts, model_a, config.generate).to_pandas()
-    model_b = load_model(model_a)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in model_b.parameters():
-            param.add_(0.5 * torch.randn_like(param))
     b_dir = tmp_path / "b"
-    state_b = save_weights(model_b, b_dir)
-    load_tokenizer(model_a).save_pretrained(b_dir)
+    state_b = perturbed_copy(model_a, b_dir)
 
     def judged(pool_or_none, policy: str, tag: str) -> pd.DataFrame:
         rows = ray.data.from_pandas([samples.iloc[i:i + 2] for i in range(0, len(samples), 2)])

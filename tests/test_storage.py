@@ -262,7 +262,10 @@ def test_loop_on_three_nodes_shares_only_storage(three_nodes, s3_endpoint, tmp_p
     storage = _s3_uri(s3_endpoint, f"loop-{tmp_path.name}")
     overrides = [*MICRO_LOOP, f"run.storage={storage}", "generate.resources={gen_node: 1}",
                  "judge.resources={gen_node: 1}", "ref.resources={gen_node: 1}",
-                 "train.resources_per_worker={train_node: 1}", "train.save_every=1", "train.max_failures=1"]
+                 "train.resources_per_worker={train_node: 1}", "train.save_every=1", "train.max_failures=1",
+                 # a judge per pass, so that pi_0 is read from storage on the gen node (a judge kept for the run,
+                 # like the generator, gets its weights pushed in memory)
+                 "judge.persistent=false"]
     # The training worker of iteration 0 (2 steps) is SIGKILLed before step 2: Ray Train restarts it, and it
     # resumes from checkpoints/step-1 as stored (iteration 1 has one step: the drill does not fire there).
     first, first_seconds = _run_loop(cluster, tmp_path / "a", overrides, env={"RAYALIGN_KILL_WORKER_AT": "2:0"})
@@ -276,7 +279,7 @@ def test_loop_on_three_nodes_shares_only_storage(three_nodes, s3_endpoint, tmp_p
     steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "iter-0/train/metrics.jsonl").open()]
     assert steps == [1, 2]  # the restarted worker continued the stored log at the stored checkpoint
 
-    # Where the stages ran: generation and judging loaded pi_SFT and pi_0 from storage on the gen node; the
+    # Where the stages ran: generation and judging loaded pi_SFT, the judge pi_0, from storage on the gen node; the
     # Ray Train worker read its data, and after the restart its checkpoint, on the train node; the driver's
     # node (the head) loaded nothing from storage.
     cache = Path(os.environ["RAYALIGN_CACHE_DIR"])
