@@ -208,3 +208,27 @@ def test_vllm_sampler_in_a_ray_data_actor(ray_session, eos_model_dir, results):
         assert list(rows["finish_reason"]) == [s.finish_reason for s in group]
         for logps, s in zip(rows["logprobs"], group):
             assert max(abs(a - b) for a, b in zip(logps, s.logprobs)) < 1e-5
+
+
+def test_vllm_engine_in_the_persistent_pool_samples_on_its_feed_thread(ray_session, eos_model_dir, results):
+    """`generate.persistent` with vLLM: the engine is built on the host actor's own thread and samples on the
+    pass's feed thread (`rayalign.generator_pool.PassFeed`); the samples are the in-process engine's."""
+    import dataclasses
+
+    import pandas as pd
+    import ray
+
+    from rayalign.generator_pool import GeneratorPool
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    pool = GeneratorPool(dataclasses.replace(CONFIG, batch_size=2), log=lambda message: None)
+    try:
+        frame = pd.DataFrame({"prompt_id": PROMPT_IDS, **prompt_columns(PROMPTS)})
+        out = pool.dataset(frame, model=str(eos_model_dir), tag="eos").to_pandas()
+    finally:
+        pool.shutdown()
+    assert sorted(out["prompt_id"]) == PROMPT_IDS
+    for index, group in zip(PROMPT_IDS, results):
+        row = out[out["prompt_id"] == index].iloc[0]
+        assert [list(t) for t in row["token_ids"]] == [s.token_ids for s in group]
+        assert list(row["finish_reasons"]) == [s.finish_reason for s in group]
