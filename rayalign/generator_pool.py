@@ -23,7 +23,7 @@ import threading
 import pandas as pd
 
 from rayalign.config import GenerateConfig
-from rayalign.host_pool import HostPool, WeightsHost
+from rayalign.host_pool import HostPool, WeightsHost, size_host_threads
 from rayalign.models import LoadOptions
 
 # How far a host samples ahead of the pass's takers: enough to cover a taker's start-up (~1 s here, 3-4 blocks),
@@ -91,12 +91,9 @@ class SamplerHost(WeightsHost):
     weights it holds and the feed of the pass it serves."""
 
     def __init__(self, model_path: str, config: GenerateConfig, load: LoadOptions | None, tag: str):
-        import torch
-
         from rayalign.generate import Generator
 
-        # Ray sizes a worker's thread pool from its CPU reservation, which is 0 here (the pass's takers hold it).
-        torch.set_num_threads(max(1, int(config.cpus_per_actor)))
+        size_host_threads(config.cpus_per_actor)
         self.generator, self.tag = Generator(model_path, config, load=load), tag
         self.feed: PassFeed | None = None
 

@@ -28,6 +28,14 @@ def read_weights(directory: str) -> dict:
     return {name: tensor for file in files for name, tensor in load_file(file).items()}
 
 
+def size_host_threads(cpus: float) -> None:
+    """A host's torch threads from its stage's `cpus_per_actor`: Ray sizes a worker's thread pool from the actor's
+    CPU reservation, which is 0 for a host (the pass's light actors that call it hold the CPUs)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
 class WeightsHost:
     """The weight-keeping half of a host actor: `tag` names the weights it holds; `_load_state` is its own."""
 

@@ -16,19 +16,16 @@ from __future__ import annotations
 import pandas as pd
 
 from rayalign.config import Config
-from rayalign.host_pool import HostPool, WeightsHost
+from rayalign.host_pool import HostPool, WeightsHost, size_host_threads
 
 
 class JudgeHost(WeightsHost):
     """A Ray actor holding one `Judge` (policy `tag`, pi_SFT `sft_path`) for the run."""
 
     def __init__(self, policy_path: str, sft_path: str, config: Config, tag: str):
-        import torch
-
         from rayalign.judge import Judge
 
-        # Ray sizes a worker's thread pool from its CPU reservation, which is 0 here (the forwarders hold it).
-        torch.set_num_threads(max(1, int(config.judge.cpus_per_actor)))
+        size_host_threads(config.judge.cpus_per_actor)
         self.judge, self.tag = Judge(policy_path, sft_path, config), tag
 
     def judge_batch(self, batch: pd.DataFrame) -> pd.DataFrame:

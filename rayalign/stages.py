@@ -84,9 +84,9 @@ def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: 
     `model` and `sft_path` are what the actors open: `StageStorage.inputs` of the driver's paths. With `pool`
     (a `rayalign.generator_pool.GeneratorPool`) its long-lived hosts generate, holding the weights of `tag`
     (the driver's path of `model`); with `judges` (a `rayalign.judge_pool.JudgePool`), so do the judges. With
-    `sams_below_id`, SamS scoring actors follow the judges and score the
-    pairs of prompt ids below it (`rayalign.sams_score`, with the bandit in `model`'s sams.pt). Returns one
-    row per prompt: the generation's list columns and the judgment (see `rayalign.judge`).
+    `sams_below_id`, SamS scoring actors follow the judges and score the pairs of prompt ids below it
+    (`rayalign.sams_score`, with the bandit in `model`'s sams.pt). Returns one row per prompt: the generation's
+    list columns and the judgment (see `rayalign.judge`).
     """
     from rayalign.generate import generation_dataset
     from rayalign.judge import judge_dataset
