@@ -177,9 +177,6 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     `tracking`: the stage's `rayalign.tracking.TrackingSettings` (the loop's and a sweep's name their stages),
     by default resolved from the config and run.dir. `push_weights`: the loop's persistent generators and
     judges (`rayalign.host_pool.push_target`), which rank 0 sends the final weights to."""
-    from rayalign.data import load_rows
-    from rayalign.models import LoadOptions, load_tokenizer
-
     run_dir = Path(config.run.dir).expanduser().absolute()
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
     inputs = inputs or StageInputs.from_config(config)
@@ -187,6 +184,37 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
     started = time.perf_counter()
     store = storage or RunStorage.from_config(config)
     _check_resume(run_dir, resume, store)
+    kind, splits, tokenizer, paths = _load_data_and_models(config, inputs, run_dir, store)
+    inputs = worker_inputs(inputs, store)
+    ensure_ray()
+    loaded = time.perf_counter()
+    _log(f"data and model ready after {loaded - started:.0f} s")
+    paths.update(_prepare(splits, config, paths, tokenizer, run_dir, kind, inputs))
+    if prepare_only:
+        return 0
+    prepared = time.perf_counter()
+    if store:
+        paths.update(worker_paths(store, paths, run_dir))
+    _log(f"prepared after {time.perf_counter() - started:.0f} s; starting {config.train.num_workers} "
+         f"{config.train.engine} worker(s)")
+    from rayalign.tracking import TrackingSettings
+
+    paths.update(data_kind=kind, inputs=inputs.to_dict(),
+                 tracking=(tracking or TrackingSettings.resolve(config, run_dir)).to_dict())
+    paths["kill_worker_at"] = os.environ.get("RAYALIGN_KILL_WORKER_AT")  # fault drills (tests), else None
+    paths["push_weights"] = push_weights
+    if not _fit_or_explain(config, paths, run_dir, callbacks):
+        return 1
+    return _finish(run_dir, store, load=loaded - started, prepare=prepared - loaded, started=started,
+                   fitted_from=prepared)
+
+
+def _load_data_and_models(config: Config, inputs: StageInputs, run_dir: Path, store) -> tuple:
+    """(data kind, {"train": rows, "eval": rows if any}, tokenizer, model paths as the workers open them), after
+    the checks that need no Ray: the data against its template, LoRA's target modules."""
+    from rayalign.data import load_rows
+    from rayalign.models import LoadOptions, load_tokenizer
+
     if not inputs.train_file:
         raise ConfigError("data.train_file: set it to a preference file (see `rayalign data check`)")
     # A given tokenizer renders conversational rows with its chat template (none: a config error); the tiny
@@ -211,44 +239,36 @@ def run_train(config: Config, *, resume: bool = False, callbacks: tuple = (), pr
              "reference_path": _absolute(inputs.reference or policy_path)}
     if store:  # Ray Data actors and workers on other nodes read the models from run.storage
         paths = {key: store.remote(path) for key, path in paths.items()}
-    inputs = worker_inputs(inputs, store)
-    ensure_ray()
-    loaded = time.perf_counter()
-    _log(f"data and model ready after {loaded - started:.0f} s")
-    splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
-    paths.update(_prepare(splits, config, paths, tokenizer, run_dir, kind, inputs))
-    if prepare_only:
-        return 0
-    prepared = time.perf_counter()
-    if store:
-        paths.update(worker_paths(store, paths, run_dir))
-    _log(f"prepared after {time.perf_counter() - started:.0f} s; starting {config.train.num_workers} "
-         f"{config.train.engine} worker(s)")
-    from rayalign.tracking import TrackingSettings
+    return kind, {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}, tokenizer, paths
 
-    paths.update(data_kind=kind, inputs=inputs.to_dict(),
-                 tracking=(tracking or TrackingSettings.resolve(config, run_dir)).to_dict())
-    paths["kill_worker_at"] = os.environ.get("RAYALIGN_KILL_WORKER_AT")  # fault drills (tests), else None
-    paths["push_weights"] = push_weights
+
+def _fit_or_explain(config: Config, paths: dict, run_dir: Path, callbacks: tuple) -> bool:
+    """Runs the fit; on failure says what failed (the worker's own exception, not Ray's wrapper) and where to
+    resume from, and returns False."""
     try:
         _fit(config, paths, run_dir, callbacks)
+        return True
     except Exception as exc:  # Ray Train wraps worker errors; say what to do rather than dump its traceback
         from rayalign.checkpoint import latest_checkpoint
+        from rayalign.errors import failure_line
 
         latest = latest_checkpoint(run_dir)
-        from rayalign.errors import failure_line  # the worker's own exception, not Ray's wrapper
-
         print(f"rayalign train: error: training failed: {failure_line(exc)}\n"
               f"  newest complete checkpoint: {latest or 'none'}; rerun the same command with --resume to continue",
               file=sys.stderr)
-        return 1
+        return False
+
+
+def _finish(run_dir: Path, store, *, load: float, prepare: float, started: float, fitted_from: float) -> int:
+    """After a fit: the outputs pulled from run.storage, a worker's recorded failure reported, the stage's timings
+    written; the exit code."""
     if store:  # rank 0 published them; run.dir stays the driver's working copy
         pull_outputs(store, run_dir)
     failure = run_dir / "FAILED.json"
     if failure.exists():
         print(f"rayalign train: error: {json.loads(failure.read_text())['error']}", file=sys.stderr)
         return 1
-    _write_timings(run_dir, load=loaded - started, prepare=prepared - loaded, fit=time.perf_counter() - prepared)
+    _write_timings(run_dir, load=load, prepare=prepare, fit=time.perf_counter() - fitted_from)
     if store:  # the iteration's record is rebuilt from it on a --resume from storage
         from rayalign.stage_timing import TRAIN_FILE
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from rayalign.data_kind import LEVEL_KINDS
 from rayalign.data_order import micro_batch_bounds, micro_batches, step_batches, total_steps
 from rayalign.encode import collate_with_reference, encoded_rows
 from rayalign.engine import build_engine, partitioned_loading
+from rayalign.fault_drills import inject_fault
 from rayalign.group_batching import group_reference_column
 from rayalign.io import atomic_directory, atomic_write_text
 from rayalign.metrics_log import MetricsLog
@@ -68,24 +67,6 @@ def worker_chunks(indices: list[int], *, splits: int, rank: int, per_worker: int
     return micro_batches(indices, splits)[rank * per_worker:(rank + 1) * per_worker]
 
 
-def _maybe_inject_fault(spec: str | None, step: int, rank: int, run_dir: Path) -> None:
-    """Fault drills: spec "STEP:RANK[,STEP:RANK...]" (from RAYALIGN_KILL_WORKER_AT on the driver) SIGKILLs
-    that worker process just before that step; "STEP:RANK:stall" hangs it there instead (a test then kills
-    the whole command at a known point). Each fires once per run directory (a marker file prevents repeats)."""
-    for item in filter(None, (spec or "").split(",")):
-        parts = item.split(":")
-        if tuple(map(int, parts[:2])) != (step, rank):
-            continue
-        stall = parts[2:] == ["stall"]
-        marker = run_dir / f".{'stalled' if stall else 'killed'}-step{step}-rank{rank}"
-        if marker.exists():
-            continue
-        marker.touch()
-        while stall:
-            time.sleep(60)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class Worker:
     """State of one training worker; `run()` is the whole loop."""
 
@@ -93,7 +74,7 @@ class Worker:
         self.created = time.perf_counter()  # the worker's start-up: `run` reports it (`rayalign.stage_timing`)
         import ray.train
 
-        from rayalign.models import LoadOptions, load_model, load_tokenizer
+        from rayalign.models import LoadOptions, load_tokenizer
 
         self.inputs = StageInputs(**loop_config["inputs"])  # this stage's run state (epochs, SPA mix, loss)
         self.config: Config = build_config(loop_config["config"])  # the driver's `inputs.stage_config(...)`
@@ -108,15 +89,7 @@ class Worker:
         if self.store:
             self.run_dir = self.store.local_root
         torch.manual_seed(self.config.train.seed)
-        self.kind = loop_config["data_kind"]  # decided once by the driver (`rayalign.data_kind.decide`)
-        self.encoded, self.columns = _read_prepared(materialize(loop_config["train_path"]), self.kind)
-        self.eval = (_read_prepared(materialize(loop_config["eval_path"]), self.kind) if loop_config.get("eval_path")
-                     else None)
-        self.k = self.mallows_c = None
-        if needs_dispersion(self.config.loss):  # c is fixed from the training pairs, eval included
-            unit = unit_dispersion(self.columns)
-            self.mallows_c = mallows_scale(self.config.loss, unit)
-            self.k = unit * self.mallows_c
+        self._read_data(loop_config)
         self.total = total_steps(len(self.encoded), self.config.train, self.inputs.epochs)
         self.steps_per_epoch = math.ceil(len(self.encoded) / self.config.train.global_batch_size)
         self.resume_from = (storage_train.resume_checkpoint(self.store) if self.store
@@ -133,15 +106,7 @@ class Worker:
         self.lora = self.config.model.lora
         self.policy = self._load_policy(loop_config["policy_path"])
         refine = self.inputs.spa_mix is not None
-        needs_reference = refine or not self.columns  # no reference columns prepared (ref.cache=false)
-        self.reference = None
-        if needs_reference and self.lora and loop_config["reference_path"] == loop_config["policy_path"]:
-            from rayalign.lora import BaseReference
-
-            self.reference = BaseReference(self.policy)  # the base weights, adapters disabled: no second copy
-        elif needs_reference:
-            self.reference = load_model(materialize(loop_config["reference_path"]), self.load,
-                                        dtype=self._reference_dtype(), device=self.device)
+        self.reference = self._load_reference(loop_config) if refine or not self.columns else None
         self.engine = build_engine(self.policy, self.config, self.total)
         self.refiner = (SpaRefiner(self.config.spa, mix=self.inputs.spa_mix, beta_total_steps=self.total) if refine
                         else None)
@@ -150,17 +115,45 @@ class Worker:
             model_config = self.policy.config
             self.selector = PairSelector(self.config, num_layers=model_config.num_hidden_layers,
                                          hidden_size=model_config.hidden_size, total_steps=self.total, rank=self.rank)
-        if self.selector and self.inputs.sams_state and not self.resume_from:
-            self.selector.load_carried(Path(materialize(self.inputs.sams_state)))
-        if self.resume_from:
-            self.engine.load(self.resume_from)
-            if self.selector:
-                self.selector.load(self.resume_from)
-            if self.refiner:
-                self.refiner.load_state_dict(ckpt.read_state(self.resume_from)["spa_window"])
+        self._restore()
         self.log = MetricsLog(self.run_dir, enabled=self.rank == 0, total_steps=self.total,
                               resume_step=self.start_step, config=loop_config["config"],
                               tracking=TrackingSettings.from_dict(loop_config.get("tracking")))
+
+    def _read_data(self, loop_config: dict) -> None:
+        """The prepared pairs (token ids, reference columns) and, for MallowsPO, the dispersion scale c."""
+        self.kind = loop_config["data_kind"]  # decided once by the driver (`rayalign.data_kind.decide`)
+        self.encoded, self.columns = _read_prepared(materialize(loop_config["train_path"]), self.kind)
+        self.eval = (_read_prepared(materialize(loop_config["eval_path"]), self.kind) if loop_config.get("eval_path")
+                     else None)
+        self.k = self.mallows_c = None
+        if needs_dispersion(self.config.loss):  # c is fixed from the training pairs, eval included
+            unit = unit_dispersion(self.columns)
+            self.mallows_c = mallows_scale(self.config.loss, unit)
+            self.k = unit * self.mallows_c
+
+    def _load_reference(self, loop_config: dict):
+        """The reference model for steps that score it live (SPA's refinement, or no cached reference columns)."""
+        if self.lora and loop_config["reference_path"] == loop_config["policy_path"]:
+            from rayalign.lora import BaseReference
+
+            return BaseReference(self.policy)  # the base weights, adapters disabled: no second copy
+        from rayalign.models import load_model
+
+        return load_model(materialize(loop_config["reference_path"]), self.load, dtype=self._reference_dtype(),
+                          device=self.device)
+
+    def _restore(self) -> None:
+        """The newest checkpoint's engine, scheduler and SPA window; else SamS's state carried from the last stage."""
+        if self.selector and self.inputs.sams_state and not self.resume_from:
+            self.selector.load_carried(Path(materialize(self.inputs.sams_state)))
+        if not self.resume_from:
+            return
+        self.engine.load(self.resume_from)
+        if self.selector:
+            self.selector.load(self.resume_from)
+        if self.refiner:
+            self.refiner.load_state_dict(ckpt.read_state(self.resume_from)["spa_window"])
 
     def _load_policy(self, policy_path: str):
         """The policy in train mode: the newest checkpoint's weights, or with LoRA the stage's policy as the
@@ -396,7 +389,7 @@ class Worker:
                 break
             if step < self.start_step:
                 continue
-            _maybe_inject_fault(self.paths.get("kill_worker_at"), step + 1, self.rank, self.run_dir)
+            inject_fault(self.paths.get("kill_worker_at"), step + 1, self.rank, self.run_dir)
             metrics = self.train_step(step, epoch, indices)
             if metrics is None:
                 return
