@@ -109,6 +109,54 @@ def _spread(values: list[float]) -> list[float]:
     return [round(min(values), 2), round(max(values), 2)]
 
 
+def _start_ray(threads: int) -> None:
+    """A local Ray sized to `threads`; a cluster named in RAY_ADDRESS is joined as it is."""
+    import ray
+
+    local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(2, threads), "include_dashboard": False}
+    ray.init(log_to_driver=False, **local,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+
+
+def run_rounds(args, model: str, settings, prompts: list[str], pool) -> dict[str, list[float]]:
+    """`--repeats` rounds of bare, per-pass Ray Data and persistent-pool passes, each after `--settle` s of rest."""
+    rounds = {name: [] for name in ("bare", "ray", "steady", "pool", "starts", "loads")}
+    for repeat in range(args.repeats):
+        time.sleep(args.settle)
+        load, seconds, samples = bare_pass(model, settings, prompts)
+        time.sleep(args.settle)
+        wall, start, ray_samples = ray_pass(model, settings, prompts)
+        time.sleep(args.settle)
+        pool_wall, pool_samples = pool_pass(pool, model, prompts)
+        for name, value in (("bare", samples / seconds), ("ray", ray_samples / wall),
+                            ("steady", ray_samples / max(1e-9, wall - start)), ("pool", pool_samples / pool_wall),
+                            ("starts", start), ("loads", load)):
+            rounds[name].append(value)
+        print(f"repeat {repeat + 1}: bare {rounds['bare'][-1]:.1f} samples/s (model load {load:.1f} s apart); Ray "
+              f"Data {rounds['ray'][-1]:.1f} end to end, {rounds['steady'][-1]:.1f} without the actor's start-up "
+              f"({start:.1f} s); persistent pool {rounds['pool'][-1]:.1f}", flush=True)
+    return rounds
+
+
+def summarize(args, rounds: dict[str, list[float]], pool_start: float) -> dict:
+    """The JSON result: medians, overheads against the bare loop, spreads and the settings."""
+    median = {name: statistics.median(values) for name, values in rounds.items()}
+    return {"bare_samples_per_s": round(median["bare"], 2), "ray_samples_per_s": round(median["ray"], 2),
+            "ray_steady_samples_per_s": round(median["steady"], 2),
+            "ray_overhead": round(1 - median["ray"] / median["bare"], 3),
+            "ray_overhead_steady": round(1 - median["steady"] / median["bare"], 3),
+            "pool_samples_per_s": round(median["pool"], 2),
+            "pool_overhead": round(1 - median["pool"] / median["bare"], 3),
+            "pool_start_s": round(pool_start, 2), "actor_start_s": round(median["starts"], 2),
+            "bare_model_load_s": round(median["loads"], 2),
+            "spread": {"bare": _spread(rounds["bare"]), "ray": _spread(rounds["ray"]),
+                       "ray_steady": _spread(rounds["steady"]), "pool": _spread(rounds["pool"])},
+            "threads": args.threads, "prompts": args.prompts, "num_samples": args.num_samples,
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "repeats": args.repeats,
+            "model": args.model or "tiny"}
+
+
 def main(argv=None) -> dict:
     args = _args(argv)
     import ray
@@ -122,52 +170,17 @@ def main(argv=None) -> dict:
             from rayalign.tiny import make_tiny_model
 
             model = str(make_tiny_model(Path(tmp) / "tiny"))
-        # a local Ray sized to --threads; a cluster named in RAY_ADDRESS is joined as it is
-        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(2, args.threads), "include_dashboard": False}
-        ray.init(log_to_driver=False, **local,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+        _start_ray(args.threads)
         from rayalign.generator_pool import GeneratorPool
 
         pool = GeneratorPool(settings, log=lambda message: None)
         pool_start = time.perf_counter()
         pool_pass(pool, model, prompts[:settings.batch_size])  # starts the host: once per run, not per pass
         pool_start = time.perf_counter() - pool_start
-        bare, ray_end, ray_steady, pooled, starts, loads = [], [], [], [], [], []
-        for repeat in range(args.repeats):
-            time.sleep(args.settle)
-            load, seconds, samples = bare_pass(model, settings, prompts)
-            time.sleep(args.settle)
-            wall, start, ray_samples = ray_pass(model, settings, prompts)
-            time.sleep(args.settle)
-            pool_wall, pool_samples = pool_pass(pool, model, prompts)
-            bare.append(samples / seconds)
-            ray_end.append(ray_samples / wall)
-            ray_steady.append(ray_samples / max(1e-9, wall - start))
-            pooled.append(pool_samples / pool_wall)
-            starts.append(start)
-            loads.append(load)
-            print(f"repeat {repeat + 1}: bare {bare[-1]:.1f} samples/s (model load {load:.1f} s apart); Ray Data "
-                  f"{ray_end[-1]:.1f} end to end, {ray_steady[-1]:.1f} without the actor's start-up ({start:.1f} s); "
-                  f"persistent pool {pooled[-1]:.1f}", flush=True)
+        rounds = run_rounds(args, model, settings, prompts, pool)
         pool.shutdown()
         ray.shutdown()
-    median = {name: statistics.median(v) for name, v in (("bare", bare), ("ray", ray_end), ("steady", ray_steady),
-                                                         ("pool", pooled))}
-    result = {"bare_samples_per_s": round(median["bare"], 2), "ray_samples_per_s": round(median["ray"], 2),
-              "ray_steady_samples_per_s": round(median["steady"], 2),
-              "ray_overhead": round(1 - median["ray"] / median["bare"], 3),
-              "ray_overhead_steady": round(1 - median["steady"] / median["bare"], 3),
-              "pool_samples_per_s": round(median["pool"], 2),
-              "pool_overhead": round(1 - median["pool"] / median["bare"], 3),
-              "pool_start_s": round(pool_start, 2),
-              "actor_start_s": round(statistics.median(starts), 2),
-              "bare_model_load_s": round(statistics.median(loads), 2),
-              "spread": {"bare": _spread(bare), "ray": _spread(ray_end), "ray_steady": _spread(ray_steady),
-                         "pool": _spread(pooled)},
-              "threads": args.threads, "prompts": args.prompts, "num_samples": args.num_samples,
-              "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "repeats": args.repeats,
-              "model": args.model or "tiny"}
+    result = summarize(args, rounds, pool_start)
     line = json.dumps(result)
     if args.out:
         Path(args.out).write_text(line + "\n")

@@ -14,7 +14,8 @@ CPU clock (equal on an idle machine with one thread; on a shared one the CPU clo
 descheduled). The last line is one JSON object, by `--clock`. `--device cuda` measures MFU on a GPU (bf16, the
 real-shape Qwen2.5-0.5B model with random weights from `rayalign.arch`, the bf16 matmul peak) and skips TRL;
 trl/datasets are imported only when TRL runs. It checks no numerics (tests/test_trl_reference.py does) and
-asserts no speed: the targets are read, not tested.
+asserts no speed: the targets are read, not tested. The pairs, the model and the FLOP count are in
+update_inputs.py; the summaries and the printout in update_report.py.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import copy
 import json
 import math
 import os
-import random
-import re
 import sys
 import tempfile
 import time
@@ -33,10 +32,15 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-if str(REPO) not in sys.path:  # run as a plain script from a checkout where rayalign is not installed
-    sys.path.insert(0, str(REPO))
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+for path in (str(REPO), str(BENCHMARKS)):
+    if path not in sys.path:  # run as a plain script from a checkout where rayalign is not installed
+        sys.path.insert(0, path)
+
+# Re-exported: bench_memory.py takes build_model and fit_pairs from here.
+from update_inputs import TRL_VARIANTS, build_model, fit_pairs, flops_per_token, load_pairs, pair_tokens  # noqa: E402
+from update_report import median_rounds, print_report  # noqa: E402
 
 # CPU: the whole run (4 trainers x 6 steps) takes ~4-5 minutes here with a ~25M model and <= 128 tokens.
 # One intra-op thread: a Ray Train CPU worker gets 1 CPU, and Ray sets OMP_NUM_THREADS=1 in it.
@@ -48,13 +52,8 @@ DEFAULTS = {
                  max_length=512, steps=10, warmup_steps=3, matmul_size=8192, threads=0, trl_variants="", clock="wall",
                  repeats=1),
 }
-# DPOConfig overrides per TRL variant. "default" is TRL's defaults (gradient checkpointing on, a reference
-# forward in every step); the others measure how much of the gap one default accounts for.
-TRL_VARIANTS = {"default": {}, "no_gc": {"gradient_checkpointing": False},
-                "no_gc_precompute": {"gradient_checkpointing": False, "precompute_ref_log_probs": True}}
 GROUPS = (("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
           ("attention", ("attention", "scaled_dot_product")), ("log-softmax head", ("log_softmax", "gather")))
-PHASES = ("collate", "forward", "backward", "optimizer", "metrics")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,83 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
-    """HH-shaped pairs, log-normal lengths (median ~40 prompt words, ~30 per completion), Zipf-like words."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("etaoinshrdlcumwfgypbvk") for _ in range(rng.randint(1, 9))) for _ in range(4000)]
-
-    def text(median: float) -> str:
-        n = max(1, int(rng.lognormvariate(math.log(median), 0.7)))
-        return " ".join(words[min(int(10 * (rng.paretovariate(1.0) - 1)), len(words) - 1)] for _ in range(n))
-
-    return [{"prompt": f"\n\nHuman: {text(40)}?\n\nAssistant:", "chosen": f" {text(30)}.",
-             "rejected": f" {text(30)}."} for _ in range(count)]
-
-
-def load_pairs(count: int) -> tuple[list[dict], str]:
-    if HH_FILE.is_file():
-        from rayalign.data import load_rows
-
-        rows = load_rows(HH_FILE).rows
-        return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows], f"HH ({HH_FILE.name})"
-    return synthetic_pairs(max(count * 2, 512)), "synthetic (HH file absent)"
-
-
-def _cut(tokenizer, text: str, limit: int, keep_end: bool) -> str:
-    """`text` cut at a whitespace so it encodes to <= `limit` tokens, keeping its end or its start."""
-    while True:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        n, offsets = len(enc["input_ids"]), enc["offset_mapping"]
-        if n <= limit:
-            return text
-        # Cut before a whitespace: the pre-tokenizer splits there, so the kept part encodes the same alone.
-        if keep_end:
-            found = re.search(r"\s", text[offsets[n - limit][0]:])
-            start = offsets[n - limit][0] + found.start() if found else len(text)
-            text = text[start:] if start > 0 else text[1:]
-        else:
-            spaces = [m.start() for m in re.finditer(r"\s", text[:offsets[limit][0] + 1])]
-            text = text[:spaces[-1]] if spaces and spaces[-1] > 0 else ""
-
-
-def fit_pairs(rows: list[dict], tokenizer, *, prompt_len: int, completion_len: int, count: int) -> list[dict]:
-    """The first `count` usable pairs, cut in text so that neither trainer truncates (EOS counts in completions)."""
-    fitted = []
-    for row in rows:
-        prompt = _cut(tokenizer, row["prompt"], prompt_len, keep_end=True)
-        chosen, rejected = (_cut(tokenizer, row[k], completion_len - 1, keep_end=False) for k in ("chosen", "rejected"))
-        if prompt.strip() and chosen.strip() and rejected.strip():
-            fitted.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        if len(fitted) == count:
-            return fitted
-    raise ValueError(f"only {len(fitted)} usable pairs, need {count}")
-
-
-def build_model(args, texts: list[str]):
-    """A BPE tokenizer trained on `texts` and a random model: `--arch`'s real shape (its full vocabulary: the
-    tokenizer's ids use the first rows), or a LlamaForCausalLM (head_dim = hidden / heads, untied head)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rayalign.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer(texts, args.vocab_size, max_length=1 << 20)
-    eos = tokenizer.eos_token_id
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    if args.arch != "none":
-        from rayalign.arch import build_arch_model
-
-        model = build_arch_model(args.arch, seed=0, device=args.device)
-        model.config.bos_token_id = model.config.eos_token_id = model.config.pad_token_id = eos
-        return model.to(dtype=dtype), tokenizer
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                         head_dim=args.hidden // args.heads, intermediate_size=4 * args.hidden,
-                         max_position_embeddings=max(512, args.max_length), bos_token_id=eos, eos_token_id=eos,
-                         pad_token_id=eos, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval().to(device=args.device, dtype=dtype), tokenizer
-
-
 def tick(device: str) -> tuple[float, float]:
     """(wall, process CPU) clock readings, after the device has finished its queued work."""
     if device == "cuda":
@@ -183,10 +105,6 @@ def matmul_peak(device: str, size: int, repeats: int = 5) -> tuple[float, float]
         torch.mm(a, b)
         best = [min(x, y) for x, y in zip(best, since(start, device))]
     return 2 * size**3 / best[0], 2 * size**3 / max(best[1], 1e-9)
-
-
-def pair_tokens(item: dict) -> int:
-    return 2 * len(item["prompt_ids"]) + len(item["chosen_ids"]) + len(item["rejected_ids"])
 
 
 def reference_pass(reference, encoded: list[dict], pad: int, config, device: str) -> tuple[dict, dict]:
@@ -352,76 +270,6 @@ def run_trl(model, tokenizer, rows: list[dict], args, variant: str) -> dict:
         run["ref"] = {"seconds": tuple(sum(p[i] for p in precompute) for i in (0, 1))}
         run["settings"] += f"; reference precompute {run['ref']['seconds'][1]:.2f} s (CPU clock), amortised"
     return run
-
-
-def summarize(run: dict, name: str, flops_per_token: tuple[float, float], amortise: float, clock: int) -> dict:
-    """Throughput of one trainer by clock `clock` (0 wall, 1 CPU), adding `amortise` x its one-off reference pass
-    (rayalign's, or TRL's precompute).
-    `flops_per_token`: (trained, reference forward) model FLOPs per real token, attention included."""
-    tokens = sum(s["tokens"] for s in run["steps"])
-    seconds = [sum(s["seconds"][i] for s in run["steps"]) for i in (0, 1)]
-    ref = run["ref"]["seconds"] if "ref" in run else (0.0, 0.0)
-    ref_in_flops = "ref" in run or not TRL_VARIANTS[name.removeprefix("trl ")].get("precompute_ref_log_probs")
-    rates = [tokens / (seconds[i] + amortise * ref[i]) for i in (0, 1)]
-    return {"tokens_per_s": rates[clock], "steps_only_tokens_per_s": tokens / seconds[clock],
-            "wall_tokens_per_s": rates[0], "cpu_clock_tokens_per_s": rates[1],
-            "pad_fraction": 1 - tokens / sum(s["positions"] for s in run["steps"]),
-            "model_flops_per_s": (flops_per_token[0] + ref_in_flops * flops_per_token[1]) * rates[clock]}
-
-
-def flops_per_token(model, matmul_params: int, rows: list[dict], tokenizer) -> tuple[float, float]:
-    """Model FLOPs per real token: (trained: 6 x params + 12 x layers x width x T, a reference forward: 2 x params
-    + 4 x layers x width x T), T averaged over tokens (sum T^2 / sum T over the sequences), as PaLM's MFU counts
-    attention (the full T x T product, not the causal half)."""
-    lengths = [len(tokenizer(r["prompt"] + r[side], add_special_tokens=False)["input_ids"]) + 1
-               for r in rows for side in ("chosen", "rejected")]
-    config = model.config
-    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-    attention = 4 * config.num_hidden_layers * width * sum(t * t for t in lengths) / sum(lengths)  # forward
-    return 6 * matmul_params + 3 * attention, 2 * matmul_params + attention
-
-
-def median_rounds(rounds: list[dict], flops: tuple[float, float], amortise: float, clock: int) -> dict:
-    """Per trainer: the round with the median tokens/s (its whole summary) and the spread (min, max) over rounds."""
-    out = {}
-    for name in rounds[0]:
-        summaries = sorted((summarize(r[name], name, flops, amortise, clock) for r in rounds if "steps" in r[name]),
-                           key=lambda x: x["tokens_per_s"])
-        if summaries:
-            rates = [x["tokens_per_s"] for x in summaries]
-            out[name] = {**summaries[len(summaries) // 2], "spread": [round(rates[0], 2), round(rates[-1], 2)]}
-    return out
-
-
-def print_report(runs: dict, rows: dict, peak: float, info: dict, clock: int) -> None:
-    print("\n".join(f"{k}: {v}" for k, v in info.items()))
-    print(f"\n{'trainer':<24}{'tok/s':>8}{'steps-only':>12}{'wall':>7}{'cpu-clock':>11}{'pad':>7}{'GFLOP/s':>9}"
-          f"{'of peak':>9}")
-    for name, r in rows.items():
-        print(f"{name:<24}{r['tokens_per_s']:>8.0f}{r['steps_only_tokens_per_s']:>12.0f}{r['wall_tokens_per_s']:>7.0f}"
-              f"{r['cpu_clock_tokens_per_s']:>11.0f}{r['pad_fraction']:>7.1%}{r['model_flops_per_s'] / 1e9:>9.1f}"
-              f"{r['model_flops_per_s'] / peak:>9.1%}")
-    print(f"(tok/s: {info['clock']} clock with rayalign's reference pass amortised, steps-only: without it; wall, "
-          "cpu-clock: tok/s by either clock; GFLOP/s, of peak: model FLOPs at tok/s)")
-    per_step = {tuple(s["tokens"] for s in run["steps"]) for run in runs.values() if "steps" in run}
-    print(f"every trainer saw the same real tokens per step: {len(per_step) == 1}")
-    for name, run in runs.items():
-        if "error" in run or "settings" in run:
-            print(f"{name}: {run.get('settings') or 'not run: ' + run['error']}")
-    for name, run in runs.items():
-        if "profile" not in run:  # rayalign's runs: the phases and the profile
-            continue
-        ref, prof, n = run["ref"], run["profile"], len(run["steps"])
-        print(f"\n{name}: reference pass once over {info['pairs']} pairs: {ref['seconds'][clock]:.2f} s, "
-              f"{ref['tokens']} tokens, {1 - ref['tokens'] / ref['positions']:.1%} pad positions")
-        print("  per step (s): " + ", ".join(f"{k} {sum(s['phases'][k][clock] for s in run['steps']) / n:.3f}"
-                                            for k in PHASES))
-        gemm_flops = 6 * info["matmul params"] * run["steps"][-1]["positions"]
-        print(f"  one forward+backward profiled ({prof['wall']:.2f} s wall): " + ", ".join(
-            f"{k} {v / prof['wall']:.0%}" for k, v in prof["seconds"].items()) + f"; {prof['log_softmax_calls']} "
-            f"full-vocab log_softmax calls; GEMMs ran at {gemm_flops / max(prof['seconds']['GEMM'], 1e-9) / 1e9:.0f}"
-            " GFLOP/s (wall)")
-        print("  optimizer.step alone (s): " + ", ".join(f"{k} {v[clock]:.3f}" for k, v in run["adamw"].items()))
 
 
 def run_trainers(model, tokenizer, rows: list[dict], args) -> dict:
