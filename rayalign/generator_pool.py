@@ -23,7 +23,7 @@ import threading
 import pandas as pd
 
 from rayalign.config import GenerateConfig
-from rayalign.host_pool import HostPool, WeightsHost, size_host_threads
+from rayalign.host_pool import HostPool, WeightsHost, host_options, size_host_threads
 from rayalign.models import LoadOptions
 
 # How far a host samples ahead of the pass's takers: enough to cover a taker's start-up (~1 s here, 3-4 blocks),
@@ -97,9 +97,12 @@ class SamplerHost(WeightsHost):
         self.generator, self.tag = Generator(model_path, config, load=load), tag
         self.feed: PassFeed | None = None
 
-    def begin_pass(self, pass_id: str, blocks: list[tuple[int, pd.DataFrame]], ahead: int) -> None:
-        """Start sampling `blocks` ((index in the pass, prompts) in order) for the pass `pass_id`."""
+    def begin_pass(self, pass_id: str, blocks: list[tuple[int, pd.DataFrame]], ahead: int, model: str,
+                   tag: str) -> None:
+        """Start sampling `blocks` ((index in the pass, prompts) in order) for the pass `pass_id`, with the weights
+        of `tag` (`model`'s files)."""
         self._end_pass()
+        self.hold(model, tag)
         self.feed = PassFeed(pass_id, blocks, ahead, self.generator)
 
     def take(self, pass_id: str, index: int) -> pd.DataFrame:
@@ -160,7 +163,7 @@ class GeneratorPool(HostPool):
         blocks, pass_id = prompt_blocks(prompts, c.batch_size), uuid.uuid4().hex
         # The sampling starts now, not when Ray Data schedules it (the module docstring says why).
         ray.get([host.begin_pass.remote(pass_id, [(k, b) for k, b in enumerate(blocks) if k % count == h],
-                                        RUN_AHEAD_BLOCKS) for h, host in enumerate(self.hosts)])
+                                        RUN_AHEAD_BLOCKS, model, tag) for h, host in enumerate(self.hosts)])
         return ray.data.from_pandas([pd.DataFrame({"block": [k]}) for k in range(len(blocks))]).map_batches(
             BlockTaker, fn_constructor_args=(self.hosts, pass_id), batch_format="pandas", batch_size=1,
             num_cpus=c.cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=count))
@@ -168,11 +171,7 @@ class GeneratorPool(HostPool):
     def _start(self, model: str, tag: str) -> list:
         import ray
 
-        from rayalign.devices import actor_resources
-
         c = self.config
-        # num_cpus=0: the pass's takers reserve the CPUs (see the module docstring).
-        options = {"num_cpus": 0, "max_concurrency": HOST_CONCURRENCY,
-                   **actor_resources(c.gpus_per_actor, c.resources)}
+        options = host_options(c.gpus_per_actor, c.resources, max_concurrency=HOST_CONCURRENCY)
         host = ray.remote(SamplerHost).options(**options)
         return [host.remote(model, c, self.load, tag) for _ in range(c.num_actors)]

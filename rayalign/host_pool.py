@@ -6,7 +6,9 @@ stage, the stage's rank 0 pushes the consolidated state it has just written to f
 Ray's object store (`push_weights`, called by `rayalign.train_loop`), tagged with the driver's path of that
 final/; each host copies it into its running model in place. Before a pass the driver's `HostPool` checks that
 every host holds the weights the pass is for; one that does not (a stage skipped on a resume, a failed push)
-loads them from that model's files, still into the same model. Nothing is rebuilt.
+loads them from that model's files, still into the same model. Nothing is rebuilt. A host that dies is restarted
+by Ray from its first model (`HOST_RESTARTS`) and, like any host, checks at each pass that it holds the pass's
+weights (`WeightsHost.hold`).
 
 Hosts reserve no CPU (`num_cpus=0`): the pass's light Ray Data actors that call them reserve it, so an idle
 host keeps its memory but no CPU while training runs. GPUs cannot be lent: a host given GPUs keeps its share for
@@ -36,6 +38,23 @@ def size_host_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
+# A host that died (its process killed, e.g. by Ray's memory monitor while training ran on its node) is restarted by
+# Ray from its first model's files; the next pass finds its weights stale and loads the current ones (`ensure`).
+# A call that reached it as it died is retried once on the restarted host, which loads the pass's weights first
+# (`WeightsHost.hold`); a block of a pass it was sampling is lost with it, so that pass fails and the run stops
+# (resumable with --resume).
+HOST_RESTARTS = 3
+
+
+def host_options(gpus: float, resources: dict[str, float], **options) -> dict:
+    """Ray actor options of a host: no CPUs of its own (the pass's light actors that call it reserve them), its
+    GPU share and custom resources for the run, and restarts."""
+    from rayalign.devices import actor_resources
+
+    return {"num_cpus": 0, "max_restarts": HOST_RESTARTS, "max_task_retries": 1, **actor_resources(gpus, resources),
+            **options}
+
+
 class WeightsHost:
     """The weight-keeping half of a host actor: `tag` names the weights it holds; `_load_state` is its own."""
 
@@ -47,6 +66,13 @@ class WeightsHost:
     def update_weights(self, state: dict, tag: str) -> None:
         self._load_state(state)
         self.tag = tag
+
+    def hold(self, model_path: str, tag: str) -> None:
+        """The weights of `tag` from here on: loaded from `model_path` unless already held. Each pass checks this on
+        the host itself, so a host that Ray restarted after the driver's check (`HostPool.ensure`) still serves the
+        pass's weights, not its first model's."""
+        if self.tag != tag:
+            self.load_weights_from(model_path, tag)
 
     def load_weights_from(self, model_path: str, tag: str) -> None:
         """The weights of the model at `model_path` (a directory or storage location), into the running model."""

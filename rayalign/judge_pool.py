@@ -16,7 +16,7 @@ from __future__ import annotations
 import pandas as pd
 
 from rayalign.config import Config
-from rayalign.host_pool import HostPool, WeightsHost, size_host_threads
+from rayalign.host_pool import HostPool, WeightsHost, host_options, size_host_threads
 
 
 class JudgeHost(WeightsHost):
@@ -28,7 +28,8 @@ class JudgeHost(WeightsHost):
         size_host_threads(config.judge.cpus_per_actor)
         self.judge, self.tag = Judge(policy_path, sft_path, config), tag
 
-    def judge_batch(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def judge_batch(self, batch: pd.DataFrame, policy_path: str, tag: str) -> pd.DataFrame:
+        self.hold(policy_path, tag)
         return self.judge(batch)
 
     def _load_state(self, state: dict) -> None:
@@ -39,14 +40,14 @@ class JudgeForwarder:
     """A light Ray Data actor (no model): each batch to one host, chosen by the batch's first prompt id (any host
     judges a batch alike), the judged rows back."""
 
-    def __init__(self, hosts: list):
-        self.hosts = hosts
+    def __init__(self, hosts: list, policy_path: str, tag: str):
+        self.hosts, self.policy_path, self.tag = hosts, policy_path, tag
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import ray
 
         host = self.hosts[int(batch["prompt_id"].iloc[0]) % len(self.hosts)]
-        return ray.get(host.judge_batch.remote(batch))
+        return ray.get(host.judge_batch.remote(batch, self.policy_path, self.tag))
 
 
 class JudgePool(HostPool):
@@ -69,14 +70,13 @@ class JudgePool(HostPool):
         self.ensure(policy, tag, lambda: self._start(policy, tag, sft_path))
         j = self.config.judge
         return dataset.map_batches(
-            JudgeForwarder, fn_constructor_args=(self.hosts,), batch_format="pandas", batch_size=j.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=len(self.hosts)), num_cpus=j.cpus_per_actor)
+            JudgeForwarder, fn_constructor_args=(self.hosts, policy, tag), batch_format="pandas",
+            batch_size=j.batch_size, compute=ray.data.ActorPoolStrategy(size=len(self.hosts)),
+            num_cpus=j.cpus_per_actor)
 
     def _start(self, policy: str, tag: str, sft_path: str) -> list:
         import ray
 
-        from rayalign.devices import actor_resources
-
         j, self.sft_path = self.config.judge, sft_path
-        host = ray.remote(JudgeHost).options(num_cpus=0, **actor_resources(j.gpus_per_actor, j.resources))
+        host = ray.remote(JudgeHost).options(**host_options(j.gpus_per_actor, j.resources))
         return [host.remote(policy, sft_path, self.config, tag) for _ in range(j.num_actors)]

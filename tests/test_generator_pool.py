@@ -30,6 +30,22 @@ def _rows(dataset) -> list:
     return [(int(r.prompt_id), [list(t) for t in r.token_ids]) for r in frame.itertuples()]
 
 
+def _wait_until_it_holds(host, tag: str, timeout: float = 120.0) -> None:
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(host.weights_tag.remote(), timeout=30) == tag:
+                return
+        except ray.exceptions.RayError:  # the old process dying, the new one starting
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the host was not restarted holding {tag} within {timeout} s")
+
+
 def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(tiny_model_dir, tmp_path):
     import pandas as pd
     import ray
@@ -54,8 +70,14 @@ def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(ti
     assert not any("loading its weights" in line for line in logs)  # the pushed weights were used
     fresh = _rows(generation_dataset(prompts, str(b_dir), CONFIG))
     assert pushed == fresh and pushed != first
+    ray.kill(pool.hosts[0], no_restart=False)  # as Ray's memory monitor would: Ray restarts it from A's files
+    _wait_until_it_holds(pool.hosts[0], "a")  # the kill is asynchronous; `hold` covers the race in a real run
+    assert _rows(pool.dataset(prompts, model=str(b_dir), tag="b")) == fresh
+    assert any("1 engine(s) hold a, not b: loading its weights" in line for line in logs)
     again = _rows(pool.dataset(prompts, model=str(tiny_model_dir), tag="a"))
     assert again == first
     assert any("2 engine(s) hold b, not a: loading its weights" in line for line in logs)
-    assert pool.engines_started == 2 and pool.loaded_from_files == 2
+    assert pool.engines_started == 2 and pool.loaded_from_files == 3
+    pool.ensure = lambda *args: None  # as if both were restarted after the driver's check: each host loads B itself
+    assert _rows(pool.dataset(prompts, model=str(b_dir), tag="b")) == fresh
     pool.shutdown()

@@ -3,7 +3,8 @@
 One pool of two judge hosts judges the same sampled rows three times: with the policy A (the tiny model) against
 pi_SFT S; after the weights B are pushed through the object store (as the training stage's rank 0 does): the
 judgment equals a fresh per-pass judge's with B's files; then asking for A again: the hosts load A's files and
-give the first judgment. Two hosts were started in all; a pass asking for another pi_SFT is refused.
+give the first judgment; a pass the driver did not check (as if the hosts restarted after its check) is judged
+with B, which each host loads itself. Two hosts were started in all; a pass asking for another pi_SFT is refused.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def test_pushed_weights_judge_as_a_fresh_judge_and_files_reload_in_place(tiny_mo
     _assert_same(judged(pool, model_a, "a"), first)
     assert any("judge: 2 engine(s) hold b, not a: loading its weights" in line for line in logs)
     assert pool.engines_started == 2 and pool.loaded_from_files == 2
+    pool.ensure = lambda *args: None  # as if both were restarted after the driver's check: each host loads B itself
+    _assert_same(judged(pool, str(b_dir), "b"), pushed)
     with pytest.raises(ValueError, match="hold pi_SFT"):
         pool.chain(ray.data.from_pandas(samples), policy=model_a, tag="a", sft_path=str(b_dir))
     pool.shutdown()
