@@ -59,13 +59,14 @@ class WeightsHost:
     """The weight-keeping half of a host actor: `tag` names the weights it holds; `_load_state` is its own."""
 
     tag: str = ""
+    _incarnation: str = ""
 
     def weights_tag(self) -> str:
         return self.tag
 
     def incarnation(self) -> str:
         """A name of this process, new after Ray restarts the host (`HostPool.restarted`)."""
-        if not getattr(self, "_incarnation", ""):
+        if not self._incarnation:
             import uuid
 
             self._incarnation = uuid.uuid4().hex
@@ -160,7 +161,7 @@ class HostPool:
         if stale:  # e.g. a resumed run whose training stage was found done: nothing was pushed
             self.log(f"{self.kind}: {len(stale)} engine(s) hold {tags[self.hosts.index(stale[0])]}, not {tag}: "
                      "loading its weights from its files into the running engines")
-            ray.get([host.load_weights_from.remote(model, tag) for host in stale])
+            ray.get([host.hold.remote(model, tag) for host in stale])
             self.loaded_from_files += len(stale)
 
     def restarted(self) -> bool:
