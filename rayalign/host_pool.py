@@ -104,8 +104,12 @@ def rerun_if_restarted(run, pools, log=None):
     except Exception:
         if not [pool for pool in pools if pool is not None and pool.restarted()]:  # all asked: each records its own
             raise
-    # Out of the except block: the failed pass's traceback (and through it its dataset, whose actors hold the CPUs
-    # the new pass needs) is released first.
+    # The failed pass's Ray Data actors hold the CPUs the new pass needs until its executor is shut down, which
+    # happens when its iterator is collected: out of the except block (its traceback held them) and, as they can sit
+    # in a reference cycle, after a collection (without one the new pass waited for CPUs in some runs).
+    import gc
+
+    gc.collect()
     (log or (lambda line: print(line, file=sys.stderr, flush=True)))(
         "rayalign: a persistent engine or judge died during the pass and Ray restarted it: running the pass again")
     return run()
