@@ -8,7 +8,7 @@ final/; each host copies it into its running model in place. Before a pass the d
 every host holds the weights the pass is for; one that does not (a stage skipped on a resume, a failed push)
 loads them from that model's files, still into the same model. Nothing is rebuilt. A host that dies is restarted
 by Ray from its first model (`HOST_RESTARTS`) and, like any host, checks at each pass that it holds the pass's
-weights (`WeightsHost.hold`); a pass it was serving is run again (`rerun_if_restarted`).
+weights (`WeightsHost.hold`).
 
 Hosts reserve no CPU (`num_cpus=0`): the pass's light Ray Data actors that call them reserve it, so an idle
 host keeps its memory but no CPU while training runs. GPUs cannot be lent: a host given GPUs keeps its share for
@@ -41,8 +41,8 @@ def size_host_threads(cpus: float) -> None:
 # A host that died (its process killed, e.g. by Ray's memory monitor while training ran on its node) is restarted by
 # Ray from its first model's files; the next pass finds its weights stale and loads the current ones (`ensure`).
 # A call that reached it as it died is retried once on the restarted host, which loads the pass's weights first
-# (`WeightsHost.hold`); the blocks of a pass it was sampling are lost with it, so that pass fails and is run again
-# (`rerun_if_restarted`).
+# (`WeightsHost.hold`); a block of a pass it was sampling is lost with it, so that pass fails and the run stops
+# (resumable with --resume).
 HOST_RESTARTS = 3
 
 
@@ -59,18 +59,9 @@ class WeightsHost:
     """The weight-keeping half of a host actor: `tag` names the weights it holds; `_load_state` is its own."""
 
     tag: str = ""
-    _incarnation: str = ""
 
     def weights_tag(self) -> str:
         return self.tag
-
-    def incarnation(self) -> str:
-        """A name of this process, new after Ray restarts the host (`HostPool.restarted`)."""
-        if not self._incarnation:
-            import uuid
-
-            self._incarnation = uuid.uuid4().hex
-        return self._incarnation
 
     def update_weights(self, state: dict, tag: str) -> None:
         self._load_state(state)
@@ -91,28 +82,6 @@ class WeightsHost:
 
     def _load_state(self, state: dict) -> None:
         raise NotImplementedError
-
-
-def rerun_if_restarted(run, pools, log=None):
-    """`run()`; if it fails and Ray restarted a host of one of `pools` (None entries skipped: stages without
-    hosts), `run()` once more (a pass is one unit, redone whole: its samples are seeded per prompt). Any other
-    failure is raised as it is."""
-    import sys
-
-    try:
-        return run()
-    except Exception:
-        if not [pool for pool in pools if pool is not None and pool.restarted()]:  # all asked: each records its own
-            raise
-    # The failed pass's Ray Data actors hold the CPUs the new pass needs until its executor is shut down, which
-    # happens when its iterator is collected: out of the except block (its traceback held them) and, as they can sit
-    # in a reference cycle, after a collection (without one the new pass waited for CPUs in some runs).
-    import gc
-
-    gc.collect()
-    (log or (lambda line: print(line, file=sys.stderr, flush=True)))(
-        "rayalign: a persistent engine or judge died during the pass and Ray restarted it: running the pass again")
-    return run()
 
 
 def push_weights(target: dict, state: dict) -> None:
@@ -147,7 +116,6 @@ class HostPool:
         self.hosts: list = []
         self.engines_started = 0
         self.loaded_from_files = 0
-        self.incarnations: list[str] = []
 
     def ensure(self, model: str, tag: str, start) -> None:
         """Hosts holding the weights of `model` (`tag`): `start()` returns new, constructing handles the first
@@ -156,7 +124,7 @@ class HostPool:
 
         if not self.hosts:
             self.hosts = start()
-            self.incarnations = ray.get([h.incarnation.remote() for h in self.hosts])  # up (a failure surfaces here)
+            ray.get([h.weights_tag.remote() for h in self.hosts])  # constructed (a failure surfaces here)
             self.engines_started += len(self.hosts)
             self.log(f"{self.kind}: {len(self.hosts)} engine(s) started from {model}; they stay for the run")
             return
@@ -167,18 +135,6 @@ class HostPool:
                      "loading its weights from its files into the running engines")
             ray.get([host.hold.remote(model, tag) for host in stale])
             self.loaded_from_files += len(stale)
-
-    def restarted(self) -> bool:
-        """Whether Ray restarted any host since the pool last looked (then it records the new ones); False when a
-        host cannot answer (restarts used up: the pass's own error is the one to see)."""
-        import ray
-
-        try:
-            now = ray.get([host.incarnation.remote() for host in self.hosts])
-        except ray.exceptions.RayError:
-            return False
-        changed, self.incarnations = now != self.incarnations, now
-        return changed
 
     def shutdown(self) -> None:
         import ray

@@ -86,17 +86,8 @@ def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: 
     (the driver's path of `model`); with `judges` (a `rayalign.judge_pool.JudgePool`), so do the judges. With
     `sams_below_id`, SamS scoring actors follow the judges and score the pairs of prompt ids below it
     (`rayalign.sams_score`, with the bandit in `model`'s sams.pt). Returns one row per prompt: the generation's
-    list columns and the judgment (see `rayalign.judge`). A pass that fails because Ray restarted one of the
-    pools' hosts (it died) is run once more, whole (samples are seeded per prompt: the same rows).
+    list columns and the judgment (see `rayalign.judge`).
     """
-    from rayalign.host_pool import rerun_if_restarted
-
-    return rerun_if_restarted(lambda: _judged_pass_once(config, prompts, model, sft_path, pool, judges, tag,
-                                                        sams_below_id), (pool, judges))
-
-
-def _judged_pass_once(config: Config, prompts: pd.DataFrame, model: str, sft_path: str, pool, judges,
-                      tag: str | None, sams_below_id: int | None) -> pd.DataFrame:
     from rayalign.generate import generation_dataset
     from rayalign.judge import judge_dataset
 
