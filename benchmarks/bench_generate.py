@@ -112,11 +112,16 @@ def _spread(values: list[float]) -> list[float]:
 def _start_ray(threads: int) -> None:
     """A local Ray sized to `threads`; a cluster named in RAY_ADDRESS is joined as it is. As `rayalign run` starts
     it: no job-level runtime_env (with one, Ray starts every actor in a fresh worker process set up for it, which
-    cost each pass's Ray Data actor ~0.25 s more CPU here); a local Ray's workers inherit this environment."""
+    cost each pass's Ray Data actor ~0.25 s more CPU here); a local Ray gets `rayalign.ray_session.local_start_env`
+    and its workers inherit this environment."""
     import ray
+
+    from rayalign.ray_session import local_start_env
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(2, threads), "include_dashboard": False}
+    if local:
+        local_start_env(local["num_cpus"])
     ray.init(log_to_driver=False, **local)
 
 

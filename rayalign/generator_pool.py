@@ -5,14 +5,15 @@ asks for, and takes each new policy's weights in memory (`rayalign.host_pool`: t
 stage, the repair of a stale host from files; `update_weights` of `rayalign.samplers` loads them into the
 running engine in place). Nothing is rebuilt.
 
-Ray Data still carries the pass, but it no longer paces the sampling. When a pass's dataset is built, each
-host is handed its share of the prompt blocks at once (`begin_pass`) and samples them in order on a thread of
-its own, at most `RUN_AHEAD_BLOCKS` blocks beyond what the pass has taken. The dataset's light `BlockTaker`
-actors (one per host, started per pass, holding no model) take each block's rows from its host as it finishes,
-and the rows flow on to the Judge actors. So a host never idles for Ray Data's scheduling (a taker starts in ~1 s
-here, a sampling block takes ~0.3 s), and holds at most that many finished blocks in memory. The takers, not
-the hosts, reserve `generate.cpus_per_actor` (a host with `generate.gpus_per_actor` keeps its GPU share for the
-run: `rayalign.host_pool`). Samples are seeded per prompt id, so which host serves a block does not change them.
+Ray Data still carries the pass, but it no longer paces the sampling. When a pass's dataset is built, each host is
+handed its share of the prompt blocks at once (`begin_pass`) and samples them in order on a thread of its own, at
+most `RUN_AHEAD_BLOCKS` blocks beyond what the pass has taken. The dataset's light `take_block` tasks (holding no
+model, at most `TASKS_PER_HOST` per host at once) take each block's rows from its host as it finishes, and the rows
+flow on to the Judge actors. So a host never idles for Ray Data's scheduling (a take can wait for a worker process
+to start, ~1 s here, where a sampling block takes ~0.3 s), and holds at most that many finished blocks in memory.
+The takes, not the hosts, reserve `generate.cpus_per_actor` (a host with `generate.gpus_per_actor` keeps its GPU
+share for the run: `rayalign.host_pool`). Samples are seeded per prompt id, so which host serves a block does not
+change them.
 Not here: sampling (`rayalign.samplers`), the judge (chained by `rayalign.stages.judged_pass`).
 """
 
@@ -23,14 +24,14 @@ import threading
 import pandas as pd
 
 from rayalign.config import GenerateConfig
-from rayalign.host_pool import HostPool, WeightsHost, host_options, size_host_threads
+from rayalign.host_pool import TASKS_PER_HOST, HostPool, WeightsHost, host_options, size_host_threads
 from rayalign.models import LoadOptions
 
-# How far a host samples ahead of the pass's takers: enough to cover a taker's start-up (~1 s here, 3-4 blocks),
+# How far a host samples ahead of the pass's takes: enough to cover a worker's start-up (~1 s here, 3-4 blocks),
 # few enough that finished blocks waiting for a slow judge do not pile up in its memory.
 RUN_AHEAD_BLOCKS = 4
-# Threads of a host actor: the feed's own thread is extra; these serve begin_pass, take (the blocks a taker
-# holds in flight; more if a pass is abandoned) and the weight calls.
+# Threads of a host actor: the feed's own thread is extra; these serve begin_pass, take (the takes in
+# flight; more if a pass is abandoned) and the weight calls.
 HOST_CONCURRENCY = 4
 
 
@@ -122,20 +123,16 @@ class SamplerHost(WeightsHost):
             self.feed = None
 
 
-class BlockTaker:
-    """A light Ray Data actor (no model): the rows of the pass's block `batch["block"]` from the host sampling it.
+def take_block(batch: pd.DataFrame, hosts: list, pass_id: str) -> pd.DataFrame:
+    """A light Ray Data task (no model): the rows of the pass's block `batch["block"]` from the host sampling it.
 
-    Actors, not tasks: measured in the quickstart's pass (generation chained into the judges), tasks made the
-    pass ~0.7 s slower; an actor's start-up (~1 s here) is hidden behind the hosts' running ahead."""
+    A task, not an actor: Ray reuses an idle task worker, warm from the last pass, where an actor always starts
+    a fresh process (~0.8 s of CPU importing Ray Data, here, in each pass's first second, taken from the
+    sampling). It stays warm only while Ray keeps idle workers, which `rayalign.ray_session` sees to."""
+    import ray
 
-    def __init__(self, hosts: list, pass_id: str):
-        self.hosts, self.pass_id = hosts, pass_id
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import ray
-
-        index = int(batch["block"].iloc[0])
-        return ray.get(self.hosts[index % len(self.hosts)].take.remote(self.pass_id, index))
+    index = int(batch["block"].iloc[0])
+    return ray.get(hosts[index % len(hosts)].take.remote(pass_id, index))
 
 
 class GeneratorPool(HostPool):
@@ -165,8 +162,8 @@ class GeneratorPool(HostPool):
         ray.get([host.begin_pass.remote(pass_id, [(k, b) for k, b in enumerate(blocks) if k % count == h],
                                         RUN_AHEAD_BLOCKS, model, tag) for h, host in enumerate(self.hosts)])
         return ray.data.from_pandas([pd.DataFrame({"block": [k]}) for k in range(len(blocks))]).map_batches(
-            BlockTaker, fn_constructor_args=(self.hosts, pass_id), batch_format="pandas", batch_size=1,
-            num_cpus=c.cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=count))
+            take_block, fn_args=(self.hosts, pass_id), batch_format="pandas", batch_size=1,
+            num_cpus=c.cpus_per_actor, concurrency=max(1, min(TASKS_PER_HOST * count, len(blocks))))
 
     def _start(self, model: str, tag: str) -> list:
         import ray

@@ -10,7 +10,7 @@ loads them from that model's files, still into the same model. Nothing is rebuil
 by Ray from its first model (`HOST_RESTARTS`) and, like any host, checks at each pass that it holds the pass's
 weights (`WeightsHost.hold`).
 
-Hosts reserve no CPU (`num_cpus=0`): the pass's light Ray Data actors that call them reserve it, so an idle
+Hosts reserve no CPU (`num_cpus=0`): the pass's light Ray Data tasks that call them reserve it, so an idle
 host keeps its memory but no CPU while training runs. GPUs cannot be lent: a host given GPUs keeps its share for
 the run, and the other stages must fit beside it. Not here: what a host computes (its module).
 """
@@ -32,7 +32,7 @@ def read_weights(directory: str) -> dict:
 
 def size_host_threads(cpus: float) -> None:
     """A host's torch threads from its stage's `cpus_per_actor`: Ray sizes a worker's thread pool from the actor's
-    CPU reservation, which is 0 for a host (the pass's light actors that call it hold the CPUs)."""
+    CPU reservation, which is 0 for a host (the pass's light tasks that call it hold the CPUs)."""
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))
@@ -44,10 +44,14 @@ def size_host_threads(cpus: float) -> None:
 # (`WeightsHost.hold`); a block of a pass it was sampling is lost with it, so that pass fails and the run stops
 # (resumable with --resume).
 HOST_RESTARTS = 3
+# The pass's light tasks in flight per host: one waiting on the host, one queued behind it, so the pass need not
+# wait for Ray Data to launch the next; a bound, since a task blocked in ray.get lends its CPU back to Ray and
+# more of them would only start more worker processes.
+TASKS_PER_HOST = 2
 
 
 def host_options(gpus: float, resources: dict[str, float], **options) -> dict:
-    """Ray actor options of a host: no CPUs of its own (the pass's light actors that call it reserve them), its
+    """Ray actor options of a host: no CPUs of its own (the pass's light tasks that call it reserve them), its
     GPU share and custom resources for the run, and restarts."""
     from rayalign.devices import actor_resources
 

@@ -3,9 +3,9 @@
 Each `JudgeHost` actor builds one `rayalign.judge.Judge` (the policy, pi_SFT, the reward models) on the first
 pass, and afterwards takes each new policy's weights in memory (`rayalign.host_pool`: pushed by the training
 stage, or loaded from the model's files by a stale host); pi_SFT, which the loop never changes, stays loaded.
-A pass's judging is still a Ray Data stage chained onto the generation: light `JudgeForwarder` actors (one
-per host, started per pass, holding no model, reserving `judge.cpus_per_actor`) hand each batch to a host and
-pass its judged rows on. What this saves is the judge's start-up in every pass: a new process, its imports and
+A pass's judging is still a Ray Data stage chained onto the generation: light `forward_to_judge` tasks (no
+model, reserving `judge.cpus_per_actor`, at most two per host at once) hand each batch to a host and pass its
+judged rows on. What this saves is the judge's start-up in every pass: a new process, its imports and
 two model loads (~3-4 s a pass on the quickstart), which lie on the pass's critical path, since the judge can
 begin only when it is up. The judgment itself is `Judge`'s, batch for batch, so it equals a per-pass judge's.
 Not here: the judge's math (`rayalign.judge`), the generators (`rayalign.generator_pool`).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import pandas as pd
 
 from rayalign.config import Config
-from rayalign.host_pool import HostPool, WeightsHost, host_options, size_host_threads
+from rayalign.host_pool import TASKS_PER_HOST, HostPool, WeightsHost, host_options, size_host_threads
 
 
 class JudgeHost(WeightsHost):
@@ -36,18 +36,13 @@ class JudgeHost(WeightsHost):
         self.judge.policy.load_state_dict(state, strict=True)
 
 
-class JudgeForwarder:
-    """A light Ray Data actor (no model): each batch to one host, chosen by the batch's first prompt id (any host
-    judges a batch alike), the judged rows back."""
+def forward_to_judge(batch: pd.DataFrame, hosts: list, policy_path: str, tag: str) -> pd.DataFrame:
+    """A light Ray Data task (no model): the batch to one host, chosen by its first prompt id (any host judges a
+    batch alike), the judged rows back. A task for the reason `rayalign.generator_pool.take_block` is one."""
+    import ray
 
-    def __init__(self, hosts: list, policy_path: str, tag: str):
-        self.hosts, self.policy_path, self.tag = hosts, policy_path, tag
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import ray
-
-        host = self.hosts[int(batch["prompt_id"].iloc[0]) % len(self.hosts)]
-        return ray.get(host.judge_batch.remote(batch, self.policy_path, self.tag))
+    host = hosts[int(batch["prompt_id"].iloc[0]) % len(hosts)]
+    return ray.get(host.judge_batch.remote(batch, policy_path, tag))
 
 
 class JudgePool(HostPool):
@@ -62,17 +57,14 @@ class JudgePool(HostPool):
     def chain(self, dataset, *, policy: str, tag: str, sft_path: str):
         """`dataset` (per-prompt rows with `texts`) judged with the weights of `policy` (`tag`: the driver's name of
         it, which the training stage's push carries) against `sft_path`, as `rayalign.judge.judge_dataset`."""
-        import ray
-
         if self.hosts and sft_path != self.sft_path:
             raise ValueError(f"judge.persistent: the run's judges hold pi_SFT {self.sft_path}; a pass asked for "
                              f"{sft_path}")
         self.ensure(policy, tag, lambda: self._start(policy, tag, sft_path))
         j = self.config.judge
         return dataset.map_batches(
-            JudgeForwarder, fn_constructor_args=(self.hosts, policy, tag), batch_format="pandas",
-            batch_size=j.batch_size, compute=ray.data.ActorPoolStrategy(size=len(self.hosts)),
-            num_cpus=j.cpus_per_actor)
+            forward_to_judge, fn_args=(self.hosts, policy, tag), batch_format="pandas", batch_size=j.batch_size,
+            num_cpus=j.cpus_per_actor, concurrency=TASKS_PER_HOST * len(self.hosts))
 
     def _start(self, policy: str, tag: str, sft_path: str) -> list:
         import ray

@@ -13,7 +13,13 @@ retries the dead address for minutes. So the address is chosen here first (`choo
 A TCP answer does not prove a healthy cluster; it rules out the dead-head hang, which is what it is for.
 On a local Ray that this process started, Ray Train's preemption watcher (an extra actor per training run,
 ~2 s of a run's start here) is switched off unless the user set RAY_TRAIN_ENABLE_PREEMPTION_WATCHER: one
-machine that is the whole cluster has no node that can be drained while the rest runs on.
+machine that is the whole cluster has no node that can be drained while the rest runs on. Its raylet also keeps
+more idle workers (`local_start_env`): Ray keeps at most `num_workers_soft_limit` workers (default: its CPU
+count) and kills idle ones beyond it after ~1 s. The run's persistent engines and judges reserve no CPU but
+count, so on a small machine they pushed out the warm worker of each pass's light Ray Data tasks, and every pass
+started fresh processes (~0.8 s of CPU each here, importing Ray Data, beside the sampling). A cluster's nodes keep
+Ray's default, ample where a node has tens of CPUs beside a few hosts; on a small node, set the variable in the
+environment of its `ray start`.
 It does not configure logging or resources beyond what the caller passes (`rayalign tune` passes its
 local-start settings, used only when a local Ray is started).
 """
@@ -33,6 +39,8 @@ WAIT_S = 30.0  # RAY_ADDRESS: how long a cluster may take to answer (it may stil
 PROBE_S = 3.0  # the address file: a live GCS answers at once
 FIX = "`ray stop --force` (or remove {file})"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train's controller at each fit
+WORKER_LIMIT_ENV = "RAY_num_workers_soft_limit"  # read by a raylet when it starts
+ZERO_CPU_ACTORS = 8  # room in that limit for actors holding no CPU (the persistent hosts, Ray's own)
 
 
 def address_file() -> Path:
@@ -96,6 +104,19 @@ def choose_address(env: str | None, file: Path, *, wait_s: float = WAIT_S,
     return "local", None
 
 
+def local_start_settings(cpus: int | None = None) -> dict[str, str]:
+    """The environment a local Ray of `cpus` CPUs (default: this process's) should start with: set before
+    `ray.init`, so that its raylet, and so every worker (Tune's trials), inherit it."""
+    cpus = int(cpus) if cpus else len(os.sched_getaffinity(0))
+    return {PREEMPTION_WATCHER_ENV: "0", WORKER_LIMIT_ENV: str(cpus + ZERO_CPU_ACTORS)}
+
+
+def local_start_env(cpus: int | None = None) -> None:
+    """`local_start_settings` into this process's environment, keeping any value the user set."""
+    for key, value in local_start_settings(cpus).items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(**local_settings) -> str | None:
     """Start or join Ray unless it is running in this process; returns the address chosen (None: it was).
 
@@ -110,7 +131,7 @@ def init_ray(**local_settings) -> str | None:
     # Ray's dashboard stays on for a local start (~2 s): it serves the state API that Ray Train's
     # PlacementGroupCleaner polls to free a dead controller's resources (tried off: the cleaner fails every second).
     extra = local_settings if address == "local" else {}
-    if address == "local":  # before ray.init: the local raylet, and so every worker (Tune's trials), inherit it
-        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    if address == "local":
+        local_start_env(local_settings.get("num_cpus"))
     ray.init(address=address, log_to_driver=True, configure_logging=False, **extra)
     return address

@@ -45,6 +45,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # before torch is imported; a val
 
 import pytest  # noqa: E402
 
+from rayalign.ray_session import local_start_settings  # noqa: E402
 from tests import scheduling  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,8 +119,9 @@ def wait_for(predicate, timeout: float, what: str, details=lambda: "", poll: flo
 SHARED_HEAD_MARKER = "RAYALIGN_TEST_SHARED_HEAD"  # in the shared head's environment: its processes, for teardown
 # Set for the session with the shared head (and so inherited by every command the tests start): auth off on both
 # sides (a token in ~/.ray would otherwise switch the head to token mode), and Ray Train's preemption watcher off
-# as `init_ray` does for a local Ray (Ray Train propagates RAY_TRAIN_* from each driver to its controller).
-SHARED_HEAD_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# and the rest as `init_ray` sets it for a local Ray (Ray Train propagates RAY_TRAIN_* from each driver to its
+# controller; the raylet reads its idle-worker limit at start).
+SHARED_HEAD_ENV = {"RAY_AUTH_MODE": "disabled", **local_start_settings(os.cpu_count())}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -127,12 +127,24 @@ def test_preemption_watcher_is_off_only_on_a_local_ray(monkeypatch, listening, r
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setenv("RAY_ADDRESS", listening if ray_address == "joined" else "local")
+    monkeypatch.delenv(ray_session.WORKER_LIMIT_ENV, raising=False)
     if user_value is None:
         monkeypatch.delenv(ray_session.PREEMPTION_WATCHER_ENV, raising=False)
     else:
         monkeypatch.setenv(ray_session.PREEMPTION_WATCHER_ENV, user_value)
     assert ray_session.init_ray() == calls[0]["address"]
     assert os.environ.get(ray_session.PREEMPTION_WATCHER_ENV) == expected
+    # A local raylet keeps idle workers beyond its CPU count (the hosts hold none); a cluster's is its own.
+    limit = str(len(os.sched_getaffinity(0)) + ray_session.ZERO_CPU_ACTORS) if ray_address == "local" else None
+    assert os.environ.get(ray_session.WORKER_LIMIT_ENV) == limit
+
+
+def test_a_local_rays_idle_worker_limit_counts_its_cpus_and_room_for_the_hosts_and_keeps_the_users(monkeypatch):
+    assert ray_session.local_start_settings(2) == {ray_session.PREEMPTION_WATCHER_ENV: "0",
+                                                   ray_session.WORKER_LIMIT_ENV: "10"}
+    monkeypatch.setenv(ray_session.WORKER_LIMIT_ENV, "3")
+    ray_session.local_start_env(64)
+    assert os.environ[ray_session.WORKER_LIMIT_ENV] == "3"
 
 
 def test_ray_train_polls_its_workers_often_for_small_groups_and_rarely_for_large_ones():
