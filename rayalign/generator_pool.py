@@ -161,9 +161,10 @@ class GeneratorPool(HostPool):
         # The sampling starts now, not when Ray Data schedules it (the module docstring says why).
         ray.get([host.begin_pass.remote(pass_id, [(k, b) for k, b in enumerate(blocks) if k % count == h],
                                         RUN_AHEAD_BLOCKS, model, tag) for h, host in enumerate(self.hosts)])
+        takes = max(1, min(TASKS_PER_HOST * count, len(blocks)))  # no more than the blocks: Ray Data warns of it
         return ray.data.from_pandas([pd.DataFrame({"block": [k]}) for k in range(len(blocks))]).map_batches(
             take_block, fn_args=(self.hosts, pass_id), batch_format="pandas", batch_size=1,
-            num_cpus=c.cpus_per_actor, concurrency=max(1, min(TASKS_PER_HOST * count, len(blocks))))
+            num_cpus=c.cpus_per_actor, compute=ray.data.TaskPoolStrategy(size=takes))
 
     def _start(self, model: str, tag: str) -> list:
         import ray

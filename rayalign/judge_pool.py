@@ -61,10 +61,12 @@ class JudgePool(HostPool):
             raise ValueError(f"judge.persistent: the run's judges hold pi_SFT {self.sft_path}; a pass asked for "
                              f"{sft_path}")
         self.ensure(policy, tag, lambda: self._start(policy, tag, sft_path))
+        import ray
+
         j = self.config.judge
         return dataset.map_batches(
             forward_to_judge, fn_args=(self.hosts, policy, tag), batch_format="pandas", batch_size=j.batch_size,
-            num_cpus=j.cpus_per_actor, concurrency=TASKS_PER_HOST * len(self.hosts))
+            num_cpus=j.cpus_per_actor, compute=ray.data.TaskPoolStrategy(size=TASKS_PER_HOST * len(self.hosts)))
 
     def _start(self, policy: str, tag: str, sft_path: str) -> list:
         import ray
