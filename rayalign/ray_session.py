@@ -17,7 +17,8 @@ machine that is the whole cluster has no node that can be drained while the rest
 more idle workers (`local_start_env`): Ray keeps at most `num_workers_soft_limit` workers (default: its CPU
 count) and kills idle ones beyond it after ~1 s. The run's persistent engines and judges reserve no CPU but
 count, so on a small machine they pushed out the warm worker of each pass's light Ray Data tasks, and every pass
-started fresh processes (~0.8 s of CPU each here, importing Ray Data, beside the sampling). A cluster's nodes keep
+started fresh processes (~0.8 s of CPU each here, importing Ray Data, beside the sampling). The cost: an idle
+worker holds ~200 MB of memory here, and Ray starts them only on demand. A cluster's nodes keep
 Ray's default, ample where a node has tens of CPUs beside a few hosts; on a small node, set the variable in the
 environment of its `ray start`.
 It does not configure logging or resources beyond what the caller passes (`rayalign tune` passes its
