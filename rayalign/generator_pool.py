@@ -38,13 +38,15 @@ HOST_CONCURRENCY = 4
 class PassFeed:
     """One pass's blocks on one host, sampled in order by a thread, at most `ahead` blocks beyond those taken.
 
-    `take(k)` waits for block k's rows and hands them over once; a failed block's error is raised by every take
-    that follows it. `cancel` stops the thread after the block it is sampling (a pass abandoned half-way)."""
+    `take(k)` waits for block k's rows and hands them over once (a second take of k raises, not waits); a failed
+    block's error is raised by every take that follows it. `cancel` stops the thread after the block it is
+    sampling (a pass abandoned half-way)."""
 
     def __init__(self, pass_id: str, blocks: list[tuple[int, pd.DataFrame]], ahead: int, sample):
         self.pass_id, self.blocks, self.ahead, self.sample = pass_id, blocks, max(1, ahead), sample
         self.indices = {index for index, _ in blocks}
         self.done: dict[int, pd.DataFrame] = {}
+        self.handed: set[int] = set()
         self.taken, self.failed, self.cancelled = 0, None, False
         self.changed = threading.Condition()
         self.thread = threading.Thread(target=self._run, name=f"feed-{pass_id}", daemon=True)
@@ -71,12 +73,16 @@ class PassFeed:
         if index not in self.indices:  # a block given to another host: waiting for it here would never end
             raise KeyError(f"block {index} is not one of pass {self.pass_id}'s blocks on this host")
         with self.changed:
+            if index in self.handed:  # a retried take (Ray retries a task whose worker died): its rows are gone
+                raise RuntimeError(f"block {index} of pass {self.pass_id} was handed over already; its take was "
+                                   "retried after its first result was lost: run the pass again")
             self.changed.wait_for(lambda: index in self.done or self.failed is not None or self.cancelled)
             if index not in self.done:
                 if self.failed is not None:
                     raise self.failed
                 raise RuntimeError(f"pass {self.pass_id} was cancelled before block {index} was sampled")
             self.taken += 1
+            self.handed.add(index)
             self.changed.notify_all()
             return self.done.pop(index)
 

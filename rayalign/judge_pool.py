@@ -57,12 +57,12 @@ class JudgePool(HostPool):
     def chain(self, dataset, *, policy: str, tag: str, sft_path: str):
         """`dataset` (per-prompt rows with `texts`) judged with the weights of `policy` (`tag`: the driver's name of
         it, which the training stage's push carries) against `sft_path`, as `rayalign.judge.judge_dataset`."""
+        import ray
+
         if self.hosts and sft_path != self.sft_path:
             raise ValueError(f"judge.persistent: the run's judges hold pi_SFT {self.sft_path}; a pass asked for "
                              f"{sft_path}")
         self.ensure(policy, tag, lambda: self._start(policy, tag, sft_path))
-        import ray
-
         j = self.config.judge
         return dataset.map_batches(
             forward_to_judge, fn_args=(self.hosts, policy, tag), batch_format="pandas", batch_size=j.batch_size,

@@ -98,3 +98,13 @@ def test_a_block_given_to_another_host_is_refused_at_once():
     with pytest.raises(KeyError, match="block 1 is not one of pass p's blocks"):
         feed.take(1)
     assert list(feed.take(2)["prompt_id"]) == [4, 5]
+
+
+def test_a_block_taken_twice_raises_instead_of_waiting_forever():
+    """Ray retries a take whose worker died after the host handed the rows over: the retry must fail the pass,
+    not wait for rows that are gone."""
+    feed = PassFeed("p", _blocks(2), ahead=2, sample=_Recorder())
+    assert list(feed.take(0)["prompt_id"]) == [0, 1]
+    with pytest.raises(RuntimeError, match="block 0 of pass p was handed over already"):
+        feed.take(0)
+    assert list(feed.take(1)["prompt_id"]) == [2, 3]  # the rest of the pass is unaffected
