@@ -46,8 +46,8 @@ class PassFeed:
         self.pass_id, self.blocks, self.ahead, self.sample = pass_id, blocks, max(1, ahead), sample
         self.indices = {index for index, _ in blocks}
         self.done: dict[int, pd.DataFrame] = {}
-        self.handed: set[int] = set()
-        self.taken, self.failed, self.cancelled = 0, None, False
+        self.handed: set[int] = set()  # blocks taken; how many were is how far the thread may run ahead
+        self.failed, self.cancelled = None, False
         self.changed = threading.Condition()
         self.thread = threading.Thread(target=self._run, name=f"feed-{pass_id}", daemon=True)
         self.thread.start()
@@ -55,7 +55,7 @@ class PassFeed:
     def _run(self) -> None:
         for produced, (index, block) in enumerate(self.blocks):
             with self.changed:
-                self.changed.wait_for(lambda n=produced: self.cancelled or n - self.taken < self.ahead)
+                self.changed.wait_for(lambda n=produced: self.cancelled or n - len(self.handed) < self.ahead)
                 if self.cancelled:
                     return
             try:
@@ -73,15 +73,15 @@ class PassFeed:
         if index not in self.indices:  # a block given to another host: waiting for it here would never end
             raise KeyError(f"block {index} is not one of pass {self.pass_id}'s blocks on this host")
         with self.changed:
+            self.changed.wait_for(lambda: index in self.done or index in self.handed or self.failed is not None
+                                  or self.cancelled)
             if index in self.handed:  # a retried take (Ray retries a task whose worker died): its rows are gone
                 raise RuntimeError(f"block {index} of pass {self.pass_id} was handed over already; its take was "
                                    "retried after its first result was lost: run the pass again")
-            self.changed.wait_for(lambda: index in self.done or self.failed is not None or self.cancelled)
             if index not in self.done:
                 if self.failed is not None:
                     raise self.failed
                 raise RuntimeError(f"pass {self.pass_id} was cancelled before block {index} was sampled")
-            self.taken += 1
             self.handed.add(index)
             self.changed.notify_all()
             return self.done.pop(index)
