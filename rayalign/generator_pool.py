@@ -168,7 +168,10 @@ class GeneratorPool(HostPool):
         ray.get([host.begin_pass.remote(pass_id, [(k, b) for k, b in enumerate(blocks) if k % count == h],
                                         RUN_AHEAD_BLOCKS, model, tag) for h, host in enumerate(self.hosts)])
         takes = max(1, min(TASKS_PER_HOST * count, len(blocks)))  # no more than the blocks: Ray Data warns of it
-        return ray.data.from_pandas([pd.DataFrame({"block": [k]}) for k in range(len(blocks))]).map_batches(
+        # from_items builds its blocks here; from_pandas would run a Ray task per block to read their schema, and
+        # that backlog makes the raylet start a worker process beside the sampling at each pass's start.
+        index = ray.data.from_items([{"block": k} for k in range(len(blocks))], override_num_blocks=len(blocks))
+        return index.map_batches(
             take_block, fn_args=(self.hosts, pass_id), batch_format="pandas", batch_size=1,
             num_cpus=c.cpus_per_actor, compute=ray.data.TaskPoolStrategy(size=takes))
 
