@@ -141,6 +141,17 @@ def take_block(batch: pd.DataFrame, hosts: list, pass_id: str) -> pd.DataFrame:
     return ray.get(hosts[index % len(hosts)].take.remote(pass_id, index))
 
 
+def block_index(count: int):
+    """A dataset of `count` one-row blocks, {"block": k} for k = 0..count-1 (none for an empty pass).
+
+    Built by `from_items` in the driver: `from_pandas` would run a Ray task per block to read its schema, and
+    that backlog makes the raylet start a worker process beside the sampling at each pass's start."""
+    import ray
+
+    # from_items refuses 0 blocks; with 1 and no items it gives an empty dataset, as from_pandas([]) did.
+    return ray.data.from_items([{"block": k} for k in range(count)], override_num_blocks=max(1, count))
+
+
 class GeneratorPool(HostPool):
     """The driver's side: starts the hosts on the first pass, keeps them current, builds each pass's dataset."""
 
@@ -168,10 +179,7 @@ class GeneratorPool(HostPool):
         ray.get([host.begin_pass.remote(pass_id, [(k, b) for k, b in enumerate(blocks) if k % count == h],
                                         RUN_AHEAD_BLOCKS, model, tag) for h, host in enumerate(self.hosts)])
         takes = max(1, min(TASKS_PER_HOST * count, len(blocks)))  # no more than the blocks: Ray Data warns of it
-        # from_items builds its blocks here; from_pandas would run a Ray task per block to read their schema, and
-        # that backlog makes the raylet start a worker process beside the sampling at each pass's start.
-        index = ray.data.from_items([{"block": k} for k in range(len(blocks))], override_num_blocks=len(blocks))
-        return index.map_batches(
+        return block_index(len(blocks)).map_batches(
             take_block, fn_args=(self.hosts, pass_id), batch_format="pandas", batch_size=1,
             num_cpus=c.cpus_per_actor, compute=ray.data.TaskPoolStrategy(size=takes))
 

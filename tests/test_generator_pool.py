@@ -81,3 +81,16 @@ def test_pushed_weights_sample_as_a_fresh_generator_and_files_reload_in_place(ti
     pool.ensure = lambda *args: None  # as if both were restarted after the driver's check: each host loads B itself
     assert _rows(pool.dataset(prompts, model=str(b_dir), tag="b")) == fresh
     pool.shutdown()
+
+
+def test_a_pass_index_has_one_block_per_prompt_block_and_none_for_an_empty_pass():
+    """The pool's pass index (built in the driver, no Ray task): blocks 0..n-1 one per block, in order; an empty
+    pass gives an empty dataset, as the per-pass path's `from_pandas([])` does, not an error."""
+    from rayalign.generator_pool import block_index
+    from rayalign.train import ensure_ray
+
+    ensure_ray()
+    index = block_index(3)
+    assert index.num_blocks() == 3
+    assert [row["block"] for row in index.take_all()] == [0, 1, 2]
+    assert block_index(0).count() == 0
