@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rayalign.config_checks import ConfigError, _one_of, _positive, _require  # noqa: F401 (re-exported)
+from rayalign.config_checks import (  # noqa: F401 (re-exported)
+    ConfigError,
+    _check_resources,
+    _one_of,
+    _positive,
+    _require,
+    _stage_placement,
+    _train_gpus,
+)
 from rayalign.config_loop import (  # noqa: F401 (re-exported)
     EvalConfig,
     LoopConfig,
@@ -22,23 +30,10 @@ from rayalign.config_loop import (  # noqa: F401 (re-exported)
     TuneConfig,
 )
 from rayalign.data_kind import BELIEFS
-from rayalign.devices import INFERENCE_DTYPES
 from rayalign.loss_registry import LOSS_TYPES, LOSSES, SOFT_LABEL_LOSSES, needs_dispersion  # noqa: F401 (re-exported)
 
 # model.attn_implementation: None lets transformers pick (sdpa where it can); these are the ones accepted.
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-
-
-def _check_resources(resources: dict, key: str) -> None:
-    for name, amount in resources.items():
-        _require(name not in ("CPU", "GPU"), key, f"{name} has its own field (cpus_per_*/gpus_per_*, use_gpu)")
-        _require(isinstance(amount, (int, float)) and amount > 0, key, f"{name}: must be a number > 0; got {amount!r}")
-
-
-def _stage_placement(section, name: str) -> None:
-    """gpus_per_actor and dtype of a model-holding inference stage."""
-    _require(section.gpus_per_actor >= 0, f"{name}.gpus_per_actor", f"must be >= 0; got {section.gpus_per_actor}")
-    _one_of(section.dtype, f"{name}.dtype", INFERENCE_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -146,6 +141,9 @@ class GenerateConfig:
     # `rayalign run`: the generator actors live for the whole run and receive each new policy's weights in memory
     # (`rayalign.generator_pool`) instead of starting per pass; with GPUs they keep their share during training.
     persistent: bool = False
+    # With persistent: between passes the engines free their device memory for training and the reference scorer
+    # on the GPU they share (vLLM's sleep mode; HF: the model to the CPU), and take it back for the next pass.
+    offload_between_passes: bool = False
 
     def __post_init__(self):
         _check_resources(self.resources, "generate.resources")
@@ -186,6 +184,7 @@ class JudgeConfig:
     # `rayalign run`: the judge actors live for the whole run and receive each new policy's weights in memory
     # (`rayalign.judge_pool`) instead of starting (and loading two models) per pass; with GPUs they keep their share.
     persistent: bool = False
+    offload_between_passes: bool = False  # as generate.*: the judges' models on the CPU between passes
 
     def __post_init__(self):
         _check_resources(self.resources, "judge.resources")
@@ -296,6 +295,7 @@ class TrainConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction (one worker only) shares a GPU with persistent engines
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources, as generate.resources
     engine: str = "ddp"
     zero_stage: int = 2
@@ -326,6 +326,7 @@ class TrainConfig:
     def __post_init__(self):
         _positive(self.num_workers, "train.num_workers")
         _positive(self.cpus_per_worker, "train.cpus_per_worker")
+        _train_gpus(self)
         _check_resources(self.resources_per_worker, "train.resources_per_worker")
         for key in ("eval_every", "save_every", "save_every_minutes", "keep_checkpoints", "max_failures"):
             _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")

@@ -29,3 +29,30 @@ def _one_of(value: Any, key: str, choices: tuple) -> None:
 
 def _positive(value: float, key: str) -> None:
     _require(value > 0, key, f"must be > 0; got {value!r}")
+
+
+def _check_resources(resources: dict, key: str) -> None:
+    for name, amount in resources.items():
+        _require(name not in ("CPU", "GPU"), key, f"{name} has its own field (cpus_per_*/gpus_per_*, use_gpu)")
+        _require(isinstance(amount, (int, float)) and amount > 0, key, f"{name}: must be a number > 0; got {amount!r}")
+
+
+def _stage_placement(section, name: str) -> None:
+    """gpus_per_actor, dtype and (generate, judge) offload_between_passes of a model-holding inference stage."""
+    from rayalign.devices import INFERENCE_DTYPES
+
+    _require(section.gpus_per_actor >= 0, f"{name}.gpus_per_actor", f"must be >= 0; got {section.gpus_per_actor}")
+    _one_of(section.dtype, f"{name}.dtype", INFERENCE_DTYPES)
+    _require(not getattr(section, "offload_between_passes", False) or section.persistent,
+             f"{name}.offload_between_passes", f"needs {name}.persistent=true (a per-pass actor's memory is freed "
+             "when its pass ends)")
+
+
+def _train_gpus(train) -> None:
+    """train.gpus_per_worker: read with use_gpu; a fraction (sharing a GPU) only for a single worker."""
+    _positive(train.gpus_per_worker, "train.gpus_per_worker")
+    _require(train.use_gpu or train.gpus_per_worker == 1.0, "train.gpus_per_worker",
+             "is read only with train.use_gpu=true")
+    _require(train.gpus_per_worker >= 1 or train.num_workers == 1, "train.gpus_per_worker",
+             f"a fraction ({train.gpus_per_worker}) needs train.num_workers=1: Ray may place two ranks on one GPU, "
+             "which NCCL refuses")

@@ -7,7 +7,8 @@ CUDA_VISIBLE_DEVICES for an actor that reserved GPUs, so "cuda" is the device Ra
 workers take theirs from Ray Train (`train.use_gpu`) and keep float32 weights: `train.precision=bf16` is
 autocast (DDP) or DeepSpeed's bf16 mode, both with float32 master weights (`rayalign.train_loop`).
 
-Not here: moving tensors, loading models (`rayalign.models`), vLLM's own placement (it reads the dtype).
+Also here: moving a host's models off its GPU between passes and back (`move_models`). Not here: loading models
+(`rayalign.models`), vLLM's own placement (it reads the dtype).
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ def model_device(model):
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
+
+
+def move_models(models, device) -> None:
+    """Each model (once; None skipped) to `device`. Leaving a GPU, its freed blocks go back to the driver
+    (`empty_cache`): torch's allocator would otherwise keep them reserved, out of reach of the next stage's process."""
+    import torch
+
+    moved: set[int] = set()
+    for model in models:
+        if model is not None and id(model) not in moved:
+            moved.add(id(model))
+            model.to(device)
+    if torch.device(device).type == "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def actor_resources(gpus: float, resources: dict[str, float]) -> dict:

@@ -123,6 +123,13 @@ class SamplerHost(WeightsHost):
         self._end_pass()  # the feed's thread must not sample while the weights change
         self.generator.sampler.update_weights(state)
 
+    def _offload(self) -> None:
+        self._end_pass()
+        self.generator.sampler.offload()
+
+    def _onload(self) -> None:
+        self.generator.sampler.onload()
+
     def _end_pass(self) -> None:
         if self.feed is not None:
             self.feed.cancel()
@@ -158,7 +165,7 @@ class GeneratorPool(HostPool):
     kind = "generator"
 
     def __init__(self, config: GenerateConfig, load: LoadOptions | None = None, log=print):
-        super().__init__(log)
+        super().__init__(log, offloads=config.offload_between_passes)
         self.config, self.load = config, load
 
     def dataset(self, prompts: pd.DataFrame, *, model: str, tag: str):

@@ -11,8 +11,12 @@ by Ray from its first model (`HOST_RESTARTS`) and, like any host, checks at each
 weights (`WeightsHost.hold`).
 
 Hosts reserve no CPU (`num_cpus=0`): the pass's light Ray Data tasks that call them reserve it, so an idle
-host keeps its memory but no CPU while training runs. GPUs cannot be lent: a host given GPUs keeps its share for
-the run, and the other stages must fit beside it. Not here: what a host computes (its module).
+host keeps its memory but no CPU while training runs. A Ray GPU share cannot be lent: a host given GPUs keeps
+its share for the run, and the other stages must fit beside it (fractions). Its device *memory* can be freed:
+with `generate/judge.offload_between_passes` the driver releases the hosts when a pass ends (`HostPool.release`:
+vLLM sleeps, HF models move to the CPU) and each host takes its device back at the start of its next pass
+(`WeightsHost.hold`). Weights pushed to a released host wait in its host memory and are loaded when it wakes, so
+nothing touches the device while training holds it. Not here: what a host computes (its module).
 """
 
 from __future__ import annotations
@@ -60,21 +64,44 @@ def host_options(gpus: float, resources: dict[str, float], **options) -> dict:
 
 
 class WeightsHost:
-    """The weight-keeping half of a host actor: `tag` names the weights it holds; `_load_state` is its own."""
+    """The weight-keeping half of a host actor: `tag` names the weights it holds; `_load_state`, `_offload` and
+    `_onload` are its own. Released (`release`), it holds no device memory; `pending` is what was pushed meanwhile."""
 
     tag: str = ""
+    released: bool = False
+    pending: tuple[dict, str] | None = None  # (state, tag) pushed while released, loaded when the host wakes
 
     def weights_tag(self) -> str:
-        return self.tag
+        """The weights the host serves its next pass with (pushed ones waiting for its wake-up count)."""
+        return self.pending[1] if self.pending else self.tag
+
+    def status(self) -> dict:
+        """What the host holds: its weights' tag, whether its device memory is released, any pushed tag waiting."""
+        return {"tag": self.tag, "released": self.released, "pending": self.pending[1] if self.pending else None}
 
     def update_weights(self, state: dict, tag: str) -> None:
+        if self.released:  # training holds the device now: kept in host memory until the next pass wakes the host
+            self.pending = (state, tag)
+            return
         self._load_state(state)
-        self.tag = tag
+        self.tag, self.pending = tag, None
+
+    def release(self) -> None:
+        """Free the host's device memory until its next pass (the driver calls this when a pass ends)."""
+        if not self.released:
+            self._offload()
+            self.released = True
 
     def hold(self, model_path: str, tag: str) -> None:
-        """The weights of `tag` from here on: loaded from `model_path` unless already held. Each pass checks this on
-        the host itself, so a host that Ray restarted after the driver's check (`HostPool.ensure`) still serves the
-        pass's weights, not its first model's."""
+        """The weights of `tag` from here on, on the host's device: woken if released (then any weights pushed
+        meanwhile loaded), and loaded from `model_path` unless already held. Each pass checks this on the host
+        itself, so a host that Ray restarted after the driver's check (`HostPool.ensure`) still serves the pass's
+        weights, not its first model's."""
+        if self.released:
+            self._onload()
+            self.released = False
+            if self.pending:
+                self.update_weights(*self.pending)
         if self.tag != tag:
             self.load_weights_from(model_path, tag)
 
@@ -85,6 +112,12 @@ class WeightsHost:
         self.update_weights(read_weights(materialize(model_path)), tag)
 
     def _load_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def _offload(self) -> None:
+        raise NotImplementedError
+
+    def _onload(self) -> None:
         raise NotImplementedError
 
 
@@ -115,8 +148,8 @@ class HostPool:
 
     kind = "host"  # the log's name of what it holds
 
-    def __init__(self, log=print):
-        self.log = log
+    def __init__(self, log=print, *, offloads: bool = False):
+        self.log, self.offloads = log, offloads  # offloads: the stage's offload_between_passes
         self.hosts: list = []
         self.engines_started = 0
         self.loaded_from_files = 0
@@ -139,6 +172,14 @@ class HostPool:
                      "loading its weights from its files into the running engines")
             ray.get([host.hold.remote(model, tag) for host in stale])
             self.loaded_from_files += len(stale)
+
+    def release(self) -> None:
+        """A pass has ended: every host frees its device memory for the stages that follow (training, the
+        reference scorer) until its next pass wakes it. A no-op unless the stage offloads between passes."""
+        import ray
+
+        if self.offloads:
+            ray.get([host.release.remote() for host in self.hosts])
 
     def shutdown(self) -> None:
         import ray

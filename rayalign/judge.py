@@ -55,8 +55,8 @@ class Judge:
         policy_path, sft_path = materialize(policy_path), materialize(sft_path)  # run.storage: node-local copies
         load = LoadOptions.of(config.model)
         self.tokenizer = load_tokenizer(policy_path, load)
-        placement = {"dtype": inference_dtype(config.judge.dtype, config.judge.gpus_per_actor),
-                     "device": stage_device(config.judge.gpus_per_actor, "judge")}
+        self.device = stage_device(config.judge.gpus_per_actor, "judge")
+        placement = {"dtype": inference_dtype(config.judge.dtype, config.judge.gpus_per_actor), "device": self.device}
         self.policy = load_model(policy_path, load, **placement)
         self.sft = load_model(sft_path, load, **placement)
         self.config = config
@@ -66,6 +66,11 @@ class Judge:
 
             self.reward_models = RewardModels(config)
         self.clock.ready()
+
+    def held_models(self) -> list:
+        """Every model this judge holds: the policy, pi_SFT and any reward models (None where not loaded)."""
+        rewards = self.reward_models
+        return [self.policy, self.sft, *((r.model for r in (rewards.judge, rewards.eval) if r) if rewards else ())]
 
     def _logps(self, model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
         from rayalign.step import completion_logps

@@ -35,6 +35,16 @@ class JudgeHost(WeightsHost):
     def _load_state(self, state: dict) -> None:
         self.judge.policy.load_state_dict(state, strict=True)
 
+    def _offload(self) -> None:
+        from rayalign.devices import move_models
+
+        move_models(self.judge.held_models(), "cpu")
+
+    def _onload(self) -> None:
+        from rayalign.devices import move_models
+
+        move_models(self.judge.held_models(), self.judge.device)
+
 
 def forward_to_judge(batch: pd.DataFrame, hosts: list, policy_path: str, tag: str) -> pd.DataFrame:
     """A light Ray Data task (no model): the batch to one host, chosen by its first prompt id (any host judges a
@@ -51,7 +61,7 @@ class JudgePool(HostPool):
     kind = "judge"
 
     def __init__(self, config: Config, log=print):
-        super().__init__(log)
+        super().__init__(log, offloads=config.judge.offload_between_passes)
         self.config, self.sft_path = config, ""
 
     def chain(self, dataset, *, policy: str, tag: str, sft_path: str):

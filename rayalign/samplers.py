@@ -55,8 +55,9 @@ class HFSampler:
         from rayalign.models import load_model, load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_path or model_path, load, padding_side="left")
+        self.device = stage_device(config.gpus_per_actor, "generate")
         self.model = load_model(model_path, load, dtype=inference_dtype(config.dtype, config.gpus_per_actor),
-                                device=stage_device(config.gpus_per_actor, "generate"))
+                                device=self.device)
         self.config = config
 
     def _sample(self, ids: list[int], logps: torch.Tensor) -> Sample:
@@ -80,6 +81,17 @@ class HFSampler:
     def update_weights(self, state: dict[str, torch.Tensor]) -> None:
         """The new policy's weights (a full HF state dict), copied into the loaded model in place."""
         self.model.load_state_dict(state, strict=True)
+
+    def offload(self) -> None:
+        """Free the device's memory between passes (`generate.offload_between_passes`): the model to the CPU."""
+        from rayalign.devices import move_models
+
+        move_models([self.model], "cpu")
+
+    def onload(self) -> None:
+        from rayalign.devices import move_models
+
+        move_models([self.model], self.device)
 
 
 class VLLMSampler:
@@ -112,11 +124,14 @@ class VLLMSampler:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         model = resolve_name_or_path(model_path)
         tokenizer = resolve_name_or_path(tokenizer_path) if tokenizer_path else model
+        # generate.offload_between_passes: vLLM's sleep mode, which needs its CUDA memory pool (not on the CPU,
+        # where the engine's memory is host memory anyway and offloading is a no-op).
+        self.sleeps = config.offload_between_passes and current_platform.is_sleep_mode_available()
         self.llm = LLM(
             model=model, tokenizer=tokenizer, dtype=inference_dtype(config.dtype, config.gpus_per_actor),
             seed=config.seed,
             **vllm_load_kwargs(model, tokenizer, load or LoadOptions()),
-            **vllm_engine_kwargs(config, on_cpu=on_cpu))
+            **vllm_engine_kwargs(config, on_cpu=on_cpu), **({"enable_sleep_mode": True} if self.sleeps else {}))
         # The same HF tokenizer HFSampler and every later stage load (not vLLM's wrapper), so prompts render and
         # tokenize identically (`rayalign.templating`).
         self.tokenizer = load_tokenizer(tokenizer_path or model_path, load)
@@ -157,6 +172,17 @@ class VLLMSampler:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    def offload(self) -> None:
+        """Free the GPU between passes (`generate.offload_between_passes`): sleep level 1 copies the weights to
+        host memory and drops the KV cache (and with it the prefix cache)."""
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def onload(self) -> None:
+        """The weights back on the GPU and the KV cache reallocated, before the next pass or weight update."""
+        if self.sleeps and not self.llm.wake_up():
+            raise RuntimeError("vLLM did not wake fully from sleep mode (some of its GPU memory is still released)")
 
     def close(self) -> None:
         """Stop the engine and free what it holds (with the in-process CPU engine, also torch.distributed's

@@ -103,7 +103,11 @@ def judged_pass(config: Config, prompts: pd.DataFrame, *, model: str, sft_path: 
         from rayalign.sams_score import score_dataset
 
         judged = score_dataset(judged, policy_path=model, config=config, below_id=sams_below_id)
-    return judged.to_pandas()
+    rows = judged.to_pandas()
+    for hosts in (pool, judges):  # offload_between_passes: their device memory to the stages that follow
+        if hosts is not None:
+            hosts.release()
+    return rows
 
 
 def with_gold_rewards(rows: pd.DataFrame, config: Config) -> pd.DataFrame:

@@ -301,7 +301,8 @@ def _fit(config: Config, paths: dict, run_dir: Path, callbacks: tuple = ()) -> N
     # default: a short run spent seconds waiting for it. A value the user exported is kept.
     train = config.train
     os.environ[POLL_ENV] = USER_POLL_S or str(poll_interval(train.num_workers))
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {}), **train.resources_per_worker}
+    gpus = {"GPU": train.gpus_per_worker} if train.use_gpu else {}
+    resources = {"CPU": train.cpus_per_worker, **gpus, **train.resources_per_worker}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": config_to_dict(config), **paths},

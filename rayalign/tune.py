@@ -208,7 +208,7 @@ def _concurrency(config: Config) -> int:
     train, total = config.train, ray.cluster_resources()
     fits = int(total.get("CPU", 1) // (train.num_workers * train.cpus_per_worker))
     if train.use_gpu:
-        fits = min(fits, int(total.get("GPU", 0) // train.num_workers))
+        fits = min(fits, int(total.get("GPU", 0) // (train.num_workers * train.gpus_per_worker)))
     return max(1, fits)
 
 

@@ -100,6 +100,20 @@ def test_exo_pref_needs_positive_label_smoothing_and_spa_needs_dpo():
         load_config(None, ["optim.warmup_steps=10", "optim.warmup_ratio=0.1"])
 
 
+def test_offloading_needs_persistent_hosts_and_a_gpu_fraction_one_worker():
+    with pytest.raises(ConfigError, match=r"generate.offload_between_passes: needs generate.persistent=true"):
+        load_config(None, ["generate.offload_between_passes=true"])
+    with pytest.raises(ConfigError, match=r"judge.offload_between_passes: needs judge.persistent=true"):
+        load_config(None, ["judge.offload_between_passes=true"])
+    with pytest.raises(ConfigError, match=r"train.gpus_per_worker: is read only with train.use_gpu=true"):
+        load_config(None, ["train.gpus_per_worker=0.5"])
+    with pytest.raises(ConfigError, match=r"train.gpus_per_worker: a fraction \(0.5\) needs train.num_workers=1"):
+        load_config(None, ["train.use_gpu=true", "train.gpus_per_worker=0.5", "train.num_workers=2"])
+    config = load_config(None, ["train.use_gpu=true", "train.gpus_per_worker=0.5", "generate.persistent=true",
+                                "generate.offload_between_passes=true"])
+    assert config.train.gpus_per_worker == 0.5 and config.generate.offload_between_passes
+
+
 def test_yaml_overrides_and_cli_wins(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("loss:\n  beta: 0.2\n  type: ipo\noptim:\n  lr: 1e-6\n")  # YAML 1.1 reads 1e-6 as a string

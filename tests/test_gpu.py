@@ -4,7 +4,8 @@ They need torch and transformers only (the lent GPU machine has no Ray, DeepSpee
 - the bf16 update keeps float32 master weights on the GPU, and they move at lr 5e-7;
 - the chunked head on the GPU equals the model's full logits, gradients included;
 - reference scoring, the judge's log-probs and HF generation run on the GPU when their stage is given one,
-  and agree with the same computation on the CPU (float32 both: the device is what is tested, not bf16).
+  and agree with the same computation on the CPU (float32 both: the device is what is tested, not bf16);
+- persistent HF generator and judge hosts that offload between passes free the GPU and come back unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from rayalign.config_loader import load_config
 from rayalign.tasks.sentiment import gold_pairs
 
 pytestmark = pytest.mark.gpu
+OFFLOADING = ["generate.persistent=true", "generate.offload_between_passes=true", "judge.persistent=true",
+              "judge.offload_between_passes=true"]
 
 
 def _config(*overrides: str):
@@ -101,3 +104,37 @@ def test_judge_and_hf_generation_run_on_their_gpu(tiny_model_dir):
     gpu_rows, cpu_rows = on_gpu(batch), Judge(str(tiny_model_dir), str(tiny_model_dir), _config())(batch)
     for got, want in zip(gpu_rows["policy_logps"], cpu_rows["policy_logps"]):
         assert torch.allclose(torch.tensor(list(got)), torch.tensor(list(want)), atol=1e-3)
+
+
+def test_offloading_hosts_free_the_gpu_between_passes_and_sample_and_judge_alike(tiny_model_dir):
+    """`generate/judge.offload_between_passes` with HF hosts: released, their models leave the GPU (its memory
+    falls by at least their weights); the next pass brings them back and samples and judges as before."""
+    from rayalign.generator_pool import SamplerHost
+    from rayalign.judge_pool import JudgeHost
+
+    model = str(tiny_model_dir)
+    config = _config("generate.gpus_per_actor=1", "generate.dtype=float32", "generate.max_new_tokens=8",
+                     "judge.gpus_per_actor=1", "judge.dtype=float32", *OFFLOADING)
+    prompts = pd.DataFrame({"prompt_id": [0, 1], "prompt": ["\n\nHuman: Review Night Train.\n\nAssistant:",
+                                                            "\n\nHuman: What about Red Valley?\n\nAssistant:"]})
+    sampler, judge = SamplerHost(model, config.generate, None, "a"), JudgeHost(model, model, config, "a")
+
+    def one_pass() -> tuple[list, list]:
+        sampler.hold(model, "a")  # as begin_pass and judge_batch do at a pass's start
+        rows = sampler.generator(prompts)
+        judged = judge.judge_batch(rows, model, "a")
+        return [list(map(list, ids)) for ids in rows["token_ids"]], [list(x) for x in judged["policy_logps"]]
+
+    before = one_pass()
+    models = [sampler.generator.sampler.model, *judge.judge.held_models()]
+    weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    torch.cuda.synchronize()
+    on_device = torch.cuda.memory_allocated()
+    sampler.release()
+    judge.release()
+    assert all(p.device.type == "cpu" for m in models for p in m.parameters())
+    assert torch.cuda.memory_allocated() <= on_device - weights
+    after = one_pass()
+    assert all(p.is_cuda for m in models for p in m.parameters())
+    assert after[0] == before[0]
+    torch.testing.assert_close(torch.tensor(after[1]), torch.tensor(before[1]), atol=1e-5, rtol=0)

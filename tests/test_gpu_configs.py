@@ -2,7 +2,8 @@
 
 Loading checks every key and value (the checks `rayalign run` makes before Ray starts, but the hub ids, which
 need the network). Then the placement arithmetic: the generator and the judge run in one Ray Data pass, so
-their GPUs add up; the reference scorers and the training workers each have the node to themselves. The
+their GPUs add up; the reference scorers and the training workers each run beside whatever the persistent
+generators and judges hold for the run (the one-GPU config: a quarter each, offloading between passes). The
 8-GPU config asks for cluster.yaml's 8-GPU node type in every stage.
 """
 
@@ -27,11 +28,16 @@ def test_gpu_config_loads_and_its_stages_fit_the_node(name):
     gpus = NODE_GPUS[name]
     assert config.train.use_gpu and config.train.precision == "bf16" and config.loop.task == "none"
     assert config.generate.backend == "vllm" and config.spa.refine
-    together = (config.generate.num_actors * config.generate.gpus_per_actor
-                + config.judge.num_actors * config.judge.gpus_per_actor)
+    generate, judge, train = config.generate, config.judge, config.train
+    together = generate.num_actors * generate.gpus_per_actor + judge.num_actors * judge.gpus_per_actor
     assert 0 < together <= gpus
-    assert 0 < config.ref.num_actors * config.ref.gpus_per_actor <= gpus
-    assert config.train.num_workers <= gpus
+    # persistent hosts keep their Ray share for the run, beside each later stage; on a GPU they must free its
+    # memory between passes (their share is not the memory they take)
+    held = (generate.persistent * generate.num_actors * generate.gpus_per_actor
+            + judge.persistent * judge.num_actors * judge.gpus_per_actor)
+    assert generate.offload_between_passes == generate.persistent and judge.offload_between_passes == judge.persistent
+    assert held + config.ref.num_actors * config.ref.gpus_per_actor <= gpus
+    assert held + train.num_workers * train.gpus_per_worker <= gpus
     if gpus == 8:
         label = next(iter(yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"]
                           ["ray.worker.gpu8"]["resources"].keys() - {"GPU"}))
