@@ -19,7 +19,8 @@ from rayalign.config_checks import (  # noqa: F401 (re-exported)
     _positive,
     _require,
     _stage_placement,
-    _train_gpus,
+    _train_placement,
+    _vllm_engine,
 )
 from rayalign.config_loop import (  # noqa: F401 (re-exported)
     EvalConfig,
@@ -149,16 +150,7 @@ class GenerateConfig:
         _check_resources(self.resources, "generate.resources")
         _one_of(self.backend, "generate.backend", ("hf", "vllm"))
         _stage_placement(self, "generate")
-        _positive(self.tensor_parallel_size, "generate.tensor_parallel_size")
-        if self.tensor_parallel_size > 1:
-            _require(self.backend == "vllm", "generate.tensor_parallel_size", "> 1 needs generate.backend=vllm")
-            _require(self.gpus_per_actor >= self.tensor_parallel_size, "generate.gpus_per_actor",
-                     f"must be >= generate.tensor_parallel_size={self.tensor_parallel_size} (one GPU per shard); "
-                     f"got {self.gpus_per_actor}")
-        _require(self.max_model_len is None or self.max_model_len > 0, "generate.max_model_len",
-                 "must be > 0 or null (the model's own)")
-        _require(0.0 < self.gpu_memory_utilization <= 1.0, "generate.gpu_memory_utilization",
-                 f"must be in (0, 1]; got {self.gpu_memory_utilization}")
+        _vllm_engine(self)
         _require(self.num_samples >= 2, "generate.num_samples", "must be >= 2 to form pairs")
         _positive(self.temperature, "generate.temperature")
         _require(0.0 < self.top_p <= 1.0, "generate.top_p", f"must be in (0, 1]; got {self.top_p}")
@@ -326,18 +318,11 @@ class TrainConfig:
     def __post_init__(self):
         _positive(self.num_workers, "train.num_workers")
         _positive(self.cpus_per_worker, "train.cpus_per_worker")
-        _train_gpus(self)
         _check_resources(self.resources_per_worker, "train.resources_per_worker")
         for key in ("eval_every", "save_every", "save_every_minutes", "keep_checkpoints", "max_failures"):
             _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
-        _one_of(self.engine, "train.engine", ("ddp", "deepspeed"))
-        _one_of(self.zero_stage, "train.zero_stage", (1, 2, 3))
         _one_of(self.precision, "train.precision", ("fp32", "bf16"))
-        for key in ("offload_optimizer", "offload_params"):
-            _require(not getattr(self, key) or self.engine == "deepspeed", f"train.{key}",
-                     f"needs train.engine=deepspeed (got {self.engine})")
-        _require(not self.offload_params or self.zero_stage == 3, "train.offload_params",
-                 f"needs train.zero_stage=3, where parameters are partitioned (got {self.zero_stage})")
+        _train_placement(self)
         _positive(self.global_batch_size, "train.global_batch_size")
         _positive(self.gradient_accumulation_steps, "train.gradient_accumulation_steps")
         _positive(self.epochs, "train.epochs")

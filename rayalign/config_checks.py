@@ -1,4 +1,4 @@
-"""Configuration errors and the small validators every config section uses.
+"""Configuration errors, the small validators every config section uses, and the placement checks they share.
 
 Kept apart from the schema so that the section modules (`rayalign.config`, `rayalign.config_loop`)
 share one error type and one wording for invalid values.
@@ -48,8 +48,30 @@ def _stage_placement(section, name: str) -> None:
              "when its pass ends)")
 
 
-def _train_gpus(train) -> None:
-    """train.gpus_per_worker: read with use_gpu; a fraction (sharing a GPU) only for a single worker."""
+def _vllm_engine(generate) -> None:
+    """generate.*'s vLLM engine settings: tensor parallel over whole GPUs of the actor, context, memory share."""
+    _positive(generate.tensor_parallel_size, "generate.tensor_parallel_size")
+    if generate.tensor_parallel_size > 1:
+        _require(generate.backend == "vllm", "generate.tensor_parallel_size", "> 1 needs generate.backend=vllm")
+        _require(generate.gpus_per_actor >= generate.tensor_parallel_size, "generate.gpus_per_actor",
+                 f"must be >= generate.tensor_parallel_size={generate.tensor_parallel_size} (one GPU per shard); "
+                 f"got {generate.gpus_per_actor}")
+    _require(generate.max_model_len is None or generate.max_model_len > 0, "generate.max_model_len",
+             "must be > 0 or null (the model's own)")
+    _require(0.0 < generate.gpu_memory_utilization <= 1.0, "generate.gpu_memory_utilization",
+             f"must be in (0, 1]; got {generate.gpu_memory_utilization}")
+
+
+def _train_placement(train) -> None:
+    """Where train.* runs: its engine and ZeRO stage, DeepSpeed's offloads, and gpus_per_worker (read with use_gpu;
+    a fraction, sharing a GPU, only for a single worker)."""
+    _one_of(train.engine, "train.engine", ("ddp", "deepspeed"))
+    _one_of(train.zero_stage, "train.zero_stage", (1, 2, 3))
+    for key in ("offload_optimizer", "offload_params"):
+        _require(not getattr(train, key) or train.engine == "deepspeed", f"train.{key}",
+                 f"needs train.engine=deepspeed (got {train.engine})")
+    _require(not train.offload_params or train.zero_stage == 3, "train.offload_params",
+             f"needs train.zero_stage=3, where parameters are partitioned (got {train.zero_stage})")
     _positive(train.gpus_per_worker, "train.gpus_per_worker")
     _require(train.use_gpu or train.gpus_per_worker == 1.0, "train.gpus_per_worker",
              "is read only with train.use_gpu=true")
