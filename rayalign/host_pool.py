@@ -178,8 +178,13 @@ class HostPool:
         reference scorer) until its next pass wakes it. A no-op unless the stage offloads between passes."""
         import ray
 
-        if self.offloads:
+        if not self.offloads:
+            return
+        try:
             ray.get([host.release.remote() for host in self.hosts])
+        except ray.exceptions.RayError as exc:  # the pass's rows are complete: keep them, the next pass repairs
+            self.log(f"{self.kind}: warning: could not release every engine's device memory ({exc}); the stages "
+                     "until the next pass share the device with it")
 
     def shutdown(self) -> None:
         import ray
