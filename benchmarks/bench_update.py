@@ -11,8 +11,9 @@ reference pass is timed and amortised over its pairs.
 It prints where the time goes (step phases, padding, the reference pass, the default packed rows vs padded,
 a profiler split of one forward+backward, AdamW against a fused one), timed by the wall clock and the process
 CPU clock (equal on an idle machine with one thread; on a shared one the CPU clock leaves out time spent
-descheduled). The last line is one JSON object, by `--clock`. `--device cuda` measures MFU on a GPU (bf16, the
-real-shape Qwen2.5-0.5B model with random weights from `rayalign.arch`, the bf16 matmul peak) and skips TRL;
+descheduled). The last line is one JSON object, by `--clock`. `--device cuda` measures MFU on a GPU (a bf16 run's
+step: bf16 autocast over float32 master weights and AdamW state, as `train.precision=bf16`; the real-shape
+Qwen2.5-0.5B model with random weights from `rayalign.arch`; against the bf16 matmul peak) and skips TRL;
 trl/datasets are imported only when TRL runs. It checks no numerics (tests/test_trl_reference.py does) and
 asserts no speed: the targets are read, not tested. The pairs, the model and the FLOP count are in
 update_inputs.py; the summaries and the printout in update_report.py.
@@ -110,13 +111,16 @@ def matmul_peak(device: str, size: int, repeats: int = 5) -> tuple[float, float]
 def reference_pass(reference, encoded: list[dict], pad: int, config, device: str) -> tuple[dict, dict]:
     """`rayalign.oracle.reference_columns` (chunks of 16, `reference_scores`), with batches moved to `device`."""
     from rayalign.batching import collate_pairs
+    from rayalign.devices import training_autocast
     from rayalign.step import reference_scores
 
     start, parts, positions = tick(device), {}, 0
     for i in range(0, len(encoded), 16):
         batch = {k: v.to(device) for k, v in collate_pairs(encoded[i:i + 16], pad_token_id=pad).items()}
         positions += 2 * batch["chosen_input_ids"].numel()
-        for key, value in reference_scores(reference, batch, config, want_entropy=False).items():
+        with training_autocast(config.train, torch.device(device).type):
+            scores = reference_scores(reference, batch, config, want_entropy=False)
+        for key, value in scores.items():
             parts.setdefault(key, []).append(value.cpu())
     tokens = sum(map(pair_tokens, encoded))
     return {k: torch.cat(v) for k, v in parts.items()}, {
@@ -126,11 +130,13 @@ def reference_pass(reference, encoded: list[dict], pad: int, config, device: str
 
 def timed_step(policy, batch: dict, config, optimizer, scheduler, device: str) -> dict[str, tuple]:
     """One optimizer step as `rayalign.oracle.train_pairs` runs it (one micro-batch), timed per phase."""
+    from rayalign.devices import training_autocast
     from rayalign.objective import pair_metrics
     from rayalign.step import micro_batch_loss
 
     phases, start = {}, tick(device)
-    out = micro_batch_loss(policy, batch, config)
+    with training_autocast(config.train, torch.device(device).type):
+        out = micro_batch_loss(policy, batch, config)
     phases["forward"], start = since(start, device), tick(device)
     (out.losses.sum() / out.losses.numel()).backward()
     phases["backward"], start = since(start, device), tick(device)
@@ -158,6 +164,8 @@ def run_rayalign(model, tokenizer, rows: list[dict], args, *, padding_free: bool
     prompt_len, device, size = args.max_length // 2, args.device, args.batch_size
     config = load_config(None, [
         "loss.type=dpo", "loss.beta=0.1", "optim.lr=1e-6", f"train.global_batch_size={size}",
+        # a GPU trains as a bf16 run does: autocast over float32 master weights (the CPU: float32 throughout)
+        f"train.precision={'bf16' if device == 'cuda' else 'fp32'}",
         *([f"train.padding_free={padding_free}"] if padding_free is not None else []),
         f"data.max_prompt_length={prompt_len}",
         f"data.max_completion_length={args.max_length - prompt_len}"])

@@ -2,7 +2,8 @@
 
 Runs where only torch and transformers are installed (no Ray, DeepSpeed, vLLM, TRL or datasets): the update
 is the in-process path the oracle shares with the Ray Train workers (`benchmarks/bench_update.py --device
-cuda`: bf16, the Qwen2.5-0.5B shape with random weights, TRL skipped). Generation is `rayalign.hf_sampling`
+cuda`: a bf16 run's step, bf16 autocast over float32 master weights and AdamW state, on the Qwen2.5-0.5B shape
+with random weights; TRL skipped). Generation is `rayalign.hf_sampling`
 on the same shape in bf16. The JSON: `gpu_tests` (passed / failed / skipped), `update_mfu_measured_peak`
 (model FLOPs over the best bf16 matmul measured here), `update_mfu_datasheet` (over the GPU's datasheet dense
 bf16 peak, when the GPU is one listed below), `update_tokens_per_s` (real tokens), `peak_gpu_memory_gb`,
@@ -31,9 +32,18 @@ for path in (str(REPO), str(BENCHMARKS)):
 DATASHEET_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
-def gpu_tests() -> dict:
+def gpu_tests() -> dict | str:
+    """The `gpu` tests of tests/test_gpu.py, counted; without pytest (the machine may lack it, and
+    gpu_check.sh installs it only from a carried wheels folder) the reason instead."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("pytest") is None:
+        return "not run: pytest is not installed (see benchmarks/gpu_check.sh)"
+    # RAYALIGN_TEST_OWN_RAY: no shared Ray head for the session (the GPU machine may have no Ray at all)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p",
-                           "no:cacheprovider"], cwd=REPO, capture_output=True, text=True)
+                           "no:cacheprovider"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "RAYALIGN_TEST_OWN_RAY": "1"})
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|error)", tail)}
     print(proc.stdout[-3000:], flush=True)

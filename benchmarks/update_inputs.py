@@ -84,7 +84,9 @@ def build_model(args, texts: list[str]):
 
     tokenizer = train_tokenizer(texts, args.vocab_size, max_length=1 << 20)
     eos = tokenizer.eos_token_id
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    # float32 weights on every device: on a GPU the step runs as train.precision=bf16 does (bf16 autocast over
+    # float32 master weights and AdamW state, `bench_update.run_rayalign`), not as pure bf16 weights.
+    dtype = torch.float32
     if args.arch != "none":
         from rayalign.arch import build_arch_model
 
