@@ -37,11 +37,17 @@ def _check_resources(resources: dict, key: str) -> None:
         _require(isinstance(amount, (int, float)) and amount > 0, key, f"{name}: must be a number > 0; got {amount!r}")
 
 
+def _gpu_amount(gpus: float, key: str) -> None:
+    """Ray's rule for a GPU request: a fraction of one GPU, or whole GPUs."""
+    _require(gpus <= 1 or float(gpus).is_integer(), key, f"must be a fraction of one GPU or a whole number; got {gpus}")
+
+
 def _stage_placement(section, name: str) -> None:
     """gpus_per_actor, dtype and (generate, judge) offload_between_passes of a model-holding inference stage."""
     from rayalign.devices import INFERENCE_DTYPES
 
     _require(section.gpus_per_actor >= 0, f"{name}.gpus_per_actor", f"must be >= 0; got {section.gpus_per_actor}")
+    _gpu_amount(section.gpus_per_actor, f"{name}.gpus_per_actor")
     _one_of(section.dtype, f"{name}.dtype", INFERENCE_DTYPES)
     _require(not getattr(section, "offload_between_passes", False) or section.persistent,
              f"{name}.offload_between_passes", f"needs {name}.persistent=true (a per-pass actor's memory is freed "
@@ -73,6 +79,7 @@ def _train_placement(train) -> None:
     _require(not train.offload_params or train.zero_stage == 3, "train.offload_params",
              f"needs train.zero_stage=3, where parameters are partitioned (got {train.zero_stage})")
     _positive(train.gpus_per_worker, "train.gpus_per_worker")
+    _gpu_amount(train.gpus_per_worker, "train.gpus_per_worker")
     _require(train.use_gpu or train.gpus_per_worker == 1.0, "train.gpus_per_worker",
              "is read only with train.use_gpu=true")
     _require(train.gpus_per_worker >= 1 or train.num_workers == 1, "train.gpus_per_worker",

@@ -79,31 +79,42 @@ class WeightsHost:
         """What the host holds: its weights' tag, whether its device memory is released, any pushed tag waiting."""
         return {"tag": self.tag, "released": self.released, "pending": self.pending[1] if self.pending else None}
 
+    def _guard(self):
+        """The host's state lock: a SamplerHost serves its calls on several threads (a push, a pass's start and a
+        release must not interleave). Re-entrant: `hold` loads files through `update_weights`."""
+        import threading
+
+        return self.__dict__.setdefault("_lock", threading.RLock())  # setdefault: one lock even if raced
+
     def update_weights(self, state: dict, tag: str) -> None:
-        if self.released:  # training holds the device now: kept in host memory until the next pass wakes the host
-            self.pending = (state, tag)
-            return
-        self._load_state(state)
-        self.tag, self.pending = tag, None
+        with self._guard():
+            if self.released:  # training holds the device now: kept in host memory until the next pass wakes it
+                self.pending = (state, tag)
+                return
+            self._load_state(state)
+            self.tag, self.pending = tag, None
 
     def release(self) -> None:
         """Free the host's device memory until its next pass (the driver calls this when a pass ends)."""
-        if not self.released:
-            self._offload()
-            self.released = True
+        with self._guard():
+            if not self.released:
+                self._offload()
+                self.released = True
 
     def hold(self, model_path: str, tag: str) -> None:
-        """The weights of `tag` from here on, on the host's device: woken if released (then any weights pushed
-        meanwhile loaded), and loaded from `model_path` unless already held. Each pass checks this on the host
-        itself, so a host that Ray restarted after the driver's check (`HostPool.ensure`) still serves the pass's
-        weights, not its first model's."""
-        if self.released:
-            self._onload()
-            self.released = False
-            if self.pending:
-                self.update_weights(*self.pending)
-        if self.tag != tag:
-            self.load_weights_from(model_path, tag)
+        """The weights of `tag` from here on, on the host's device: woken if released (then the weights pushed
+        meanwhile loaded, if they are `tag`'s), and loaded from `model_path` unless already held. Each pass checks
+        this on the host itself, so a host that Ray restarted after the driver's check (`HostPool.ensure`) still
+        serves the pass's weights, not its first model's."""
+        with self._guard():
+            if self.released:
+                self._onload()
+                self.released = False
+                pending, self.pending = self.pending, None
+                if pending and pending[1] == tag:  # other weights would only be overwritten from files below
+                    self.update_weights(*pending)
+            if self.tag != tag:
+                self.load_weights_from(model_path, tag)
 
     def load_weights_from(self, model_path: str, tag: str) -> None:
         """The weights of the model at `model_path` (a directory or storage location), into the running model."""

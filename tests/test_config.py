@@ -109,6 +109,9 @@ def test_offloading_needs_persistent_hosts_and_a_gpu_fraction_one_worker():
         load_config(None, ["train.gpus_per_worker=0.5"])
     with pytest.raises(ConfigError, match=r"train.gpus_per_worker: a fraction \(0.5\) needs train.num_workers=1"):
         load_config(None, ["train.use_gpu=true", "train.gpus_per_worker=0.5", "train.num_workers=2"])
+    for key in ("train.gpus_per_worker", "generate.gpus_per_actor", "ref.gpus_per_actor"):  # Ray refuses 1.5
+        with pytest.raises(ConfigError, match=rf"{key}: must be a fraction of one GPU or a whole number; got 1.5"):
+            load_config(None, ["train.use_gpu=true", f"{key}=1.5"])
     config = load_config(None, ["train.use_gpu=true", "train.gpus_per_worker=0.5", "generate.persistent=true",
                                 "generate.offload_between_passes=true"])
     assert config.train.gpus_per_worker == 0.5 and config.generate.offload_between_passes
