@@ -45,3 +45,11 @@ def test_gpu_config_loads_and_its_stages_fit_the_node(name):
                        config.train.resources_per_worker):
             assert label in placed
         assert config.train.engine == "deepspeed" and config.train.zero_stage == 3
+        assert generate.tensor_parallel_size == generate.gpus_per_actor == 2  # vLLM tensor parallel
+        # the README's LoRA option and its one-machine command (no cluster labels) load too
+        lora = load_config(REPO / "configs" / "gpu" / name, ["model.lora=true", "train.zero_stage=2"])
+        assert lora.model.lora and lora.train.zero_stage == 2
+        local = load_config(REPO / "configs" / "gpu" / name, ["generate.resources={}", "judge.resources={}",
+                                                              "ref.resources={}", "train.resources_per_worker={}"])
+        assert not (local.generate.resources or local.judge.resources or local.ref.resources
+                    or local.train.resources_per_worker)
