@@ -302,10 +302,10 @@ def test_loop_on_three_nodes_shares_only_storage(three_nodes, s3_endpoint, tmp_p
 
 def test_deepspeed_workers_on_two_nodes_checkpoint_to_storage_and_resume_from_it(three_nodes, s3_endpoint,
                                                                                  tiny_model_dir, tmp_path):
-    """ZeRO-2 over 2 workers, one per node (nodes that share no disk): each rank's optimizer shard goes into the
-    stored checkpoint; rank 1 is SIGKILLed before step 3, Ray Train restarts the group, both nodes
-    materialize checkpoints/step-2 from storage, and the run ends with the in-process oracle's losses and
-    weights."""
+    """ZeRO-3 (the 8B config's stage: parameters partitioned too) over 2 workers, one per node (nodes that share
+    no disk): each rank's parameter and optimizer shards go into the stored checkpoint; rank 1 is SIGKILLed
+    before step 3, Ray Train restarts the group, both nodes materialize checkpoints/step-2 from storage, and the
+    run ends with the in-process oracle's losses and weights."""
     import copy
 
     import torch
@@ -327,7 +327,7 @@ def test_deepspeed_workers_on_two_nodes_checkpoint_to_storage_and_resume_from_it
     command = [sys.executable, "-m", "rayalign.cli", "train", f"model.policy={tiny_model_dir}",
                f"data.train_file={data}", "data.max_completion_length=48", "optim.lr=5e-4", "optim.warmup_ratio=0",
                "optim.scheduler=constant",
-               "train.global_batch_size=8", "train.num_workers=2", "train.engine=deepspeed", "train.zero_stage=2",
+               "train.global_batch_size=8", "train.num_workers=2", "train.engine=deepspeed", "train.zero_stage=3",
                "train.resources_per_worker={ds_slot: 1}", "train.save_every=2", "train.max_failures=1",
                f"run.storage={storage}", f"run.dir={run_dir}"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
@@ -337,8 +337,9 @@ def test_deepspeed_workers_on_two_nodes_checkpoint_to_storage_and_resume_from_it
     assert store.committed_units(run_dir / "checkpoints") == ["step-2"]
     marker = json.loads(store.fs.open_input_stream(store.fs_path(run_dir / "checkpoints/step-2") + "/" + MARKER)
                         .read())
-    shards = [name for name in marker["files"] if name.endswith("optim_states.pt")]
-    assert len(shards) == 2 and {"zero_pp_rank_0", "zero_pp_rank_1"} == {n.split("/")[-1][:14] for n in shards}
+    for kind in ("optim_states.pt", "model_states.pt"):  # ZeRO-3: one shard of each per rank
+        shards = [name for name in marker["files"] if name.endswith(kind)]
+        assert len(shards) == 2 and {"zero_pp_rank_0", "zero_pp_rank_1"} == {n.split("/")[-1][:14] for n in shards}
     cache = Path(os.environ["RAYALIGN_CACHE_DIR"])
     assert "step-2" in _cached(cache, gen_node) and "step-2" in _cached(cache, train_node)  # both resumed from it
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

