@@ -103,6 +103,7 @@ class SamplerHost(WeightsHost):
         size_host_threads(config.cpus_per_actor)
         self.generator, self.tag = Generator(model_path, config, load=load), tag
         self.feed: PassFeed | None = None
+        self.start_released_if_restarted(config.offload_between_passes)
 
     def begin_pass(self, pass_id: str, blocks: list[tuple[int, pd.DataFrame]], ahead: int, model: str,
                    tag: str) -> None:

@@ -122,6 +122,12 @@ class WeightsHost:
 
         self.update_weights(read_weights(materialize(model_path)), tag)
 
+    def start_released_if_restarted(self, offloads: bool) -> None:
+        """A host that Ray restarted (its process died, e.g. while training ran) and that offloads between passes
+        starts released: training may hold the device now, and the next pass wakes it anyway."""
+        if offloads and restarted_by_ray():
+            self.release()
+
     def _load_state(self, state: dict) -> None:
         raise NotImplementedError
 
@@ -130,6 +136,17 @@ class WeightsHost:
 
     def _onload(self) -> None:
         raise NotImplementedError
+
+
+def restarted_by_ray() -> bool:
+    """Whether this process is a Ray actor that Ray has restarted (False outside an actor, or without Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return False
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def push_weights(target: dict, state: dict) -> None:

@@ -27,6 +27,7 @@ class JudgeHost(WeightsHost):
 
         size_host_threads(config.judge.cpus_per_actor)
         self.judge, self.tag = Judge(policy_path, sft_path, config), tag
+        self.start_released_if_restarted(config.judge.offload_between_passes)
 
     def judge_batch(self, batch: pd.DataFrame, policy_path: str, tag: str) -> pd.DataFrame:
         self.hold(policy_path, tag)

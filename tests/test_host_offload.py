@@ -5,9 +5,10 @@ while released wait in host memory (the host reports their tag) and are loaded r
 at the next pass; a pass asking for other weights still loads its files. Then on local Ray, the loop's own pass
 (`rayalign.stages.judged_pass`) with a generator pool and a judge pool that offload: each pass ends with every host
 released; the new policy pushed during "training" waits, and the next pass samples and judges exactly as fresh
-per-pass actors with the new weights' files; a host that cannot be released only brings a warning (the pass's
-rows are complete). On this CPU the models stay where they are (the device is the CPU);
-what moves them to a GPU and back is tested in tests/test_gpu.py.
+per-pass actors with the new weights' files; a host that Ray restarts comes up released (training may be
+running); a host that cannot be released only brings a warning (the pass's rows are complete). On this CPU the
+models stay where they are (the device is the CPU); what moves them to a GPU and back is tested in
+tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -72,6 +73,23 @@ OFFLOADING = ["generate.persistent=true", "generate.offload_between_passes=true"
 COLUMNS = ["prompt_id", "token_ids", "chosen_index", "rejected_index", "policy_logps", "sft_logps"]
 
 
+def _wait_for_status(host, status: dict, timeout: float = 120.0) -> None:
+    import time
+
+    import ray
+
+    deadline, seen = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            seen = ray.get(host.status.remote(), timeout=30)
+            if seen == status:
+                return
+        except ray.exceptions.RayError:  # the old process dying, the new one starting
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the restarted host reports {seen}, not {status}")
+
+
 def _sorted(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.sort_values("prompt_id").reset_index(drop=True)[COLUMNS]
 
@@ -107,6 +125,8 @@ def test_offloading_pools_release_after_each_pass_and_serve_pushed_weights_at_th
     fresh = judged_pass(per_pass, prompts, model=str(b_dir), sft_path=model_a)
     pd.testing.assert_frame_equal(_sorted(pushed), _sorted(fresh), check_exact=False, rtol=1e-6, atol=1e-6)
     assert _sorted(pushed)["token_ids"].tolist() != _sorted(first)["token_ids"].tolist()
+    ray.kill(judges.hosts[0], no_restart=False)  # Ray restarts it (from A's files): released, as training may run
+    _wait_for_status(judges.hosts[0], {"tag": "a", "released": True, "pending": None})
     ray.kill(generators.hosts[0], no_restart=True)  # a host gone: releasing after a complete pass only warns
     generators.release()
     assert any("generator: warning: could not release" in line for line in logs), logs
