@@ -49,8 +49,8 @@ def model_device(model):
 
 
 def move_models(models, device) -> None:
-    """Each model (once; None skipped) to `device`. Leaving a GPU, its freed blocks go back to the driver
-    (`empty_cache`): torch's allocator would otherwise keep them reserved, out of reach of the next stage's process."""
+    """Each model (once; None skipped) to `device`. Leaving a GPU, its freed blocks go back to CUDA (`empty_cache`):
+    torch's caching allocator would otherwise keep them reserved, out of reach of the next stage's process."""
     import torch
 
     moved: set[int] = set()

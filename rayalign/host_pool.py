@@ -146,7 +146,10 @@ def restarted_by_ray() -> bool:
         return False
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return False
-    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    try:  # Ray answers from its state API (the dashboard's); a host must start even where that is off
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - unknown: treated as a first start, which the next pass repairs anyway
+        return False
 
 
 def push_weights(target: dict, state: dict) -> None:
