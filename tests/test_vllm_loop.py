@@ -5,7 +5,8 @@ generator: the run starts one engine, which takes every later policy's weights i
 Then the kill of tests/test_loop_resume.py on this backend: a copy of the run up to iteration 1 is resumed and
 SIGKILLed once iteration 2's engine is up, then resumed again; the resumed run's engine starts from pi_1's
 files, and iteration 2's samples and the evaluation of pi_2 equal the uninterrupted run's (vLLM seeds each
-request from its prompt id; on this CPU its kernels repeat bit for bit).
+request from its prompt id; on this CPU its kernels repeat bit for bit). The runs preload torch's OpenMP runtime,
+as vLLM's CPU backend has its users do: an engine whose threads disagreed on their count failed there.
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ OVERRIDES = (*(o for o in MICRO_LOOP if not o.startswith("loop.iterations=")), "
 ONE_ENGINE = "generator: 1 engine(s) started for the run; 0 weight load(s) from files"
 
 
+def _preloaded_openmp() -> dict[str, str]:
+    """LD_PRELOAD of torch's OpenMP runtime, as vLLM sets it for its CPU processes (and so for what a process it ran
+    in starts) and recommends to users: the runtime reads OMP_NUM_THREADS at process start, before Ray sets it for
+    an actor (`rayalign.host_pool.host_options` sets it earlier)."""
+    from pathlib import Path
+
+    import torch
+
+    path = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    return {"LD_PRELOAD": str(path)} if path.exists() else {}
+
+
 def _command(run_dir) -> list[str]:
     return [sys.executable, "-m", "rayalign.cli", "run", "configs/quickstart.yaml", f"run.dir={run_dir}", *OVERRIDES]
 
@@ -41,7 +54,7 @@ def test_vllm_loop_starts_one_engine_and_resumes_after_a_kill_with_the_same_samp
     import pandas as pd
 
     reference, run_dir, tag = tmp_path / "reference", tmp_path / "run", uuid.uuid4().hex
-    env = own_ray_env(HF_HUB_OFFLINE="1", **{TAG: tag})
+    env = own_ray_env(HF_HUB_OFFLINE="1", **{TAG: tag}, **_preloaded_openmp())
     first = subprocess.run(_command(reference), capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert ONE_ENGINE in first.stdout, first.stdout[-4000:]
