@@ -109,7 +109,8 @@ def matmul_peak(device: str, size: int, repeats: int = 5) -> tuple[float, float]
 
 
 def reference_pass(reference, encoded: list[dict], pad: int, config, device: str) -> tuple[dict, dict]:
-    """`rayalign.oracle.reference_columns` (chunks of 16, `reference_scores`), with batches moved to `device`."""
+    """`rayalign.oracle.reference_columns` (chunks of 16, `reference_scores`), with batches moved to `device` and
+    under the step's autocast (bf16 on a GPU, as a bf16 run's reference pass; off on the CPU)."""
     from rayalign.batching import collate_pairs
     from rayalign.devices import training_autocast
     from rayalign.step import reference_scores
@@ -195,12 +196,15 @@ def profile_step(policy, batch: dict, config, device: str) -> dict:
     """One forward+backward under the profiler: wall seconds per op group (self time), outside ops, log-softmaxes."""
     from torch.profiler import ProfilerActivity, profile
 
+    from rayalign.devices import training_autocast
     from rayalign.step import micro_batch_loss
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         start = tick(device)
-        micro_batch_loss(policy, batch, config).losses.mean().backward()
+        with training_autocast(config.train, torch.device(device).type):  # as the timed step runs
+            losses = micro_batch_loss(policy, batch, config).losses
+        losses.mean().backward()
         wall = since(start, device)[0]
     policy.zero_grad(set_to_none=True)
     seconds, log_softmax_calls = dict.fromkeys([name for name, _ in GROUPS] + ["other ops"], 0.0), 0

@@ -98,12 +98,15 @@ class SamplerHost(WeightsHost):
     weights it holds and the feed of the pass it serves."""
 
     def __init__(self, model_path: str, config: GenerateConfig, load: LoadOptions | None, tag: str):
+        size_host_threads(config.cpus_per_actor)
+        self.args, self.tag, self.feed = (model_path, config, load), tag, None
+        self.generator = None if self.starts_released(config.offload_between_passes) else self._build()
+
+    def _build(self):
         from rayalign.generate import Generator
 
-        size_host_threads(config.cpus_per_actor)
-        self.generator, self.tag = Generator(model_path, config, load=load), tag
-        self.feed: PassFeed | None = None
-        self.start_released_if_restarted(config.offload_between_passes)
+        model_path, config, load = self.args
+        return Generator(model_path, config, load=load)
 
     def begin_pass(self, pass_id: str, blocks: list[tuple[int, pd.DataFrame]], ahead: int, model: str,
                    tag: str) -> None:
@@ -129,7 +132,10 @@ class SamplerHost(WeightsHost):
         self.generator.sampler.offload()
 
     def _onload(self) -> None:
-        self.generator.sampler.onload()
+        if self.generator is None:  # restarted released: built now, from its first model (`starts_released`)
+            self.generator = self._build()
+        else:
+            self.generator.sampler.onload()
 
     def _end_pass(self) -> None:
         if self.feed is not None:

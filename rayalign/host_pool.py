@@ -85,7 +85,8 @@ class WeightsHost:
 
     def weights_tag(self) -> str:
         """The weights the host serves its next pass with (pushed ones waiting for its wake-up count)."""
-        return self.pending[1] if self.pending else self.tag
+        pending = self.pending
+        return pending[1] if pending else self.tag
 
     def status(self) -> dict:
         """What the host holds: its weights' tag, whether its device memory is released, any pushed tag waiting."""
@@ -134,11 +135,12 @@ class WeightsHost:
 
         self.update_weights(read_weights(materialize(model_path)), tag)
 
-    def start_released_if_restarted(self, offloads: bool) -> None:
-        """A host that Ray restarted (its process died, e.g. while training ran) and that offloads between passes
-        starts released: training may hold the device now, and the next pass wakes it anyway."""
-        if offloads and restarted_by_ray():
-            self.release()
+    def starts_released(self, offloads: bool) -> bool:
+        """Whether this host should start released, its model not built until the next pass wakes it: Ray restarted
+        it (its process died, e.g. while training ran) and its stage offloads between passes, so training may hold
+        the device now (a vLLM engine would not even start beside it)."""
+        self.released = offloads and restarted_by_ray()
+        return self.released
 
     def _load_state(self, state: dict) -> None:
         raise NotImplementedError
@@ -158,9 +160,9 @@ def restarted_by_ray() -> bool:
         return False
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return False
-    try:  # Ray answers from its state API (the dashboard's); a host must start even where that is off
+    try:  # Ray reads its actor table for this; a host must start even where that fails
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-    except Exception:  # noqa: BLE001 - unknown: treated as a first start, which the next pass repairs anyway
+    except Exception:  # noqa: BLE001 - unknown: treated as a first start, as before this check existed
         return False
 
 

@@ -23,11 +23,14 @@ class JudgeHost(WeightsHost):
     """A Ray actor holding one `Judge` (policy `tag`, pi_SFT `sft_path`) for the run."""
 
     def __init__(self, policy_path: str, sft_path: str, config: Config, tag: str):
+        size_host_threads(config.judge.cpus_per_actor)
+        self.args, self.tag = (policy_path, sft_path, config), tag
+        self.judge = None if self.starts_released(config.judge.offload_between_passes) else self._build()
+
+    def _build(self):
         from rayalign.judge import Judge
 
-        size_host_threads(config.judge.cpus_per_actor)
-        self.judge, self.tag = Judge(policy_path, sft_path, config), tag
-        self.start_released_if_restarted(config.judge.offload_between_passes)
+        return Judge(*self.args)
 
     def judge_batch(self, batch: pd.DataFrame, policy_path: str, tag: str) -> pd.DataFrame:
         self.hold(policy_path, tag)
@@ -44,7 +47,10 @@ class JudgeHost(WeightsHost):
     def _onload(self) -> None:
         from rayalign.devices import move_models
 
-        move_models(self.judge.held_models(), self.judge.device)
+        if self.judge is None:  # restarted released: built now, from its first models (`starts_released`)
+            self.judge = self._build()
+        else:
+            move_models(self.judge.held_models(), self.judge.device)
 
 
 def forward_to_judge(batch: pd.DataFrame, hosts: list, policy_path: str, tag: str) -> pd.DataFrame:

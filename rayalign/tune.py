@@ -200,7 +200,8 @@ def _param_space(dims: list[Dimension]) -> dict:
 
 
 def _concurrency(config: Config) -> int:
-    """tune.max_concurrent_trials, or (0) as many trials as the cluster's CPUs and GPUs fit at once."""
+    """tune.max_concurrent_trials, or (0) as many trials as the cluster's CPUs and GPUs fit at once (a fraction of a
+    GPU per worker, train.gpus_per_worker, packs several trials onto one GPU)."""
     import ray
 
     if config.tune.max_concurrent_trials:
@@ -208,7 +209,7 @@ def _concurrency(config: Config) -> int:
     train, total = config.train, ray.cluster_resources()
     fits = int(total.get("CPU", 1) // (train.num_workers * train.cpus_per_worker))
     if train.use_gpu:
-        fits = min(fits, int(total.get("GPU", 0) // (train.num_workers * train.gpus_per_worker)))
+        fits = min(fits, int(round(total.get("GPU", 0) / (train.num_workers * train.gpus_per_worker), 6)))
     return max(1, fits)
 
 

@@ -6,9 +6,9 @@ at the next pass; a pass asking for other weights still loads its files. Then on
 (`rayalign.stages.judged_pass`) with a generator pool and a judge pool that offload: each pass ends with every host
 released; the new policy pushed during "training" waits, and the next pass samples and judges exactly as fresh
 per-pass actors with the new weights' files; a host that Ray restarts comes up released (training may be
-running); a host that cannot be released only brings a warning (the pass's rows are complete). On this CPU the
-models stay where they are (the device is the CPU); what moves them to a GPU and back is tested in
-tests/test_gpu.py.
+running) and builds its models only at the next pass, which it serves right; a host that cannot be released only
+brings a warning (the pass's rows are complete). On this CPU the models stay where they are (the device is the
+CPU); what moves them to a GPU and back is tested in tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -125,8 +125,11 @@ def test_offloading_pools_release_after_each_pass_and_serve_pushed_weights_at_th
     fresh = judged_pass(per_pass, prompts, model=str(b_dir), sft_path=model_a)
     pd.testing.assert_frame_equal(_sorted(pushed), _sorted(fresh), check_exact=False, rtol=1e-6, atol=1e-6)
     assert _sorted(pushed)["token_ids"].tolist() != _sorted(first)["token_ids"].tolist()
-    ray.kill(judges.hosts[0], no_restart=False)  # Ray restarts it (from A's files): released, as training may run
+    ray.kill(judges.hosts[0], no_restart=False)  # Ray restarts it: released, as training may run, its models unbuilt
     _wait_for_status(judges.hosts[0], {"tag": "a", "released": True, "pending": None})
+    again = judged_pass(config, prompts, model=str(b_dir), sft_path=model_a, pool=generators, judges=judges, tag="b")
+    pd.testing.assert_frame_equal(_sorted(again), _sorted(fresh), check_exact=False, rtol=1e-6, atol=1e-6)
+    assert judges.loaded_from_files == 1  # built from its first model (A) at the wake, then B's files loaded
     ray.kill(generators.hosts[0], no_restart=True)  # a host gone: releasing after a complete pass only warns
     generators.release()
     assert any("generator: warning: could not release" in line for line in logs), logs
