@@ -90,6 +90,21 @@ def _wait_for_status(host, status: dict, timeout: float = 120.0) -> None:
     raise AssertionError(f"the restarted host reports {seen}, not {status}")
 
 
+def _wait_until_dead(host, timeout: float = 60.0) -> None:
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(host.status.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the killed host still answers after {timeout} s")
+
+
 def _sorted(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.sort_values("prompt_id").reset_index(drop=True)[COLUMNS]
 
@@ -131,6 +146,7 @@ def test_offloading_pools_release_after_each_pass_and_serve_pushed_weights_at_th
     pd.testing.assert_frame_equal(_sorted(again), _sorted(fresh), check_exact=False, rtol=1e-6, atol=1e-6)
     assert judges.loaded_from_files == 1  # built from its first model (A) at the wake, then B's files loaded
     ray.kill(generators.hosts[0], no_restart=True)  # a host gone: releasing after a complete pass only warns
+    _wait_until_dead(generators.hosts[0])  # the kill is asynchronous: a call that beat it would still be served
     generators.release()
     assert any("generator: warning: could not release" in line for line in logs), logs
     generators.shutdown()
